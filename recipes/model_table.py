@@ -1,0 +1,48 @@
+"""The README's table of registered models, generated from timm's registry (never typed by hand).
+
+    python recipes/model_table.py            # print the table
+    python recipes/model_table.py --update README.md
+"""
+import argparse
+import re
+from pathlib import Path
+
+import timm
+import torch
+
+import timm_hpm
+
+START, END = '<!-- model-table:start -->', '<!-- model-table:end -->'
+
+
+def model_table() -> str:
+    rows = ['| model | params (M) | input | num_classes | pretrained tags |', '|---|---:|---|---:|---|']
+    for name in timm_hpm.list_models():
+        with torch.device('meta'):
+            model = timm.create_model(name)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        cfg = model.pretrained_cfg
+        tags = [t.split('.', 1)[1] for t in timm.list_pretrained(f'{name}.*')]
+        size = 'x'.join(map(str, cfg['input_size']))
+        rows.append(f"| `{name}` | {params:.1f} | {size} | {cfg['num_classes']} | "
+                    f"{', '.join(f'`{t}`' for t in tags) or '-'} |")
+    return '\n'.join(rows)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--update', type=Path, help='rewrite the table between the markers in this file')
+    args = parser.parse_args()
+    table = model_table()
+    if args.update is None:
+        print(table)
+        return
+    text = args.update.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f'{args.update} has no {START} ... {END} markers')
+    text = re.sub(re.escape(START) + '.*?' + re.escape(END), lambda _: f'{START}\n{table}\n{END}', text, flags=re.S)
+    args.update.write_text(text)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,15 @@
+"""timm-hpm: the Hybrid Prototype Mixing (HPM) l2-reclassifier as timm models.
+
+``import timm_hpm`` registers the ``hpm_*`` models (and the plain CIFAR families they build on) with timm.
+"""
+from .layers import HPM_MODES, HPMHead, HPMOutput
+from .models import (HF_HUB_ORG, HPMModelMixin, PretrainedWeightsUnavailable, clean_checkpoint, convert_to_hpm,
+                     get_hpm_head, hub_id, is_hpm_model)
+from .version import __version__
+
+
+def list_models(pretrained: bool = False) -> list:
+    """Every model timm-hpm registers (plain families and ``hpm_*``), sorted."""
+    import timm
+    return sorted(set(timm.list_models(module=['wide_resnet', 'trades_wide_resnet', 'preact_resnet',
+                                              'timm_families'], pretrained=pretrained)))

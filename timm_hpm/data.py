@@ -1,0 +1,139 @@
+"""Datasets that work offline here: Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package (IDX files),
+with torchvision as the fallback when online, and a synthetic dataset for tests.
+
+Images are float tensors in [0, 1], (C, H, W); labels are int64.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+__all__ = ['FASHION_MNIST_DIRS', 'FASHION_MNIST_CLASSES', 'DatasetUnavailable', 'read_idx', 'load_fashion_mnist',
+           'synthetic_dataset']
+
+#: Where Fashion-MNIST's IDX files are looked for, in order ($FASHION_MNIST_DIR first).
+FASHION_MNIST_DIRS = ('/usr/share/datasets/fashion-mnist',)
+FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
+                         'Ankle boot')
+_FILES = {
+    'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
+    'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'),
+}
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype('>i2'), 0x0C: np.dtype('>i4'), 0x0D: np.dtype('>f4'),
+               0x0E: np.dtype('>f8')}
+
+
+class DatasetUnavailable(FileNotFoundError):
+    """A dataset's files are not on this machine and cannot be downloaded."""
+
+
+def read_idx(path: Union[str, Path]) -> np.ndarray:
+    """Read an IDX file (optionally gzipped), checking its header against its size."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == '.gz' else open
+    with opener(path, 'rb') as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f'{path} is not an IDX file (bad magic number).')
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    ndim = data[3]
+    shape = struct.unpack(f'>{ndim}I', data[4:4 + 4 * ndim])
+    offset = 4 + 4 * ndim
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) - offset != expected:
+        raise ValueError(f'{path} is truncated or corrupt: header says {shape} ({expected} bytes), '
+                         f'file holds {len(data) - offset} bytes of data.')
+    return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
+
+
+def _find_fashion_mnist(root: Optional[Union[str, Path]]) -> Optional[Path]:
+    candidates = [Path(root)] if root else []
+    if os.environ.get('FASHION_MNIST_DIR'):
+        candidates.append(Path(os.environ['FASHION_MNIST_DIR']))
+    candidates += [Path(d) for d in FASHION_MNIST_DIRS]
+    for folder in candidates:
+        if all((folder / f'{name}.gz').exists() or (folder / name).exists() for pair in _FILES.values()
+               for name in pair):
+            return folder
+    return None
+
+
+def _idx_path(folder: Path, name: str) -> Path:
+    return folder / f'{name}.gz' if (folder / f'{name}.gz').exists() else folder / name
+
+
+def load_fashion_mnist(split: str = 'train', root: Optional[Union[str, Path]] = None, download: bool = True
+                       ) -> TensorDataset:
+    """Fashion-MNIST as a ``TensorDataset`` of (N, 1, 28, 28) float images in [0, 1] and int64 labels.
+
+    Looks in ``root``, ``$FASHION_MNIST_DIR`` and Debian's ``/usr/share/datasets/fashion-mnist``; else
+    downloads with torchvision into ``root`` (or ``~/.cache/timm_hpm``) when ``download`` and online.
+    """
+    if split not in _FILES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    folder = _find_fashion_mnist(root)
+    if folder is not None:
+        images = read_idx(_idx_path(folder, _FILES[split][0]))
+        labels = read_idx(_idx_path(folder, _FILES[split][1]))
+    elif download:
+        images, labels = _torchvision_fashion_mnist(split, root)
+    else:
+        raise DatasetUnavailable(_missing_message(root))
+    if images.shape[1:] != (28, 28) or len(images) != len(labels):
+        raise ValueError(f'Fashion-MNIST {split} files have unexpected shapes {images.shape}, {labels.shape}.')
+    x = torch.from_numpy(images.copy()).unsqueeze(1).float().div_(255.0)
+    y = torch.from_numpy(labels.astype(np.int64))
+    return TensorDataset(x, y)
+
+
+def _missing_message(root) -> str:
+    return ('Fashion-MNIST not found (looked in ' + ', '.join(
+        map(str, ([root] if root else []) + ['$FASHION_MNIST_DIR'] + list(FASHION_MNIST_DIRS))) +
+        '). Install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put the four IDX files '
+        '(train-images-idx3-ubyte.gz, ...) in a folder and pass it as root / $FASHION_MNIST_DIR, or go online '
+        'so torchvision can download them.')
+
+
+def _torchvision_fashion_mnist(split: str, root) -> Tuple[np.ndarray, np.ndarray]:
+    from torchvision.datasets import FashionMNIST
+    root = Path(root or Path.home() / '.cache' / 'timm_hpm')
+    try:
+        ds = FashionMNIST(str(root), train=split == 'train', download=True)
+    except Exception as error:  # torchvision raises URLError/RuntimeError/OSError offline
+        raise DatasetUnavailable(_missing_message(root) + f' (download failed: {error})') from error
+    return ds.data.numpy(), ds.targets.numpy()
+
+
+def synthetic_dataset(n: int = 256, num_classes: int = 10, image_size: Tuple[int, int, int] = (3, 32, 32),
+                      seed: int = 0, separation: float = 0.25) -> TensorDataset:
+    """Learnable synthetic images in [0, 1]: each class is a fixed random pattern plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    patterns = torch.rand(num_classes, *image_size, generator=g)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    noise = torch.rand(n, *image_size, generator=g)
+    images = (separation * patterns[labels] + (1 - separation) * noise).clamp(0, 1)
+    return TensorDataset(images, labels)
+
+
+class IndexedSubset(Dataset):
+    """The first ``n`` items of a dataset (a fixed, reproducible subset)."""
+
+    def __init__(self, dataset: Dataset, n: int):
+        if n > len(dataset):
+            raise ValueError(f'asked for {n} examples but the dataset has {len(dataset)}.')
+        self.dataset, self.n = dataset, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.dataset[i]

@@ -1,0 +1,1 @@
+from .hpm_head import HPM_MODES, HPMHead, HPMOutput

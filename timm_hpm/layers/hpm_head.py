@@ -1,0 +1,352 @@
+"""Hybrid Prototype Mixing (HPM) head.
+
+An l2-distance "reclassifier" on top of a trained linear (FC) classifier, after
+"Sensitivity as a Double-Edged Sword" (Kai Wang, 2026, arXiv:2606.01746). Only the paper's abstract is
+public; the head follows the reconstruction in DESIGN.md section 2, and every choice the abstract does not
+fix is an argument here.
+
+Given pre-logit features ``f`` (B x D) and the FC layer (``weight`` K x D, ``bias`` K):
+
+1. FC logits ``z = f W^T + b``; soft assignment ``P = softmax(z / tau)``; hard ``H = one_hot(argmax z)``.
+2. Straight-through assignment ``A = H + P - P.detach()`` (one-hot forward, softmax gradient backward).
+3. Batch prototypes ``c_k = sum_i A_ik f_i / max(n_k, 1)`` with detached counts ``n_k = sum_i H_ik``.
+4. Dataset prototypes ``mu`` (buffer), updated by EMA from labelled batches in training mode.
+5. Mixed prototypes ``p_k = alpha mu_k + (1 - alpha) c_k`` where ``n_k > 0``, else ``mu_k``.
+6. Logits ``s_k = -gamma ||f - p_k||^2`` with a learnable ``gamma > 0``.
+
+Modes (``head.mode``) select views on the same weights:
+    ``dynamic``  the paper's HPM (default; predictions depend on the batch)
+    ``static``   ``p = mu``: a batch-independent l2 classifier
+    ``soft``     ``A = P`` in the forward: a smooth relaxation, used as an attack surrogate
+    ``fc``       the base FC logits
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterable, Iterator, NamedTuple, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ['HPMHead', 'HPMOutput', 'HPM_MODES']
+
+HPM_MODES = ('dynamic', 'static', 'soft', 'fc')
+
+
+class HPMOutput(NamedTuple):
+    """HPM logits and FC logits of one forward (what the fine-tuning loss needs)."""
+    logits: torch.Tensor
+    fc_logits: torch.Tensor
+
+
+@dataclass
+class _ForwardContext:
+    """Carries labels into the head through a model's own forward, and the FC logits back out."""
+    targets: Optional[torch.Tensor] = None
+    bypass: bool = False
+    fc_logits: Optional[torch.Tensor] = None
+    calls: int = 0
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_(*tensors: torch.Tensor) -> None:
+    if _distributed():
+        for t in tensors:
+            dist.all_reduce(t)
+
+
+class HPMHead(nn.Module):
+    """Drop-in replacement of an ``nn.Linear`` classifier by the HPM l2-reclassifier.
+
+    The FC parameters keep the names ``weight`` and ``bias``, so a model's classifier keys (e.g.
+    ``fc.weight``) are unchanged by the conversion; the head adds ``log_gamma``, the buffer
+    ``dataset_prototypes`` and the flag ``prototypes_initialized``.
+
+    Args:
+        in_features: feature dimension D.
+        num_classes: number of classes K.
+        mode: one of ``HPM_MODES``.
+        tau: temperature of the soft assignment ``softmax(z / tau)`` (the STE's backward path).
+        alpha: weight of the dataset prototypes in the mix (``alpha=1`` is ``static``).
+        momentum: EMA momentum m of ``mu <- m mu + (1 - m) batch class mean``; 1 disables updates.
+        gamma_init: initial l2 logit scale. 0.5 makes ``-gamma ||f - w_k||^2`` equal the FC logits up to
+            per-sample constants and biases when the prototypes are the FC rows (their initial value);
+            ``init_prototypes_`` recalibrates it to the FC logit spread.
+        bias: whether the FC layer has a bias.
+    """
+
+    def __init__(
+            self,
+            in_features: int,
+            num_classes: int,
+            *,
+            mode: str = 'dynamic',
+            tau: float = 1.0,
+            alpha: float = 0.5,
+            momentum: float = 0.99,
+            gamma_init: float = 0.5,
+            bias: bool = True,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        if in_features <= 0 or num_classes <= 0:
+            raise ValueError(f'HPMHead needs in_features > 0 and num_classes > 0, got {in_features}, {num_classes}')
+        if not tau > 0:
+            raise ValueError(f'tau must be > 0, got {tau}')
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f'alpha must be in [0, 1], got {alpha}')
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f'momentum must be in [0, 1], got {momentum}')
+        if not gamma_init > 0:
+            raise ValueError(f'gamma_init must be > 0, got {gamma_init}')
+        factory = dict(device=device, dtype=dtype)
+        self.in_features = in_features
+        self.num_classes = num_classes
+        self.out_features = num_classes  # nn.Linear's name, for code that inspects classifiers
+        self.tau = float(tau)
+        self.alpha = float(alpha)
+        self.momentum = float(momentum)
+        self.gamma_init = float(gamma_init)
+        self.mode = mode
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(num_classes, **factory)) if bias else None
+        self.log_gamma = nn.Parameter(torch.tensor(math.log(gamma_init), **factory))
+        self.register_buffer('dataset_prototypes', torch.zeros(num_classes, in_features, **factory))
+        self.register_buffer('prototypes_initialized', torch.tensor(False, device=device))
+        self._context: Optional[_ForwardContext] = None
+        self.reset_parameters()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **options) -> 'HPMHead':
+        """An HPM head that reuses (copies) a trained ``nn.Linear``'s weight and bias."""
+        head = cls(
+            linear.in_features, linear.out_features, bias=linear.bias is not None,
+            device=linear.weight.device, dtype=linear.weight.dtype, **options)
+        with torch.no_grad():
+            head.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                head.bias.copy_(linear.bias)
+            head.dataset_prototypes.copy_(linear.weight)
+        return head
+
+    def reset_parameters(self) -> None:
+        # Same initialisation as nn.Linear; prototypes start at the FC rows until initialised from data.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+        with torch.no_grad():
+            self.dataset_prototypes.copy_(self.weight)
+            self.prototypes_initialized.fill_(False)
+
+    # ------------------------------------------------------------------ options
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in HPM_MODES:
+            raise ValueError(f'Unknown HPM mode {value!r}; choose one of {HPM_MODES}.')
+        self._mode = value
+
+    @property
+    def gamma(self) -> torch.Tensor:
+        return self.log_gamma.exp()
+
+    def hpm_config(self) -> dict:
+        """The head's options, as accepted by ``HPMHead``/``convert_to_hpm`` (serialisable)."""
+        return dict(mode=self.mode, tau=self.tau, alpha=self.alpha, momentum=self.momentum,
+                    gamma_init=self.gamma_init)
+
+    @contextlib.contextmanager
+    def using_mode(self, mode: str) -> Iterator['HPMHead']:
+        """Temporarily switch the mode (attack surrogates are views on the same weights)."""
+        previous = self.mode
+        self.mode = mode
+        try:
+            yield self
+        finally:
+            self.mode = previous
+
+    def extra_repr(self) -> str:
+        return (f'in_features={self.in_features}, num_classes={self.num_classes}, mode={self.mode!r}, '
+                f'tau={self.tau}, alpha={self.alpha}, momentum={self.momentum}, bias={self.bias is not None}')
+
+    # ------------------------------------------------------------------ forward
+    def fc_forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.linear(features, self.weight, self.bias)
+
+    def mixed_prototypes(self, features: torch.Tensor, fc_logits: torch.Tensor, dataset_prototypes: torch.Tensor,
+                         mode: Optional[str] = None) -> torch.Tensor:
+        """Prototypes p (K x D) used by the l2 logits, for ``mode`` (default: the head's mode)."""
+        mode = mode or self.mode
+        if mode == 'static' or self.alpha == 1.0:
+            return dataset_prototypes
+        probs = torch.softmax(fc_logits / self.tau, dim=1)
+        if mode == 'dynamic':
+            hard = F.one_hot(fc_logits.argmax(dim=1), self.num_classes).to(probs.dtype)
+            assignment = hard + probs - probs.detach()
+            counts = hard.sum(dim=0)
+            batch_prototypes = assignment.t() @ features / counts.clamp_min(1.0)[:, None]
+            mixed = self.alpha * dataset_prototypes + (1.0 - self.alpha) * batch_prototypes
+            return torch.where((counts > 0)[:, None], mixed, dataset_prototypes)
+        if mode == 'soft':
+            # Smooth relaxation: soft counts, and a mixing weight that grows with the soft count up to 1, so
+            # a class nobody is assigned to falls back to mu continuously.
+            counts = probs.sum(dim=0)
+            batch_prototypes = probs.t() @ features / counts.clamp_min(1e-12)[:, None]
+            weight = (1.0 - self.alpha) * counts.clamp(max=1.0)[:, None]
+            return dataset_prototypes + weight * (batch_prototypes - dataset_prototypes)
+        raise ValueError(f'mode {mode!r} has no prototypes')
+
+    def l2_logits(self, features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+        """``-gamma ||f_i - p_k||^2`` as one matmul (the cost of the FC head), B x K."""
+        sq_dist = (features * features).sum(1, keepdim=True) - 2.0 * features @ prototypes.t() \
+            + (prototypes * prototypes).sum(1)[None, :]
+        return -self.gamma.float() * sq_dist
+
+    def forward(self, features: torch.Tensor, targets: Optional[torch.Tensor] = None, return_fc: bool = False):
+        """HPM logits (B x K) of pre-logit features; ``(logits, fc_logits)`` with ``return_fc``.
+
+        With ``targets`` in training mode, the dataset prototypes are updated by EMA after the logits are
+        computed (this forward sees the prototypes from before the update).
+        """
+        context = self._context
+        if context is not None:
+            context.calls += 1
+            if context.bypass:
+                return features
+            if targets is None:
+                targets = context.targets
+        if features.ndim != 2 or features.shape[1] != self.in_features:
+            raise ValueError(
+                f'HPMHead expects pooled features of shape (batch, {self.in_features}), got {tuple(features.shape)}.')
+        fc_logits = self.fc_forward(features)
+        update = self.training and targets is not None and self.momentum < 1.0
+        if self.mode == 'fc':
+            logits = fc_logits
+        else:
+            # The l2 head runs in fp32: ||f||^2 - 2 f.p + ||p||^2 cancels badly in bf16/fp16.
+            with torch.autocast(features.device.type, enabled=False):
+                feats = features.float()
+                mu = self.dataset_prototypes.float()
+                if update:
+                    mu = mu.clone()  # the in-place EMA update below must not touch tensors saved for backward
+                prototypes = self.mixed_prototypes(feats, fc_logits.float(), mu)
+                logits = self.l2_logits(feats, prototypes)
+        if update:
+            self.update_prototypes_(features.detach(), targets)
+        if context is not None:
+            context.fc_logits = fc_logits
+        return HPMOutput(logits, fc_logits) if return_fc else logits
+
+    # ------------------------------------------------------------------ prototypes
+    def _class_sums(self, features: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if features.ndim != 2 or features.shape[1] != self.in_features:
+            raise ValueError(f'features must have shape (batch, {self.in_features}), got {tuple(features.shape)}.')
+        if targets.ndim != 1 or targets.shape[0] != features.shape[0]:
+            raise ValueError(f'targets must have shape ({features.shape[0]},), got {tuple(targets.shape)}.')
+        if targets.dtype.is_floating_point:
+            raise ValueError('targets must be integer class indices (soft or mixed-up labels cannot update the '
+                             'dataset prototypes).')
+        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= self.num_classes):
+            raise ValueError(f'targets must lie in [0, {self.num_classes - 1}], got [{int(targets.min())}, '
+                             f'{int(targets.max())}].')
+        if not torch.isfinite(features).all():
+            raise ValueError('non-finite (NaN or inf) features: refusing to update the dataset prototypes. '
+                             'Check the inputs and the learning rate.')
+        sums = torch.zeros(self.num_classes, self.in_features, device=features.device, dtype=torch.float32)
+        sums.index_add_(0, targets, features.float())
+        counts = torch.bincount(targets, minlength=self.num_classes).to(torch.float32)
+        return sums, counts
+
+    @torch.no_grad()
+    def update_prototypes_(self, features: torch.Tensor, targets: torch.Tensor) -> None:
+        """One EMA step ``mu_k <- m mu_k + (1 - m) mean(f_i : y_i = k)`` for the classes in the batch.
+
+        Under torch.distributed the per-class sums and counts are all-reduced first, so every replica holds
+        the same prototypes (a DDP buffer broadcast alone would keep rank 0's update only).
+        """
+        sums, counts = self._class_sums(features, targets)
+        _all_reduce_(sums, counts)
+        present = counts > 0
+        means = sums / counts.clamp_min(1.0)[:, None]
+        mu = self.dataset_prototypes
+        updated = self.momentum * mu.float() + (1.0 - self.momentum) * means
+        mu.copy_(torch.where(present[:, None], updated, mu.float()).to(mu.dtype))
+
+    @torch.no_grad()
+    def init_prototypes_(
+            self,
+            batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
+            calibrate_gamma: bool = True,
+            calibration_samples: int = 4096,
+    ) -> torch.Tensor:
+        """Set the dataset prototypes to the class means of a stream of ``(features, labels)`` batches.
+
+        With ``calibrate_gamma`` the l2 scale is set so that the l2 logits of the static head have the same
+        spread (mean over samples of the standard deviation across classes) as the FC logits, measured on the
+        first ``calibration_samples`` features. Sums, counts and spreads are all-reduced under
+        torch.distributed. Returns the per-class counts.
+        """
+        sums = torch.zeros(self.num_classes, self.in_features, device=self.weight.device)
+        counts = torch.zeros(self.num_classes, device=self.weight.device)
+        kept, n_kept = [], 0
+        for features, targets in batches:
+            features = features.to(self.weight.device)
+            targets = targets.to(self.weight.device)
+            batch_sums, batch_counts = self._class_sums(features, targets)
+            sums += batch_sums
+            counts += batch_counts
+            if calibrate_gamma and n_kept < calibration_samples:
+                kept.append(features[:calibration_samples - n_kept].float())
+                n_kept += kept[-1].shape[0]
+        _all_reduce_(sums, counts)
+        if counts.sum() == 0:
+            raise ValueError('init_prototypes_ got no samples: the batch stream was empty.')
+        present = counts > 0
+        mu = self.dataset_prototypes
+        mu.copy_(torch.where(present[:, None], sums / counts.clamp_min(1.0)[:, None], mu.float()).to(mu.dtype))
+        self.prototypes_initialized.fill_(True)
+        if calibrate_gamma:
+            spreads = torch.zeros(3, device=self.weight.device)  # sum of fc spreads, of l2 spreads, count
+            if kept:
+                feats = torch.cat(kept)
+                fc_spread = self.fc_forward(feats.to(self.weight.dtype)).float().std(dim=1)
+                l2_spread = self.l2_logits(feats, mu.float()).div(self.gamma.float()).std(dim=1)
+                spreads += torch.stack([fc_spread.sum(), l2_spread.sum(), torch.tensor(float(len(feats)))
+                                        .to(spreads)])
+            _all_reduce_(spreads)
+            if spreads[1] > 0:
+                self.log_gamma.copy_(torch.log(spreads[0] / spreads[1]).to(self.log_gamma))
+        return counts
+
+    # ------------------------------------------------------------------ model integration
+    @contextlib.contextmanager
+    def forward_context(self, targets: Optional[torch.Tensor] = None, bypass: bool = False
+                        ) -> Iterator[_ForwardContext]:
+        """Route labels into (and FC logits out of) the head while a model's own forward runs.
+
+        ``bypass`` makes the head return its input features (a model's ``forward_features`` for plain
+        modules). Exactly one head call must happen inside the context.
+        """
+        if self._context is not None:
+            raise RuntimeError('HPMHead.forward_context is not re-entrant.')
+        context = _ForwardContext(targets=targets, bypass=bypass)
+        self._context = context
+        try:
+            yield context
+        finally:
+            self._context = None
+        if context.calls != 1:
+            raise RuntimeError(f'the HPM head was called {context.calls} times in one model forward; '
+                               'convert_to_hpm supports models that apply their classifier exactly once.')

@@ -1,0 +1,179 @@
+"""Shared model-building helpers: timm's ``build_model_with_cfg`` plus the HPM conversion, checkpoint
+filtering and errors that say what to do when pretrained weights cannot be had."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Dict, Mapping, Optional
+
+import torch
+import torch.nn as nn
+from timm.models import build_model_with_cfg
+from timm.models._builder import resolve_pretrained_cfg
+
+from ._hpm import attach_hpm_head, is_hpm_model
+
+__all__ = ['HF_HUB_ORG', 'hub_id', 'PretrainedWeightsUnavailable', 'clean_checkpoint', 'hpm_checkpoint_filter',
+           'build_family']
+
+_logger = logging.getLogger(__name__)
+
+#: The Hugging Face Hub organisation that hosts every timm-hpm weight.
+HF_HUB_ORG = 'timm-hpm'
+
+_PREFIXES = ('module.', 'model.', '_orig_mod.')
+_NESTED_KEYS = ('state_dict', 'model_state_dict', 'model')
+
+
+def hub_id(model_name_tag: str) -> str:
+    """``'<org>/<model>.<tag>'``: where the weights of a registered ``model.tag`` live on the Hub."""
+    return f'{HF_HUB_ORG}/{model_name_tag}'
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """Pretrained weights could not be loaded (not published yet, offline Hub, missing or corrupt file)."""
+
+
+def clean_checkpoint(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """A flat state dict from a training checkpoint: unwraps ``state_dict``/``model`` nesting and strips the
+    ``module.`` (DataParallel), ``model.`` (RobustBench wrappers) and ``_orig_mod.`` (torch.compile) prefixes
+    shared by every key."""
+    state_dict = dict(checkpoint)
+    for key in _NESTED_KEYS:
+        if key in state_dict and isinstance(state_dict[key], Mapping):
+            state_dict = dict(state_dict[key])
+            break
+    changed = True
+    while changed and state_dict:
+        changed = False
+        for prefix in _PREFIXES:
+            if all(k.startswith(prefix) for k in state_dict):
+                state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+                changed = True
+    bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f'checkpoint entries are not tensors: {bad[:5]}; expected a state dict.')
+    return state_dict
+
+
+def hpm_checkpoint_filter(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """timm ``pretrained_filter_fn``: clean the checkpoint, and let an HPM model load a *base* checkpoint.
+
+    A base checkpoint (a plain model's, e.g. RobustBench's) has the FC weights but no HPM entries; those are
+    filled with the prototypes set to the FC rows and ``prototypes_initialized`` False, with a warning: the
+    prototypes must then be initialised from data (``timm_hpm.train.init_prototypes``) before use.
+    """
+    state_dict = clean_checkpoint(state_dict)
+    if not is_hpm_model(model) or model.hpm_head is None:
+        return state_dict
+    name = model.hpm_classifier_name
+    head = model.hpm_head
+    missing = [k for k in ('log_gamma', 'dataset_prototypes', 'prototypes_initialized')
+               if f'{name}.{k}' not in state_dict]
+    if missing and f'{name}.weight' in state_dict:
+        _logger.warning(
+            'loading a base (non-HPM) checkpoint into an HPM model: the dataset prototypes start at the FC '
+            'weights and must be initialised from data before the HPM head is used (model.hpm_head.init_prototypes_).')
+        fill = {
+            'log_gamma': head.log_gamma.detach().clone(),
+            'dataset_prototypes': state_dict[f'{name}.weight'].detach().clone(),
+            'prototypes_initialized': torch.tensor(False),
+        }
+        for key in missing:
+            state_dict[f'{name}.{key}'] = fill[key]
+    return state_dict
+
+
+def _pretrained_source(variant: str, kwargs: Mapping[str, Any]) -> tuple:
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                 pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+    return cfg.tag, cfg
+
+
+def _unavailable_message(variant: str, cfg, error: BaseException) -> str:
+    name = f'{variant}.{cfg.tag}' if cfg.tag else variant
+    if cfg.source == 'local-dir' or cfg.file:
+        where = f'the file {cfg.file!r}'
+    elif cfg.hf_hub_id:
+        where = f'the Hugging Face Hub repository {cfg.hf_hub_id!r} (model.safetensors)'
+    else:
+        where = 'no published location (this architecture has no pretrained weights yet)'
+    return (
+        f'Could not load pretrained weights for {name!r} from {where}: {type(error).__name__}: {error}\n'
+        f'timm-hpm weights are expected on the Hub under the organisation {HF_HUB_ORG!r}; if they are not '
+        f'published or you are offline, load a local copy instead:\n'
+        f"  timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file='/path/model.safetensors'))\n"
+        f"  timm.create_model('local-dir:/path/to/folder', pretrained=True)   # config.json + model.safetensors\n"
+        f'or create it with pretrained=False.')
+
+
+def _hub_errors() -> tuple:
+    errors = [OSError, ValueError, RuntimeError]
+    try:
+        from huggingface_hub import errors as hub_errors
+        errors += [hub_errors.HfHubHTTPError, hub_errors.LocalEntryNotFoundError]
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        pass
+    try:
+        import httpx
+        errors.append(httpx.HTTPError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from safetensors import SafetensorError
+        errors.append(SafetensorError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import pickle
+        errors.append(pickle.UnpicklingError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def build_family(
+        model_cls: Callable[..., nn.Module],
+        variant: str,
+        pretrained: bool = False,
+        *,
+        classifier: str,
+        hpm: bool = False,
+        hpm_cfg: Optional[Dict[str, Any]] = None,
+        tag_model_args: Optional[Mapping[str, Dict[str, Any]]] = None,
+        **kwargs,
+) -> nn.Module:
+    """``build_model_with_cfg`` for a family, optionally as an HPM model.
+
+    Args:
+        model_cls: the family's class (or a callable taking the model kwargs).
+        classifier: name of the linear classifier module (the pretrained cfg's ``classifier``).
+        hpm: put an :class:`HPMHead` in place of the classifier.
+        hpm_cfg: HPM head options (``mode``, ``tau``, ``alpha``, ``momentum``, ``gamma_init``).
+        tag_model_args: per-pretrained-tag model arguments that a checkpoint cannot carry (e.g. the input
+            normalisation held in non-persistent buffers); explicit kwargs win.
+    """
+    tag, cfg = _pretrained_source(variant, kwargs)
+    for key, value in (tag_model_args or {}).get(tag, {}).items():
+        kwargs.setdefault(key, value)
+    if hpm:
+        options = dict(hpm_cfg or {})
+        unknown = set(options) - {'mode', 'tau', 'alpha', 'momentum', 'gamma_init'}
+        if unknown:
+            raise TypeError(f'unknown hpm_cfg options {sorted(unknown)}; valid: mode, tau, alpha, momentum, '
+                            'gamma_init.')
+
+        def factory(**model_kwargs):
+            return attach_hpm_head(model_cls(**model_kwargs), classifier, options, allow_headless=True)
+    else:
+        if hpm_cfg:
+            raise TypeError(f'{variant} is not an HPM model; hpm_cfg applies to the hpm_* models only.')
+        factory = model_cls
+    if not pretrained:
+        return build_model_with_cfg(factory, variant, False, **kwargs)
+    try:
+        return build_model_with_cfg(factory, variant, True, pretrained_filter_fn=hpm_checkpoint_filter, **kwargs)
+    except _hub_errors() as error:
+        if 'Error(s) in loading state_dict' in str(error):
+            raise  # the weights were found but do not fit: torch's message names the missing/unexpected keys
+        raise PretrainedWeightsUnavailable(_unavailable_message(variant, cfg, error)) from error
+

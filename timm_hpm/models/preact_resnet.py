@@ -1,0 +1,125 @@
+"""PreActResNet-18 for CIFAR (He et al. 2016, pre-activation), inputs in [0, 1], no normalisation inside.
+
+State-dict keys and shapes equal RobustBench's ``PreActResNet(PreActBlock, [2, 2, 2, 2])`` (e.g. the
+Andriushchenko2020Understanding entry). Also the small model of the CPU studies (``in_chans=1``,
+``img_size=28`` for Fashion-MNIST).
+"""
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import SelectAdaptivePool2d
+from timm.models import generate_default_cfgs, register_model
+
+from ._builder import build_family, hub_id
+from ._common import check_image_size, cifar_cfg, FamilyHeadMixin
+
+__all__ = ['PreActResNet']
+
+
+class PreActBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False))
+        else:
+            self.shortcut = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        # The projection shortcut takes the raw input, as in the reference PreActResNet.
+        shortcut = self.shortcut(x) if self.shortcut is not None else x
+        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
+        return out + shortcut
+
+
+class PreActResNet(FamilyHeadMixin, nn.Module):
+    """Pre-activation ResNet for small images.
+
+    Args:
+        num_blocks: blocks per stage.
+        num_classes: classifier size (0 for a feature extractor).
+        in_chans: input channels.
+        bn_before_fc: a final BN-ReLU before pooling (some checkpoints have it: keys ``bn.*``).
+        img_size: the input size the model accepts (None accepts any).
+        global_pool: timm pooling type.
+        drop_rate: dropout before the classifier.
+    """
+    classifier_name = 'linear'
+
+    def __init__(
+            self,
+            num_blocks: Sequence[int] = (2, 2, 2, 2),
+            num_classes: int = 10,
+            in_chans: int = 3,
+            bn_before_fc: bool = False,
+            img_size: Optional[Union[int, Tuple[int, int]]] = 32,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.0,
+    ):
+        super().__init__()
+        widths = (64, 128, 256, 512)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.img_size = img_size
+        self.drop_rate = drop_rate
+        self.num_features = self.head_hidden_size = widths[-1]
+        self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        in_planes = 64
+        self.feature_info = []
+        for i, (planes, n) in enumerate(zip(widths, num_blocks)):
+            stride = 1 if i == 0 else 2
+            blocks = []
+            for j in range(n):
+                blocks.append(PreActBlock(in_planes, planes, stride if j == 0 else 1))
+                in_planes = planes
+            setattr(self, f'layer{i + 1}', nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=planes, reduction=2 ** i, module=f'layer{i + 1}'))
+        self.bn = nn.BatchNorm2d(widths[-1]) if bn_before_fc else None
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.linear = nn.Linear(widths[-1], num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_size(x, self.in_chans, self.img_size)
+        x = self.conv1(x)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return F.relu(self.bn(x)) if self.bn is not None else x
+
+
+def _create(variant: str, pretrained: bool = False, hpm: bool = False, **kwargs) -> PreActResNet:
+    return build_family(PreActResNet, variant, pretrained, classifier='linear', hpm=hpm, **kwargs)
+
+
+def _cfg(**kwargs):
+    return cifar_cfg(first_conv='conv1', classifier='linear', pool_size=(4, 4), **kwargs)
+
+
+_ANDRIUSHCHENKO = dict(paper_ids='arXiv:2007.02617', paper_name='Understanding and Improving Fast Adversarial '
+                       'Training', origin_url='https://github.com/tml-epfl/understanding-fast-adv-training',
+                       license='unknown')
+
+default_cfgs = generate_default_cfgs({
+    'preact_resnet18.rb_andriushchenko2020understanding_cifar10': _cfg(
+        hf_hub_id=hub_id('preact_resnet18.rb_andriushchenko2020understanding_cifar10'), **_ANDRIUSHCHENKO),
+    'hpm_preact_resnet18.rb_andriushchenko2020understanding_cifar10': _cfg(
+        hf_hub_id=hub_id('hpm_preact_resnet18.rb_andriushchenko2020understanding_cifar10'), **_ANDRIUSHCHENKO),
+})
+
+
+@register_model
+def preact_resnet18(pretrained: bool = False, **kwargs) -> PreActResNet:
+    """PreActResNet-18 for 32x32 images, RobustBench ``PreActResNet`` keys."""
+    return _create('preact_resnet18', pretrained, **kwargs)
+
+
+@register_model
+def hpm_preact_resnet18(pretrained: bool = False, **kwargs) -> PreActResNet:
+    """PreActResNet-18 with the HPM l2-reclassifier head."""
+    return _create('hpm_preact_resnet18', pretrained, hpm=True, **kwargs)

@@ -1,0 +1,192 @@
+"""DeepMind-style WideResNet for CIFAR (Gowal et al. 2020), as used by the strongest RobustBench CIFAR
+checkpoints (Wang2023Better, Cui2023Decoupled, Gowal2021, Rebuffi2021).
+
+State-dict keys and shapes equal RobustBench's ``DMWideResNet``: a RobustBench checkpoint loads with
+``strict=True`` once its ``module.`` prefix is stripped. Inputs are images in [0, 1]; the per-dataset
+mean/std normalisation happens inside, in non-persistent buffers (so it is a model argument, set per
+pretrained tag, not a checkpoint entry).
+"""
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import SelectAdaptivePool2d, get_act_layer
+from timm.models import generate_default_cfgs, register_model
+
+from ._builder import build_family, hub_id
+from ._common import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, check_image_size, cifar_cfg,
+                      FamilyHeadMixin)
+
+__all__ = ['DMWideResNet']
+
+
+class _Block(nn.Module):
+    """Pre-activation basic block with TF 'SAME' padding for the strided convolution."""
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int, act_layer=nn.ReLU):
+        super().__init__()
+        if stride not in (1, 2):
+            raise ValueError(f'unsupported stride {stride}')
+        self.batchnorm_0 = nn.BatchNorm2d(in_planes)
+        self.relu_0 = act_layer()
+        self.conv_0 = nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=0, bias=False)
+        self.batchnorm_1 = nn.BatchNorm2d(out_planes)
+        self.relu_1 = act_layer()
+        self.conv_1 = nn.Conv2d(out_planes, out_planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.has_shortcut = in_planes != out_planes
+        self.shortcut = nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False) if self.has_shortcut else None
+        # 'SAME' padding as in the original JAX models: symmetric for stride 1, bottom/right for stride 2.
+        self._pad = (1, 1, 1, 1) if stride == 1 else (0, 1, 0, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu_0(self.batchnorm_0(x))
+        # With a projection shortcut, the shortcut sees the pre-activated input (as in the reference models).
+        shortcut = self.shortcut(out) if self.has_shortcut else x
+        out = self.conv_0(F.pad(out, self._pad))
+        out = self.conv_1(self.relu_1(self.batchnorm_1(out)))
+        return shortcut + out
+
+
+class _BlockGroup(nn.Module):
+    def __init__(self, num_blocks: int, in_planes: int, out_planes: int, stride: int, act_layer=nn.ReLU):
+        super().__init__()
+        self.block = nn.Sequential(*[
+            _Block(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, act_layer=act_layer)
+            for i in range(num_blocks)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class DMWideResNet(FamilyHeadMixin, nn.Module):
+    """WideResNet-depth-width, DeepMind style (pre-activation, SiLU/Swish, normalisation inside).
+
+    Args:
+        depth: 6n + 4.
+        width: widening factor.
+        num_classes: classifier size (0 for a feature extractor).
+        in_chans: input channels.
+        act_layer: activation name or class ('silu' for Swish models, 'relu' for the original ones).
+        mean, std: per-channel input normalisation applied inside the model.
+        padding: zero padding added to the input before normalisation (some RobustBench models use 2).
+        img_size: the input size the model accepts (None accepts any).
+        global_pool: timm pooling type.
+        drop_rate: dropout before the classifier.
+    """
+
+    def __init__(
+            self,
+            depth: int = 28,
+            width: int = 10,
+            num_classes: int = 10,
+            in_chans: int = 3,
+            act_layer: Union[str, type] = 'silu',
+            mean: Union[Tuple[float, ...], float] = CIFAR10_MEAN,
+            std: Union[Tuple[float, ...], float] = CIFAR10_STD,
+            padding: int = 0,
+            img_size: Optional[Union[int, Tuple[int, int]]] = 32,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.0,
+    ):
+        super().__init__()
+        if (depth - 4) % 6 != 0:
+            raise ValueError(f'WideResNet depth must be 6n + 4, got {depth}')
+        act_layer = get_act_layer(act_layer)
+        num_blocks = (depth - 4) // 6
+        channels = [16, 16 * width, 32 * width, 64 * width]
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.img_size = img_size
+        self.padding = padding
+        self.drop_rate = drop_rate
+        self.num_features = self.head_hidden_size = channels[3]
+        self.register_buffer('mean', torch.as_tensor(mean, dtype=torch.float32).expand(in_chans).reshape(
+            in_chans, 1, 1).clone(), persistent=False)
+        self.register_buffer('std', torch.as_tensor(std, dtype=torch.float32).expand(in_chans).reshape(
+            in_chans, 1, 1).clone(), persistent=False)
+        self.init_conv = nn.Conv2d(in_chans, channels[0], kernel_size=3, stride=1, padding=1, bias=False)
+        self.layer = nn.Sequential(
+            _BlockGroup(num_blocks, channels[0], channels[1], 1, act_layer=act_layer),
+            _BlockGroup(num_blocks, channels[1], channels[2], 2, act_layer=act_layer),
+            _BlockGroup(num_blocks, channels[2], channels[3], 2, act_layer=act_layer),
+        )
+        self.batchnorm = nn.BatchNorm2d(channels[3])
+        self.relu = act_layer()
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.logits = nn.Linear(channels[3], num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = [
+            dict(num_chs=channels[1], reduction=1, module='layer.0'),
+            dict(num_chs=channels[2], reduction=2, module='layer.1'),
+            dict(num_chs=channels[3], reduction=4, module='layer.2'),
+        ]
+
+    classifier_name = 'logits'
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_size(x, self.in_chans, self.img_size)
+        if self.padding > 0:
+            x = F.pad(x, (self.padding,) * 4)
+        x = (x - self.mean) / self.std
+        x = self.layer(self.init_conv(x))
+        return self.relu(self.batchnorm(x))
+
+
+def _create_dm_wrn(variant: str, pretrained: bool = False, hpm: bool = False, **kwargs) -> DMWideResNet:
+    return build_family(DMWideResNet, variant, pretrained, classifier='logits', hpm=hpm,
+                        tag_model_args=_TAG_MODEL_ARGS, **kwargs)
+
+
+def _cfg(**kwargs):
+    return cifar_cfg(first_conv='init_conv', classifier='logits', pool_size=(8, 8), **kwargs)
+
+
+# Per-weight model arguments the checkpoint cannot carry (normalisation buffers are non-persistent).
+_TAG_MODEL_ARGS = {
+    'rb_wang2023better_cifar10': dict(mean=CIFAR10_MEAN, std=CIFAR10_STD),
+    'rb_wang2023better_cifar100': dict(mean=CIFAR100_MEAN, std=CIFAR100_STD),
+}
+
+_WANG2023 = dict(paper_ids='arXiv:2302.04638', paper_name='Better Diffusion Models Further Improve Adversarial '
+                 'Training', origin_url='https://github.com/wzekai99/DM-Improves-AT', license='unknown')
+
+
+def _weights(arch: str):
+    return {
+        f'{arch}.rb_wang2023better_cifar10': _cfg(
+            hf_hub_id=hub_id(f'{arch}.rb_wang2023better_cifar10'), num_classes=10, **_WANG2023),
+        f'{arch}.rb_wang2023better_cifar100': _cfg(
+            hf_hub_id=hub_id(f'{arch}.rb_wang2023better_cifar100'), num_classes=100, **_WANG2023),
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    **_weights('wrn28_10'),
+    **_weights('wrn70_16'),
+    **_weights('hpm_wrn28_10'),
+    **_weights('hpm_wrn70_16'),
+})
+
+
+@register_model
+def wrn28_10(pretrained: bool = False, **kwargs) -> DMWideResNet:
+    """WideResNet-28-10, DeepMind style (SiLU), RobustBench ``DMWideResNet`` keys."""
+    return _create_dm_wrn('wrn28_10', pretrained, **dict(dict(depth=28, width=10), **kwargs))
+
+
+@register_model
+def wrn70_16(pretrained: bool = False, **kwargs) -> DMWideResNet:
+    """WideResNet-70-16, DeepMind style (SiLU), RobustBench ``DMWideResNet`` keys."""
+    return _create_dm_wrn('wrn70_16', pretrained, **dict(dict(depth=70, width=16), **kwargs))
+
+
+@register_model
+def hpm_wrn28_10(pretrained: bool = False, **kwargs) -> DMWideResNet:
+    """WideResNet-28-10 (DeepMind style) with the HPM l2-reclassifier head."""
+    return _create_dm_wrn('hpm_wrn28_10', pretrained, hpm=True, **dict(dict(depth=28, width=10), **kwargs))
+
+
+@register_model
+def hpm_wrn70_16(pretrained: bool = False, **kwargs) -> DMWideResNet:
+    """WideResNet-70-16 (DeepMind style) with the HPM l2-reclassifier head."""
+    return _create_dm_wrn('hpm_wrn70_16', pretrained, hpm=True, **dict(dict(depth=70, width=16), **kwargs))
