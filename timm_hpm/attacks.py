@@ -14,8 +14,9 @@ import torch.nn.functional as F
 __all__ = ['pgd', 'parse_eps', 'check_images', 'accuracy']
 
 
-def parse_eps(value) -> float:
-    """``'8/255'``, ``'0.031'`` or a number, as a float in (0, 1]; anything else is a clear error."""
+def parse_eps(value, norm: str = 'Linf') -> float:
+    """``'8/255'``, ``'0.031'`` or a number, as a float: in (0, 1] for Linf (images in [0, 1]), in (0, 100] for
+    L2; anything else is a clear error."""
     if isinstance(value, str):
         text = value.strip()
         try:
@@ -28,9 +29,10 @@ def parse_eps(value) -> float:
             raise ValueError(f"cannot parse eps {value!r}; write it as '8/255' or 0.031") from None
     else:
         eps = float(value)
-    if not 0.0 < eps <= 1.0:
-        raise ValueError(f'eps must be in (0, 1] for images in [0, 1], got {eps} (from {value!r}); '
-                         f"did you mean {eps}/255?")
+    limit = 1.0 if norm == 'Linf' else 100.0
+    if not 0.0 < eps <= limit:
+        raise ValueError(f'{norm} eps must be in (0, {limit:g}] for images in [0, 1], got {eps} (from {value!r})'
+                         + (f"; did you mean {value}/255?" if eps > 1 else ''))
     return eps
 
 

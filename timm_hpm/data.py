@@ -15,8 +15,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-__all__ = ['FASHION_MNIST_DIRS', 'FASHION_MNIST_CLASSES', 'DatasetUnavailable', 'read_idx', 'load_fashion_mnist',
-           'synthetic_dataset']
+__all__ = ['FASHION_MNIST_DIRS', 'FASHION_MNIST_CLASSES', 'DATASETS', 'DatasetUnavailable', 'read_idx',
+           'load_fashion_mnist', 'load_cifar', 'synthetic_dataset', 'load_eval_tensors']
+
+DATASETS = ('fashion_mnist', 'cifar10', 'cifar100', 'imagenet', 'synthetic')
 
 #: Where Fashion-MNIST's IDX files are looked for, in order ($FASHION_MNIST_DIR first).
 FASHION_MNIST_DIRS = ('/usr/share/datasets/fashion-mnist',)
@@ -137,3 +139,62 @@ class IndexedSubset(Dataset):
         if not 0 <= i < self.n:
             raise IndexError(i)
         return self.dataset[i]
+
+
+def load_cifar(name: str, split: str = 'test', root: Optional[Union[str, Path]] = None, download: bool = True
+               ) -> Dataset:
+    """CIFAR-10/100 through torchvision (images as [0, 1] tensors): from ``root`` (default
+    ``~/.cache/timm_hpm``), downloaded when missing and online."""
+    from torchvision import datasets, transforms
+    cls = {'cifar10': datasets.CIFAR10, 'cifar100': datasets.CIFAR100}[name]
+    root = Path(root or Path.home() / '.cache' / 'timm_hpm')
+    try:
+        return cls(str(root), train=split == 'train', download=download, transform=transforms.ToTensor())
+    except Exception as error:
+        folder = 'cifar-10-batches-py' if name == 'cifar10' else 'cifar-100-python'
+        raise DatasetUnavailable(
+            f'{name} not found under {root} and could not be downloaded ({type(error).__name__}: {error}). Put the '
+            f'extracted python version ({folder}/) in that folder, or pass another root / --data-dir.') from error
+
+
+def load_imagenet(split: str, root: Union[str, Path], input_size=(3, 224, 224), crop_pct: float = 0.875,
+                  interpolation: str = 'bilinear') -> Dataset:
+    """An ImageNet split from an ImageFolder layout (``root/<split>/<wnid>/*.JPEG``), resized and centre-cropped
+    as the model's pretrained cfg says, as [0, 1] tensors (normalisation belongs to the model)."""
+    from torchvision import datasets, transforms
+    folder = Path(root) / split
+    if not folder.is_dir():
+        raise DatasetUnavailable(f'ImageNet {split} folder not found: {folder} (expected an ImageFolder layout, '
+                                 f'root/{split}/<class>/<image>); pass --data-dir.')
+    size = input_size[-1]
+    mode = transforms.InterpolationMode.BICUBIC if interpolation == 'bicubic' else transforms.InterpolationMode.BILINEAR
+    transform = transforms.Compose([transforms.Resize(int(round(size / crop_pct)), interpolation=mode),
+                                    transforms.CenterCrop(size), transforms.ToTensor()])
+    return datasets.ImageFolder(str(folder), transform=transform)
+
+
+def load_eval_tensors(dataset: str, n_examples: int, root: Optional[Union[str, Path]] = None,
+                      pretrained_cfg: Optional[dict] = None, num_classes: int = 10, image_size=(3, 32, 32),
+                      seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n_examples`` test images (a fixed, reported subset) as tensors in [0, 1]."""
+    if dataset not in DATASETS:
+        raise ValueError(f'unknown dataset {dataset!r}; choose from {DATASETS}')
+    if n_examples < 1:
+        raise ValueError(f'n_examples must be >= 1, got {n_examples}')
+    if dataset == 'fashion_mnist':
+        ds = load_fashion_mnist('test', root)
+    elif dataset in ('cifar10', 'cifar100'):
+        ds = load_cifar(dataset, 'test', root)
+    elif dataset == 'imagenet':
+        cfg = pretrained_cfg or {}
+        ds = load_imagenet('val', root or '.', cfg.get('input_size', (3, 224, 224)), cfg.get('crop_pct', 0.875),
+                           cfg.get('interpolation', 'bilinear'))
+    else:
+        ds = synthetic_dataset(max(n_examples, 1), num_classes, tuple(image_size), seed=seed)
+    if n_examples > len(ds):
+        raise ValueError(f'n_examples={n_examples} is larger than the {dataset} test set ({len(ds)} images).')
+    if isinstance(ds, TensorDataset):
+        x, y = ds.tensors
+        return x[:n_examples].clone(), y[:n_examples].clone()
+    items = [ds[i] for i in range(n_examples)]
+    return torch.stack([a for a, _ in items]), torch.tensor([int(b) for _, b in items])

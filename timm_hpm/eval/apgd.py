@@ -75,10 +75,11 @@ def _random_start(x: torch.Tensor, eps: float, norm: str, generator: Optional[to
 
 
 def _loss_and_grad(model: Model, x_adv: torch.Tensor, loss_fn):
-    x_adv = x_adv.detach().requires_grad_(True)
-    logits = model(x_adv)
-    losses = loss_fn(logits)
-    grad, = torch.autograd.grad(losses.sum(), x_adv)
+    with torch.enable_grad():
+        x_adv = x_adv.detach().requires_grad_(True)
+        logits = model(x_adv)
+        losses = loss_fn(logits)
+        grad, = torch.autograd.grad(losses.sum(), x_adv)
     return losses.detach(), logits.detach(), grad.detach()
 
 

@@ -1,0 +1,121 @@
+"""Robustness evaluation: the Mixed Surrogate Attack for HPM models, AutoAttack for any model.
+
+    accelerate launch recipes/evaluate.py --model hpm_wrn28_10.<tag> --dataset cifar10 --eps 8/255 --protocol msa
+    accelerate launch recipes/evaluate.py --model wrn28_10.<tag> --dataset cifar10 --eps 8/255 --protocol autoattack
+    python recipes/evaluate.py --model local-dir:runs/x/final --dataset fashion_mnist --eps 0.1 --n-examples 1000 --device cpu
+
+Writes ``<out>/eval.json`` (RobustBench model_info fields plus MSA's), ``<out>/eval.md`` (the table) and, with
+``--save-adv``, the realised adversarial batches as safetensors. Interrupted runs resume from ``<out>``;
+batches are sharded over the processes of ``accelerate launch``.
+"""
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+from accelerate import Accelerator
+
+import timm_hpm
+from timm_hpm.attacks import parse_eps
+from timm_hpm.data import DATASETS, load_eval_tensors
+from timm_hpm.eval import MSAConfig, aggregate, evaluate, format_table
+from timm_hpm.eval.runner import BATCHINGS, NormalizedInput, sanity_checks
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--model', required=True, help="timm name (with tag), 'local-dir:<folder>' or 'hf-hub:<repo>'")
+    p.add_argument('--checkpoint', help='weights file (safetensors or weights-only .pt) to load into --model')
+    p.add_argument('--no-pretrained', action='store_true', help='random weights (for smoke tests only)')
+    p.add_argument('--dataset', required=True, choices=DATASETS)
+    p.add_argument('--data-dir', help='dataset folder (CIFAR: torchvision layout; ImageNet: ImageFolder root)')
+    p.add_argument('--eps', required=True, help="'8/255', 0.031, ...")
+    p.add_argument('--norm', default='Linf', choices=['Linf', 'L2'])
+    p.add_argument('--protocol', default='msa', choices=['msa', 'autoattack'])
+    p.add_argument('--n-examples', type=int, default=1000)
+    p.add_argument('--batch-size', type=int, default=128, help='B_eval: the fixed batch size that is scored')
+    p.add_argument('--batchings', nargs='+', default=None, choices=BATCHINGS,
+                   help='default: all three for msa, default only for autoattack')
+    p.add_argument('--surrogates', nargs='+', default=['fc', 'static', 'soft', 'dynamic'])
+    p.add_argument('--apgd-iters', type=int, default=100)
+    p.add_argument('--n-target-classes', type=int, default=9)
+    p.add_argument('--autoattack-iters', type=int, default=None, help="default: AutoAttack's own (100)")
+    p.add_argument('--square-queries', type=int, default=None, help="default: AutoAttack's own (5000)")
+    p.add_argument('--surrogate-autoattack', action='store_true', help="also each surrogate's AutoAttack cascade")
+    p.add_argument('--no-cascade', action='store_true', help='attack every clean-correct sample at every stage')
+    p.add_argument('--amp', choices=['none', 'bf16'], default='none', help='bf16 autocast (measure its effect first)')
+    p.add_argument('--sanity', action='store_true', help='run the adaptive-attack sanity checks on a subset')
+    p.add_argument('--sanity-examples', type=int, default=64)
+    p.add_argument('--save-adv', action='store_true')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--device', default=None, help="'cpu' forces the CPU (also under accelerate launch)")
+    p.add_argument('--out', type=Path, default=None, help='run folder (default runs/eval/<model>_<protocol>)')
+    return p.parse_args(argv)
+
+
+def load_model(args):
+    kwargs = {}
+    if args.checkpoint:
+        kwargs['pretrained_cfg_overlay'] = dict(file=args.checkpoint)
+    model = timm.create_model(args.model, pretrained=not args.no_pretrained, **kwargs)
+    cfg = model.pretrained_cfg
+    mean, std = tuple(cfg.get('mean', (0.0,))), tuple(cfg.get('std', (1.0,)))
+    if any(m != 0.0 for m in mean) or any(s != 1.0 for s in std):
+        model = NormalizedInput(model, mean, std)  # attacks work on [0, 1] images
+    return model.eval()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    eps = parse_eps(args.eps, args.norm)
+    batchings = args.batchings or (list(BATCHINGS) if args.protocol == 'msa' else ['default'])
+    accelerator = Accelerator(cpu=args.device == 'cpu')
+    out = args.out or Path('runs/eval') / f"{args.model.replace('/', '_').replace(':', '_')}_{args.protocol}"
+    out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s',
+                        handlers=[logging.FileHandler(out / f'log_rank{accelerator.process_index}.txt'),
+                                  logging.StreamHandler(sys.stderr)] if accelerator.is_main_process else
+                        [logging.FileHandler(out / f'log_rank{accelerator.process_index}.txt')])
+    model = load_model(args).to(accelerator.device)
+    base = getattr(model, 'module', model)
+    x, y = load_eval_tensors(args.dataset, args.n_examples, args.data_dir, base.pretrained_cfg,
+                             num_classes=base.num_classes, image_size=base.pretrained_cfg['input_size'],
+                             seed=args.seed)
+    x, y = x.to(accelerator.device), y.to(accelerator.device)
+    cfg = MSAConfig(eps=eps, norm=args.norm, surrogates=tuple(args.surrogates), apgd_iters=args.apgd_iters,
+                    n_target_classes=args.n_target_classes, autoattack_iters=args.autoattack_iters,
+                    square_queries=args.square_queries, surrogate_autoattack=args.surrogate_autoattack,
+                    cascade=not args.no_cascade, seed=args.seed)
+    metadata = dict(name=args.model, dataset=args.dataset, architecture=base.pretrained_cfg.get('architecture'),
+                    command='python recipes/evaluate.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
+                    autoattack_backend=timm_hpm.eval.autoattack_backend(), timm_hpm_version=timm_hpm.__version__)
+    start = time.time()
+    evaluate(model, x, y, cfg, out / 'attack', protocol=args.protocol, batch_size=args.batch_size,
+             batchings=batchings, amp=args.amp == 'bf16', save_adversarial=args.save_adv,
+             process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+             progress=accelerator.is_local_main_process, metadata=metadata)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None
+    result = aggregate(out / 'attack', metadata)
+    result['wall_seconds'] = round(time.time() - start, 1)
+    result['num_processes'] = accelerator.num_processes
+    if args.sanity:
+        n = min(args.sanity_examples, len(y))
+        result['sanity'] = sanity_checks(model, x[:n], y[:n], cfg, out / 'sanity', protocol=args.protocol,
+                                         batch_size=args.batch_size, amp=args.amp == 'bf16')
+        result['warnings'] = result['sanity']['warnings']
+    (out / 'eval.json').write_text(json.dumps(result, indent=2))
+    table = format_table(result)
+    (out / 'eval.md').write_text(table + '\n')
+    print(table)
+    print(f"wrote {out / 'eval.json'}")
+    return result
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,98 @@
+"""recipes/evaluate.py end to end on a tiny HPM model: one process, two processes (accelerate, gloo), and a
+real process kill followed by a resume all give the same JSON."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import timm_hpm  # noqa: F401  (registers the models)
+from timm_hpm.hub import save_for_hub
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ['--dataset', 'synthetic', '--eps', '0.05', '--n-examples', '16', '--batch-size', '8', '--apgd-iters', '5',
+        '--autoattack-iters', '5', '--square-queries', '20', '--n-target-classes', '1', '--device', 'cpu']
+VOLATILE = ('attack_seconds', 'wall_seconds', 'machine', 'num_processes', 'command')
+
+
+def _stable(path):
+    return {k: v for k, v in json.loads(Path(path).read_text()).items() if k not in VOLATILE}
+
+
+@pytest.fixture(scope='module')
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('model')
+    torch.manual_seed(0)
+    model = timm.create_model('hpm_preact_resnet18', in_chans=1, img_size=8, num_classes=4).eval()
+    model.hpm_head.prototypes_initialized.fill_(True)
+    save_for_hub(model, folder)
+    return folder
+
+
+@pytest.fixture(scope='module')
+def reference(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp('ref')
+    result = subprocess.run([sys.executable, str(ROOT / 'recipes' / 'evaluate.py'), '--model',
+                             f'local-dir:{model_dir}', *ARGS, '--out', str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'MSA accuracy' in result.stdout
+    return out / 'eval.json'
+
+
+def test_result_has_robustbench_and_msa_fields(reference):
+    result = json.loads(reference.read_text())
+    for key in ('clean_acc', 'autoattack_acc', 'msa_acc', 'msa_union_acc', 'per_surrogate_acc', 'eps', 'dataset',
+                'architecture', 'threat_model', 'batchings', 'passes', 'wall_seconds', 'n_examples'):
+        assert key in result, key
+    assert set(result['batchings']) == {'default', 'single', 'shuffled'}
+    assert result['architecture'] == 'hpm_preact_resnet18'
+    assert result['msa_acc'] <= result['autoattack_acc'] <= result['clean_acc']
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_json(model_dir, reference, tmp_path):
+    out = tmp_path / 'two'
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    result = subprocess.run(
+        [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2', '--num_machines',
+         '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', '29533',
+         str(ROOT / 'recipes' / 'evaluate.py'), '--model', f'local-dir:{model_dir}', *ARGS, '--out', str(out)],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / 'eval.json').read_text())['num_processes'] == 2
+    assert _stable(out / 'eval.json') == _stable(reference)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_json(model_dir, reference, tmp_path):
+    out = tmp_path / 'killed'
+    cmd = [sys.executable, str(ROOT / 'recipes' / 'evaluate.py'), '--model', f'local-dir:{model_dir}', *ARGS,
+           '--out', str(out)]
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((out / 'attack' / 'units').glob('*.json'))) < 3:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    done = len(list((out / 'attack' / 'units').glob('*.json')))
+    assert 3 <= done < 20 and not (out / 'eval.json').exists()
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _stable(out / 'eval.json') == _stable(reference)
+
+
+def test_bad_arguments_fail_before_attacking(model_dir, tmp_path):
+    base = [sys.executable, str(ROOT / 'recipes' / 'evaluate.py'), '--model', f'local-dir:{model_dir}',
+            '--dataset', 'synthetic', '--device', 'cpu', '--out', str(tmp_path / 'x')]
+    for extra, message in ((['--eps', '8'], 'did you mean 8/255'),
+                           (['--eps', '8/255', '--dataset', 'fashion_mnist', '--n-examples', '20000'],
+                            'larger than the fashion_mnist test set')):
+        result = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]

@@ -1,0 +1,225 @@
+"""MSA and the AutoAttack adapter against truth: a linear HPM head whose Linf robust accuracy has a closed form,
+a gradient-masking toy, a batch-dependent toy that fools AutoAttack's own bookkeeping, the ordering of the
+figures, resume after a failure, and bad input."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import timm_hpm
+from timm_hpm.eval import MSAConfig, ModelView, apgd, attack_batch, evaluate, make_autoattack, run_autoattack
+from timm_hpm.eval import runner as runner_module
+
+FAST = dict(apgd_iters=20, autoattack_iters=20, square_queries=200, n_target_classes=3)
+D, K = 12, 4
+
+
+def linear_hpm(seed=0):
+    """A 4-class HPM head on flattened 1x1xD images with alpha=1: the dynamic head equals the static l2 head,
+    whose logit differences are linear in x, so the exact Linf robust accuracy is known."""
+    g = torch.Generator().manual_seed(seed)
+    base = nn.Sequential(nn.Flatten(), nn.Linear(D, K))
+    model = timm_hpm.convert_to_hpm(base, alpha=1.0, gamma_init=1.0)
+    with torch.no_grad():
+        model.hpm_head.dataset_prototypes.copy_(0.5 + 0.2 * torch.randn(K, D, generator=g))
+        model.hpm_head.weight.copy_(torch.randn(K, D, generator=g))
+        model.hpm_head.prototypes_initialized.fill_(True)
+    return model.eval()
+
+
+def linear_truth(mu, x, y, eps):
+    """Robust iff for every j != y: 2 x.(mu_y - mu_j) - |mu_y|^2 + |mu_j|^2 > eps * 2 |mu_y - mu_j|_1."""
+    x = x.flatten(1)
+    robust = torch.ones(len(y), dtype=torch.bool)
+    for j in range(K):
+        diff = mu[y] - mu[j]
+        margin = 2 * (x * diff).sum(1) - (mu[y] ** 2).sum(1) + (mu[j] ** 2).sum()
+        robust &= (y == j) | (margin > eps * 2 * diff.abs().sum(1))
+    return robust
+
+
+def linear_problem(n=240, eps=0.03, seed=0):
+    model = linear_hpm(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = 0.35 + 0.3 * torch.rand(n, 1, 1, D, generator=g)  # interior: the [0, 1] box never binds at this eps
+    with torch.no_grad():
+        model.hpm_head.mode = 'static'
+        y = model(x).argmax(1)
+        model.hpm_head.mode = 'dynamic'
+    return model, x, y, linear_truth(model.hpm_head.dataset_prototypes, x, y, eps)
+
+
+@pytest.mark.parametrize('protocol', ['autoattack', 'msa'])
+def test_linear_head_reaches_closed_form(tmp_path, protocol):
+    eps = 0.03
+    model, x, y, truth = linear_problem(eps=eps)
+    assert 0.2 < truth.float().mean() < 0.9  # a non-trivial problem
+    result = evaluate(model, x, y, MSAConfig(eps=eps, **FAST), tmp_path, protocol=protocol, batch_size=60,
+                      progress=False)
+    got = result['msa_acc'] if protocol == 'msa' else result['autoattack_acc']
+    assert abs(got - float(truth.float().mean())) <= 1 / len(y)
+    assert result['clean_acc'] == 1.0
+
+
+class MaskedLinear(nn.Module):
+    """The forward of a linear model, with no input gradient (a hard, STE-like step would do the same)."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x):
+        return self.linear(x.flatten(1).detach()) + 0.0 * x.flatten(1)[:, :1]
+
+
+class Flat(nn.Module):
+    def __init__(self, linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x):
+        return self.linear(x.flatten(1))
+
+
+def centred_linear():
+    """Linear with the decision regions meeting near the centre of the data (balanced classes)."""
+    linear = nn.Linear(D, K)
+    with torch.no_grad():
+        linear.bias.copy_(-linear.weight @ torch.full((D,), 0.5))
+    return linear
+
+
+def test_gradient_masking_is_seen_through():
+    torch.manual_seed(0)
+    linear = centred_linear()
+    x = 0.35 + 0.3 * torch.rand(200, 1, 1, D)
+    with torch.no_grad():
+        y = linear(x.flatten(1)).argmax(1)
+    eps = 0.015
+    w, b = linear.weight.detach(), linear.bias.detach()
+    truth = torch.ones(len(y), dtype=torch.bool)
+    for j in range(K):
+        diff = w[y] - w[j]
+        truth &= (y == j) | ((x.flatten(1) * diff).sum(1) + b[y] - b[j] > eps * diff.abs().sum(1))
+    target = ModelView(MaskedLinear(linear), batch_dependent=False)
+    whitebox = (target(apgd(target, x, y, eps, n_iter=20)).argmax(1) == y).float().mean()
+    # White-box APGD on the masked model moves only by its random start: a gross overestimate.
+    assert whitebox > truth.float().mean() + 0.15
+    cfg = MSAConfig(eps=eps, autoattack=False, **{k: v for k, v in FAST.items() if k != 'square_queries'})
+    result = attack_batch(target, {'smooth': ModelView(Flat(linear), batch_dependent=False)}, x, y, cfg, seed=0,
+                          num_classes=K)
+    assert abs(sum(result['realised']) - int(truth.sum())) <= 1
+    assert 0.1 * len(y) < int(truth.sum()) < 0.9 * len(y)  # a non-trivial problem
+
+
+class BatchSizeSensitive(nn.Module):
+    """Linear on a full batch of ``full`` images; on any smaller batch every prediction is shifted (wrong)."""
+
+    def __init__(self, linear, full):
+        super().__init__()
+        self.linear, self.full = linear, full
+
+    def forward(self, x):
+        logits = self.linear(x.flatten(1))
+        return logits if x.shape[0] >= self.full else logits.roll(1, dims=1)
+
+
+def test_autoattack_own_accuracy_is_not_trusted_for_batch_dependent_models(tmp_path):
+    torch.manual_seed(1)
+    linear = centred_linear()
+    n = 64
+    x = 0.35 + 0.3 * torch.rand(n, 1, 1, D)
+    with torch.no_grad():
+        y = linear(x.flatten(1)).argmax(1)
+    model = BatchSizeSensitive(linear, full=n).eval()
+    eps = 0.01
+    attacks = ['apgd-ce', 'apgd-t']
+    adversary = make_autoattack(model, eps, version='custom', attacks=attacks, num_classes=K, n_iter=20, seed=0)
+    x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=n)
+    own = float((y_adv == y).float().mean())  # AutoAttack's own bookkeeping (sub-batches of robust points)
+    with torch.no_grad():
+        fixed_batch_truth = float((model(x_adv).argmax(1) == y).float().mean())
+    assert own < fixed_batch_truth - 0.3  # AutoAttack's own figure is wrong for this model
+    cfg = MSAConfig(eps=eps, autoattack_version='custom', autoattack_attacks=attacks, autoattack_iters=20)
+    ours = attack_batch(ModelView(model, batch_dependent=True), {}, x, y, cfg, seed=0, num_classes=K)
+    assert sum(ours['candidates']['autoattack']) / n == fixed_batch_truth  # ours: the same images, scored whole
+
+
+def small_hpm(seed=0, n=48):
+    torch.manual_seed(seed)
+    model = timm_hpm.convert_to_hpm(nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, K)))
+    x = torch.rand(n, 1, 8, 8)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        y = model.hpm_head.fc_forward(feats).argmax(1)
+        model.hpm_head.init_prototypes_([(feats, y)])
+    return model.eval(), x, y
+
+
+def test_msa_worst_case_below_every_surrogate_and_autoattack(tmp_path):
+    model, x, y = small_hpm(n=24)
+    cfg = MSAConfig(eps=0.05, **FAST)
+    result = evaluate(model, x, y, cfg, tmp_path, protocol='msa', batch_size=8,
+                      batchings=('default', 'single', 'shuffled'), progress=False)
+    for batching in result['batchings'].values():
+        assert batching['realised_acc'] <= min(batching['per_surrogate_acc'].values()) + 1e-9
+        assert batching['realised_acc'] <= batching['autoattack_acc']
+        assert batching['union_acc'] <= batching['realised_acc']
+        assert batching['realised_acc'] <= batching['clean_acc']
+    assert result['msa_acc'] == min(b['realised_acc'] for b in result['batchings'].values())
+    assert result['msa_acc'] <= result['autoattack_acc']
+    assert result['msa_union_acc'] <= result['msa_acc']
+    assert result['passes']['backward_images'] > 0
+    assert result['per_surrogate_acc']['autoattack'] == result['autoattack_acc']
+
+
+def _strip(result):
+    return {k: v for k, v in result.items() if k not in ('attack_seconds', 'machine')}
+
+
+def test_resume_after_failure_gives_the_same_result(tmp_path, monkeypatch):
+    model, x, y = small_hpm()
+    cfg = MSAConfig(eps=0.05, **FAST)
+    reference = evaluate(model, x, y, cfg, tmp_path / 'ref', batch_size=16, progress=False)
+    real = runner_module.attack_batch
+    calls = {'n': 0}
+
+    def failing(*args, **kwargs):
+        calls['n'] += 1
+        if calls['n'] == 2:
+            raise KeyboardInterrupt('killed')
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner_module, 'attack_batch', failing)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, x, y, cfg, tmp_path / 'run', batch_size=16, progress=False)
+    assert len(list((tmp_path / 'run' / 'units').glob('*.json'))) == 1
+    monkeypatch.setattr(runner_module, 'attack_batch', real)
+    resumed = evaluate(model, x, y, cfg, tmp_path / 'run', batch_size=16, progress=False)
+    assert json.dumps(_strip(resumed), sort_keys=True) == json.dumps(_strip(reference), sort_keys=True)
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    model, x, y = small_hpm()
+    evaluate(model, x[:16], y[:16], MSAConfig(eps=0.05, **FAST), tmp_path, batch_size=16, progress=False)
+    with pytest.raises(ValueError, match='other settings'):
+        evaluate(model, x[:16], y[:16], MSAConfig(eps=0.1, **FAST), tmp_path, batch_size=16, progress=False)
+
+
+def test_bad_input_fails_before_any_attack(tmp_path):
+    model, x, y = small_hpm()
+    cfg = MSAConfig(eps=0.05, **FAST)
+    with pytest.raises(ValueError, match=r'\[0, 1\]'):
+        evaluate(model, x * 3, y, cfg, tmp_path / 'a', progress=False)
+    with pytest.raises(ValueError, match='training mode'):
+        evaluate(model.train(), x, y, cfg, tmp_path / 'b', progress=False)
+    model.eval()
+    with pytest.raises(ValueError, match='needs an HPM model'):
+        evaluate(nn.Sequential(nn.Flatten(), nn.Linear(64, K)).eval(), x, y, cfg, tmp_path / 'c', progress=False)
+    fresh = timm_hpm.convert_to_hpm(nn.Sequential(nn.Flatten(), nn.Linear(64, K))).eval()
+    with pytest.raises(ValueError, match='never initialised'):
+        evaluate(fresh, x, y, cfg, tmp_path / 'd', progress=False)
+    with pytest.raises(ValueError, match='labels'):
+        evaluate(model, x, y[:-1], cfg, tmp_path / 'e', progress=False)

@@ -1,0 +1,311 @@
+"""Batch-aware, resumable, shardable evaluation: MSA for HPM models, AutoAttack for any model.
+
+Work is cut into units (one fixed batch of one batching). Each unit's result is written as its own JSON
+file in ``<run_dir>/units/`` (atomically), so a killed run resumes without recomputing finished units and
+processes share units round-robin; the final result is aggregated from the unit files alone, so it does
+not depend on how many processes ran or how often the run was interrupted.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from ..attacks import check_images
+from ..models._hpm import is_hpm_model
+from .msa import MSAConfig, ModelView, PassCounter, attack_batch, hpm_views
+
+__all__ = ['BATCHINGS', 'make_batchings', 'evaluate', 'aggregate', 'format_table', 'check_eval_ready',
+           'NormalizedInput', 'sanity_checks']
+
+_logger = logging.getLogger(__name__)
+
+BATCHINGS = ('default', 'single', 'shuffled')
+
+
+def make_batchings(n: int, batch_size: int, names: Sequence[str], seed: int) -> Dict[str, List[List[int]]]:
+    """Fixed batchings of the first ``n`` examples: ``default`` (consecutive batches of ``batch_size``),
+    ``single`` (batch size 1) and ``shuffled`` (a seeded permutation cut into batches of ``batch_size``)."""
+    out = {}
+    for name in names:
+        if name == 'default':
+            order = list(range(n))
+            size = batch_size
+        elif name == 'single':
+            order, size = list(range(n)), 1
+        elif name == 'shuffled':
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+            size = batch_size
+        else:
+            raise ValueError(f'unknown batching {name!r}; choose from {BATCHINGS}')
+        out[name] = [order[i:i + size] for i in range(0, n, size)]
+    return out
+
+
+class NormalizedInput(nn.Module):
+    """``module((x - mean) / std)``: puts a timm-style (normalise-outside) model's normalisation inside, so
+    attacks work on [0, 1] images. ``.module`` keeps the HPM head reachable."""
+
+    def __init__(self, module: nn.Module, mean, std):
+        super().__init__()
+        self.module = module
+        self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.num_classes = getattr(module, 'num_classes', None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module((x - self.mean) / self.std)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, 'module', model)
+
+
+def check_eval_ready(model: nn.Module) -> None:
+    """Refuse models that would give meaningless figures, before any attack runs."""
+    model = _unwrap(model)
+    if model.training:
+        raise ValueError('the model is in training mode (batch norm statistics would change under attack); '
+                         'call model.eval() first.')
+    if is_hpm_model(model) and model.hpm_head is not None and not bool(model.hpm_head.prototypes_initialized):
+        raise ValueError('the HPM head\'s dataset prototypes were never initialised from data (they still equal '
+                         'the FC weights); fine-tune or call model.hpm_head.init_prototypes_(...) first.')
+
+
+def _unit_path(run_dir: Path, batching: str, index: int) -> Path:
+    return run_dir / 'units' / f'{batching}_{index:06d}.json'
+
+
+def _write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_suffix(path.suffix + f'.tmp{os.getpid()}')
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def evaluate(
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        cfg: MSAConfig,
+        run_dir: Path,
+        protocol: str = 'msa',
+        batch_size: int = 128,
+        batchings: Sequence[str] = ('default',),
+        amp: bool = False,
+        save_adversarial: bool = False,
+        process_index: int = 0,
+        num_processes: int = 1,
+        progress: bool = True,
+        metadata: Optional[dict] = None,
+) -> Optional[dict]:
+    """Evaluate ``model`` on ``x, y`` (images in [0, 1]); returns the aggregated result on the main process
+    (``None`` elsewhere: call :func:`aggregate` after all processes finished, or use the recipe)."""
+    if protocol not in ('msa', 'autoattack'):
+        raise ValueError(f"protocol must be 'msa' or 'autoattack', got {protocol!r}")
+    check_eval_ready(model)
+    num_classes = getattr(_unwrap(model), 'num_classes', None)
+    check_images(x, y, num_classes)
+    if batch_size < 1:
+        raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+    if protocol == 'msa' and not is_hpm_model(_unwrap(model)):
+        raise ValueError("protocol 'msa' needs an HPM model (its surrogates are views of the HPM head); use "
+                         "protocol 'autoattack' for a plain model.")
+    run_dir = Path(run_dir)
+    (run_dir / 'units').mkdir(parents=True, exist_ok=True)
+    settings = dict(protocol=protocol, batch_size=batch_size, batchings=list(batchings), n_examples=len(y), amp=amp,
+                    msa=cfg.to_dict())
+    settings_path = run_dir / 'settings.json'
+    if settings_path.exists():
+        previous = json.loads(settings_path.read_text())
+        if previous != settings:
+            raise ValueError(f'{run_dir} holds a run with other settings ({previous}); use a new --out folder or '
+                             'the same settings to resume.')
+    elif process_index == 0:
+        _write_json_atomic(settings_path, settings)
+
+    counter = PassCounter()
+    if protocol == 'msa':
+        target, surrogates = hpm_views(model, cfg.surrogates, counter, amp)
+    else:
+        target, surrogates = ModelView(model, None, counter, amp, batch_dependent=is_hpm_model(_unwrap(model))), {}
+    if num_classes is None:
+        with torch.no_grad():
+            num_classes = target(x[:1]).shape[1]
+    plan = make_batchings(len(y), batch_size, batchings, cfg.seed)
+    units = [(b, i, idx) for b in batchings for i, idx in enumerate(plan[b])]
+    mine = units[process_index::num_processes]
+    todo = [u for u in mine if not _unit_path(run_dir, u[0], u[1]).exists()]
+    if len(todo) < len(mine):
+        _logger.info('resuming: %d of %d units already done', len(mine) - len(todo), len(mine))
+    for batching, index, idx in tqdm(todo, desc=f'{protocol} units', disable=not progress):
+        before = counter.as_dict()
+        xb, yb = x[idx], y[idx]
+        seed = cfg.seed * 1_000_003 + index * 101 + BATCHINGS.index(batching)
+        result = attack_batch(target, surrogates, xb, yb, cfg, seed=seed, num_classes=num_classes)
+        x_adv = result.pop('x_adv')
+        delta = (x_adv - xb).flatten(1)
+        norm = delta.abs().amax(1) if cfg.norm == 'Linf' else delta.norm(dim=1)
+        if float(norm.max()) > cfg.eps * (1 + 1e-4) + 1e-6 or x_adv.min() < 0 or x_adv.max() > 1:
+            raise RuntimeError(f'an adversarial image left the threat model (max {cfg.norm} {float(norm.max())}); '
+                               'this is a bug, please report it.')
+        after = counter.as_dict()
+        result['passes'] = {k: after[k] - before[k] for k in after}
+        result['indices'] = idx
+        if save_adversarial:
+            from safetensors.torch import save_file
+            save_file({'x_adv': x_adv.contiguous(), 'indices': torch.tensor(idx)},
+                      str(_unit_path(run_dir, batching, index).with_suffix('.safetensors')))
+        _write_json_atomic(_unit_path(run_dir, batching, index), result)
+    if process_index != 0:
+        return None
+    missing = [u for u in units if not _unit_path(run_dir, u[0], u[1]).exists()]
+    if missing:
+        return None  # other processes still at work; the recipe aggregates after they finish
+    return aggregate(run_dir, metadata)
+
+
+def aggregate(run_dir: Path, metadata: Optional[dict] = None) -> dict:
+    """The result of a run, from its unit files (identical whatever the number of processes or restarts)."""
+    run_dir = Path(run_dir)
+    settings = json.loads((run_dir / 'settings.json').read_text())
+    n = settings['n_examples']
+    per_batching = {}
+    sample_robust_any_batching = torch.ones(n, dtype=torch.bool)
+    passes = {'forward_images': 0, 'backward_images': 0}
+    seconds = 0.0
+    for batching in settings['batchings']:
+        files = sorted((run_dir / 'units').glob(f'{batching}_*.json'))
+        units = [json.loads(f.read_text()) for f in files]
+        covered = sorted(i for u in units for i in u['indices'])
+        if covered != list(range(n)):
+            raise ValueError(f'{run_dir}: batching {batching!r} is incomplete ({len(covered)} of {n} examples); '
+                             'resume the run to finish it.')
+        clean = realised = union = 0
+        surrogate_realised: Dict[str, int] = {}
+        candidate_totals: Dict[str, int] = {}
+        for u in units:
+            clean += sum(u['clean'])
+            realised += sum(u['realised'])
+            union += sum(u['union'])
+            for i, ok in zip(u['indices'], u['union']):
+                if not ok:
+                    sample_robust_any_batching[i] = False
+            by_surrogate: Dict[str, List[int]] = {}
+            for name, correct in u['candidates'].items():
+                candidate_totals[name] = candidate_totals.get(name, 0) + sum(correct)
+                by_surrogate.setdefault(name.split('/')[0], []).append(sum(correct))
+            for s, counts in by_surrogate.items():
+                surrogate_realised[s] = surrogate_realised.get(s, 0) + min(counts)
+            passes['forward_images'] += u['passes']['forward_images']
+            passes['backward_images'] += u['passes']['backward_images']
+            seconds += u['seconds']
+        per_batching[batching] = {
+            'batches': len(units),
+            'clean_acc': clean / n,
+            'realised_acc': realised / n,
+            'union_acc': union / n,
+            'per_surrogate_acc': {s: v / n for s, v in sorted(surrogate_realised.items())},
+        }
+        if 'autoattack' in candidate_totals:
+            per_batching[batching]['autoattack_acc'] = candidate_totals['autoattack'] / n
+    first = per_batching[settings['batchings'][0]]
+    worst_batching = min(per_batching, key=lambda b: per_batching[b]['realised_acc'])
+    result = {
+        **(metadata or {}),
+        'protocol': settings['protocol'],
+        'n_examples': n,
+        'clean_acc': first['clean_acc'],
+        'autoattack_acc': first.get('autoattack_acc'),
+        'threat_model': settings['msa']['norm'],
+        'eps': settings['msa']['eps'],
+        'batch_size': settings['batch_size'],
+        'batchings': per_batching,
+        'worst_batching': worst_batching,
+        'passes': passes,
+        'attack_seconds': round(seconds, 3),
+        'settings': settings,
+        'machine': {'platform': platform.platform(), 'torch': torch.__version__, 'threads': torch.get_num_threads()},
+    }
+    if settings['protocol'] == 'msa':
+        result['msa_acc'] = per_batching[worst_batching]['realised_acc']
+        result['msa_union_acc'] = float(sample_robust_any_batching.float().mean())
+        result['per_surrogate_acc'] = first['per_surrogate_acc']
+    return result
+
+
+def format_table(result: dict) -> str:
+    """A human-readable table of a result."""
+    lines = [f"{result.get('name', 'model')}  ({result['protocol']}, {result['threat_model']} eps="
+             f"{result['eps']:.4f}, {result['n_examples']} examples, batch {result['batch_size']})", '',
+             '| batching | clean | AutoAttack (fixed batches) | realised worst case | per-sample union bound |',
+             '|---|---:|---:|---:|---:|']
+    for name, b in result['batchings'].items():
+        aa = b.get('autoattack_acc')
+        lines.append(f"| {name} | {100 * b['clean_acc']:.2f}% | {'-' if aa is None else f'{100 * aa:.2f}%'} | "
+                     f"{100 * b['realised_acc']:.2f}% | {100 * b['union_acc']:.2f}% |")
+    if result['protocol'] == 'msa':
+        lines += ['', '| surrogate (cumulative, default batching) | robust accuracy |', '|---|---:|']
+        lines += [f'| {s} | {100 * v:.2f}% |' for s, v in result['per_surrogate_acc'].items()]
+        lines += ['', f"MSA accuracy (worst batching: {result['worst_batching']}): {100 * result['msa_acc']:.2f}%  "
+                      f"(union bound over all batchings {100 * result['msa_union_acc']:.2f}%)"]
+    for warning in result.get('warnings', []):
+        lines.append(f'WARNING: {warning}')
+    lines.append(f"passes: {result['passes']['forward_images']} forward / {result['passes']['backward_images']} "
+                 f"backward images, {result['attack_seconds']:.1f} s")
+    return '\n'.join(lines)
+
+
+def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: MSAConfig, run_dir: Path,
+                  protocol: str = 'msa', batch_size: int = 128, amp: bool = False, progress: bool = True) -> dict:
+    """The adaptive-attack sanity checks on a small subset, each a warning when it fails:
+    robust accuracy non-increasing in eps and at most chance (+5 points) at eps 0.5 (Linf) / 10 (L2); more
+    iterations never raise it (beyond one sample); Square alone is not better than the gradient attacks by more
+    than 5 points (a sign of gradient masking)."""
+    from dataclasses import replace
+    run_dir = Path(run_dir)
+    n = len(y)
+    num_classes = getattr(_unwrap(model), 'num_classes', None) or int(y.max()) + 1
+    key = 'msa_acc' if protocol == 'msa' else 'autoattack_acc'
+
+    def run(name, c):
+        return evaluate(model, x, y, c, run_dir / name, protocol=protocol, batch_size=batch_size, amp=amp,
+                        progress=progress)[key]
+
+    large = 0.5 if cfg.norm == 'Linf' else 10.0
+    eps_grid = sorted({cfg.eps / 2, cfg.eps, 2 * cfg.eps, large})
+    by_eps = {e: run(f'eps_{e:.6f}', replace(cfg, eps=e)) for e in eps_grid}
+    more_iters = run('more_iters', replace(cfg, apgd_iters=2 * cfg.apgd_iters,
+                                           autoattack_iters=2 * (cfg.autoattack_iters or 100)))
+    gradient_cfg = replace(cfg, autoattack_version='custom', autoattack_attacks=['apgd-ce', 'apgd-t', 'fab-t'])
+    gradient_only = evaluate(model, x, y, gradient_cfg if cfg.autoattack else cfg,
+                             run_dir / 'gradient_only', protocol=protocol, batch_size=batch_size, amp=amp,
+                             progress=progress)
+    square_only = evaluate(model, x, y, replace(cfg, autoattack_version='custom', autoattack_attacks=['square'],
+                                                surrogates=()), run_dir / 'square_only',
+                           protocol='autoattack' if protocol == 'autoattack' else 'msa', batch_size=batch_size,
+                           amp=amp, progress=progress)
+    grad_acc = gradient_only[key]
+    square_acc = square_only['autoattack_acc']
+    warnings = []
+    values = [by_eps[e] for e in eps_grid]
+    if any(b > a + 1e-9 for a, b in zip(values, values[1:])):
+        warnings.append(f'robust accuracy rises with eps ({dict(zip(eps_grid, values))}): the attack is failing.')
+    if by_eps[large] > 1.0 / num_classes + 0.05:
+        warnings.append(f'at eps={large} robust accuracy is {by_eps[large]:.3f}, above chance '
+                        f'({1.0 / num_classes:.3f}): gradient masking or a broken attack.')
+    if more_iters > by_eps[cfg.eps] + 1.0 / n + 1e-9:
+        warnings.append(f'more iterations raised robust accuracy ({by_eps[cfg.eps]:.3f} -> {more_iters:.3f}).')
+    if square_acc < grad_acc - 0.05:
+        warnings.append(f'Square alone ({square_acc:.3f}) beats the gradient attacks ({grad_acc:.3f}) by more than '
+                        '5 points: gradient masking suspected.')
+    return {'n_examples': n, 'robust_acc_by_eps': {f'{e:.6f}': v for e, v in by_eps.items()},
+            'more_iterations_acc': more_iters, 'gradient_only_acc': grad_acc, 'square_only_acc': square_acc,
+            'warnings': warnings}
