@@ -223,3 +223,27 @@ def test_bad_input_fails_before_any_attack(tmp_path):
         evaluate(fresh, x, y, cfg, tmp_path / 'd', progress=False)
     with pytest.raises(ValueError, match='labels'):
         evaluate(model, x, y[:-1], cfg, tmp_path / 'e', progress=False)
+
+
+class DetachedFlatten(nn.Module):
+    """Flattens with no gradient to the input: every white-box surrogate sees zero gradients."""
+
+    def forward(self, x):
+        return x.flatten(1).detach() + 0.0 * x.flatten(1)
+
+
+def test_sanity_checks_pass_on_an_honest_model_and_flag_gradient_masking(tmp_path):
+    from timm_hpm.eval.runner import sanity_checks
+    eps = 0.03
+    model, x, y, _ = linear_problem(n=40, eps=eps)
+    cfg = MSAConfig(eps=eps, **FAST)
+    honest = sanity_checks(model, x, y, cfg, tmp_path / 'honest', batch_size=20, progress=False)
+    assert honest['warnings'] == []
+    values = list(honest['robust_acc_by_eps'].values())
+    assert values == sorted(values, reverse=True) and values[-1] <= 0.25
+
+    masked = linear_hpm()
+    masked[0] = DetachedFlatten()  # same forward, no input gradient
+    flagged = sanity_checks(masked.eval(), x, y, MSAConfig(eps=eps, **{**FAST, 'square_queries': 300}),
+                            tmp_path / 'masked', batch_size=20, progress=False)
+    assert any('gradient masking suspected' in w for w in flagged['warnings'])

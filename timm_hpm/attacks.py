@@ -80,6 +80,7 @@ def pgd(
         random_start: bool = True,
         loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
         generator: Optional[torch.Generator] = None,
+        init: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Untargeted PGD in an ``eps`` ball (``Linf`` or ``L2``) intersected with [0, 1].
 
@@ -88,6 +89,7 @@ def pgd(
         step_size: defaults to ``2.5 * eps / steps`` (Madry et al.).
         loss_fn: ``(logits, y) -> per-sample loss``; default cross-entropy. The batch loss is the sum.
         generator: for the random start.
+        init: a starting point (projected into the ball around ``x``), instead of the random start.
     Returns the adversarial images (detached), the best iterate is not tracked: the last one is returned.
     """
     if norm not in ('Linf', 'L2'):
@@ -97,7 +99,9 @@ def pgd(
     step_size = 2.5 * eps / max(steps, 1) if step_size is None else step_size
     loss_fn = loss_fn or (lambda logits, target: F.cross_entropy(logits, target, reduction='none'))
     x = x.detach()
-    if random_start:
+    if init is not None:
+        delta = _project(init.detach() - x, eps, norm)
+    elif random_start:
         if norm == 'Linf':
             noise = torch.rand(x.shape, generator=generator, device='cpu').to(x) * 2 - 1
             delta = eps * noise

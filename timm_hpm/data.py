@@ -198,3 +198,80 @@ def load_eval_tensors(dataset: str, n_examples: int, root: Optional[Union[str, P
         return x[:n_examples].clone(), y[:n_examples].clone()
     items = [ds[i] for i in range(n_examples)]
     return torch.stack([a for a, _ in items]), torch.tensor([int(b) for _, b in items])
+
+
+class Augment(Dataset):
+    """Standard small-image augmentation on [0, 1] tensors: random crop after zero padding, optional horizontal
+    flip. Its randomness depends only on (seed, epoch, index), so it is the same whatever the number of workers
+    or processes and after a resume; call ``set_epoch`` every epoch."""
+
+    def __init__(self, dataset: Dataset, padding: int = 4, flip: bool = True, seed: int = 0):
+        self.dataset, self.padding, self.flip, self.seed = dataset, padding, flip, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i]
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+        if self.padding:
+            h, w = x.shape[-2:]
+            padded = torch.nn.functional.pad(x, (self.padding,) * 4)
+            top, left = torch.randint(0, 2 * self.padding + 1, (2,), generator=g).tolist()
+            x = padded[..., top:top + h, left:left + w]
+        if self.flip and torch.rand((), generator=g) < 0.5:
+            x = x.flip(-1)
+        return x, y
+
+
+class _Range(Dataset):
+    def __init__(self, dataset: Dataset, start: int, stop: int):
+        self.dataset, self.start, self.stop = dataset, start, stop
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.dataset[self.start + i]
+
+
+_AUGMENT = {'fashion_mnist': dict(padding=2, flip=False), 'cifar10': dict(padding=4, flip=True),
+            'cifar100': dict(padding=4, flip=True), 'synthetic': dict(padding=0, flip=False)}
+
+
+def build_train_val(dataset: str, root=None, val_examples: int = 512, train_examples: Optional[int] = None,
+                    augment: bool = True, image_size=(3, 32, 32), num_classes: int = 10,
+                    synthetic_examples: int = 512, seed: int = 0, pretrained_cfg: Optional[dict] = None):
+    """(train, held-out) datasets from the training split: the last ``val_examples`` images are held out
+    (never trained on), the training set is the first ``train_examples`` of the rest. Training images are
+    augmented as is standard for the dataset; held-out images are not."""
+    if dataset not in DATASETS:
+        raise ValueError(f'unknown dataset {dataset!r}; choose from {DATASETS}')
+    if dataset == 'fashion_mnist':
+        full = load_fashion_mnist('train', root)
+    elif dataset in ('cifar10', 'cifar100'):
+        full = load_cifar(dataset, 'train', root)
+    elif dataset == 'imagenet':
+        cfg = pretrained_cfg or {}
+        full = load_imagenet('train', root or '.', cfg.get('input_size', (3, 224, 224)), cfg.get('crop_pct', 0.875),
+                             cfg.get('interpolation', 'bilinear'))
+    else:
+        full = synthetic_dataset(synthetic_examples + val_examples, num_classes, tuple(image_size), seed=seed)
+    n = len(full)
+    if val_examples >= n:
+        raise ValueError(f'val_examples={val_examples} leaves no training data ({n} images).')
+    stop = n - val_examples
+    if train_examples is not None:
+        if train_examples > stop:
+            raise ValueError(f'train_examples={train_examples} is more than the {stop} training images available.')
+        stop = train_examples
+    train = _Range(full, 0, stop)
+    if augment and dataset in _AUGMENT:
+        train = Augment(train, **_AUGMENT[dataset], seed=seed)
+    return train, _Range(full, n - val_examples, n)

@@ -169,11 +169,30 @@ def build_family(
             raise TypeError(f'{variant} is not an HPM model; hpm_cfg applies to the hpm_* models only.')
         factory = model_cls
     if not pretrained:
-        return build_model_with_cfg(factory, variant, False, **kwargs)
+        return _record_input_size(build_model_with_cfg(factory, variant, False, **kwargs), kwargs)
     try:
-        return build_model_with_cfg(factory, variant, True, pretrained_filter_fn=hpm_checkpoint_filter, **kwargs)
+        model = build_model_with_cfg(factory, variant, True, pretrained_filter_fn=hpm_checkpoint_filter, **kwargs)
     except _hub_errors() as error:
         if 'Error(s) in loading state_dict' in str(error):
             raise  # the weights were found but do not fit: torch's message names the missing/unexpected keys
         raise PretrainedWeightsUnavailable(_unavailable_message(variant, cfg, error)) from error
+    return _record_input_size(model, kwargs)
+
+
+def _record_input_size(model: nn.Module, kwargs: Mapping[str, Any]) -> nn.Module:
+    """Keep ``pretrained_cfg['input_size']`` (and mean/std lengths) true to an ``in_chans``/``img_size`` override,
+    so data pipelines and evaluation that read the cfg build the right inputs."""
+    cfg = model.pretrained_cfg
+    c, h, w = cfg.get('input_size') or (3, 224, 224)
+    in_chans = kwargs.get('in_chans', c)
+    img_size = kwargs.get('img_size')
+    if img_size is not None:
+        h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if (in_chans, h, w) != tuple(cfg.get('input_size') or ()):
+        cfg['input_size'] = (in_chans, h, w)
+        for key in ('mean', 'std'):
+            values = tuple(cfg.get(key) or ())
+            if values and len(values) != in_chans and len(set(values)) == 1:
+                cfg[key] = (values[0],) * in_chans
+    return model
 

@@ -1,0 +1,116 @@
+"""recipes/finetune.py through its real CLI on synthetic data: loss goes down, export loads with local-dir,
+a killed run resumes to bitwise the same weights and prototypes, two processes (accelerate, gloo) keep
+identical prototypes and weights on both ranks, and bad configurations fail before training."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import timm_hpm
+from timm_hpm.train import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / 'recipes' / 'configs' / 'test_synthetic.yaml'
+RECIPE = ROOT / 'recipes' / 'finetune.py'
+
+
+def _run(args, timeout=600, **kwargs):
+    return subprocess.run([sys.executable, str(RECIPE), '--config', str(CONFIG), '--device', 'cpu', *args],
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp('ref') / 'run'
+    result = _run(['--output-dir', str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_loss_goes_down_and_export_loads(reference_run):
+    log = [json.loads(line) for line in (reference_run / 'log.jsonl').read_text().splitlines()]
+    losses = [r['loss'] for r in log if 'loss' in r]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    epoch_ends = [r for r in log if r.get('epoch_end')]
+    assert len(epoch_ends) == 2 and all('hpm_clean_acc' in r and 'fc_pgd_acc' in r for r in epoch_ends)
+    model = timm.create_model(f"local-dir:{reference_run / 'final'}", pretrained=True).eval()
+    assert timm_hpm.is_hpm_model(model) and bool(model.hpm_head.prototypes_initialized)
+    assert model.hpm_head.alpha == 0.5 and model.hpm_head.momentum == 0.9
+    saved = load_file(str(reference_run / 'final' / 'model.safetensors'))
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    assert (reference_run / 'config.yaml').exists()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_weights(reference_run, tmp_path):
+    out = tmp_path / 'run'
+    cmd = [sys.executable, str(RECIPE), '--config', str(CONFIG), '--device', 'cpu', '--output-dir', str(out)]
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / 'checkpoints' / 'step_0000004' / 'trainer_state.json').exists():
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / 'final').exists(), 'the run finished before it could be killed'
+    result = subprocess.run([sys.executable, str(RECIPE), '--resume', str(out), '--device', 'cpu'],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'resumed from' in result.stderr
+    a = load_file(str(reference_run / 'final' / 'model.safetensors'))
+    b = load_file(str(out / 'final' / 'model.safetensors'))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_two_processes_keep_identical_prototypes_and_weights(tmp_path):
+    out = tmp_path / 'ddp'
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    result = subprocess.run(
+        [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2', '--num_machines',
+         '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', '29541', str(RECIPE),
+         '--config', str(CONFIG), '--device', 'cpu', '--output-dir', str(out), '--set', 'data.batch_size=8'],
+        capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fingerprints = {p.read_text() for p in out.glob('fingerprint_rank*.txt')}
+    assert len(list(out.glob('fingerprint_rank*.txt'))) == 2 and len(fingerprints) == 1
+    log = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
+    losses = [r['loss'] for r in log if 'loss' in r]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    model = timm.create_model(f"local-dir:{out / 'final'}", pretrained=True)
+    assert bool(model.hpm_head.prototypes_initialized)
+
+
+@pytest.mark.parametrize('override, message', [
+    ({'model.name': 'hpm_wrn_nonexistent'}, 'unknown model'),
+    ({'attack.eps': 8}, 'did you mean 8/255'),
+    ({'attack.eps': 0.9}, 'not a sane Linf radius'),
+    ({'train.learning_rate': 0.1}, "unknown key(s) ['learning_rate']"),
+    ({'data.dataset': 'mnist'}, 'unknown dataset'),
+    ({'model.hpm.alpah': 0.3}, 'unknown options'),
+])
+def test_bad_config_fails_before_training(override, message):
+    with pytest.raises(ConfigError, match=message.replace('(', r'\(').replace(')', r'\)').replace('[', r'\[')):
+        load_config(CONFIG, override)
+
+
+def test_bad_config_through_the_cli(tmp_path):
+    result = _run(['--output-dir', str(tmp_path / 'x'), '--set', 'attack.eps=8'])
+    assert result.returncode == 2 and 'configuration error' in result.stderr and 'did you mean 8/255' in result.stderr
+    assert not (tmp_path / 'x' / 'log.jsonl').exists()
+
+
+def test_missing_dataset_offline_fails_before_training(tmp_path, monkeypatch):
+    from timm_hpm.data import DatasetUnavailable, build_train_val
+    with pytest.raises(DatasetUnavailable, match='not found'):
+        build_train_val('cifar10', root=tmp_path / 'no_cifar_here')

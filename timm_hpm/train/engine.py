@@ -1,0 +1,209 @@
+"""The pieces of HPM fine-tuning that the recipe composes (DESIGN.md section 2, items 4 and 7).
+
+Randomness that must survive a resume is drawn from generators seeded by (seed, step, rank), never from the
+global RNG, so a run killed after step k and resumed from its checkpoint ends bitwise identical to an
+uninterrupted one (deterministic CPU kernels, ``num_workers=0``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from ..attacks import pgd
+from ..models._hpm import convert_to_hpm, get_hpm_head, is_hpm_model
+from .config import ConfigError, FinetuneConfig
+
+__all__ = ['build_model', 'select_trainable', 'set_frozen_eval', 'init_prototypes', 'adversarial_examples',
+           'hpm_loss', 'evaluate_heads', 'step_generator', 'read_jsonl', 'broadcast_buffers']
+
+_logger = logging.getLogger(__name__)
+
+
+def build_model(cfg: FinetuneConfig) -> nn.Module:
+    """The HPM model to fine-tune, with its base weights (see ``ModelSection.base``)."""
+    m = cfg.model
+    hpm_options = dict(m.hpm)
+    base = m.base
+    if base and base.startswith(('hf-hub:', 'local-dir:')):
+        model = timm.create_model(base, pretrained=True, **m.model_args)
+    else:
+        kwargs = dict(m.model_args)
+        if base == 'pretrained':
+            kwargs['pretrained'] = True
+        elif base:
+            if not Path(base).is_file():
+                raise ConfigError(f'model.base: checkpoint file not found: {base}')
+            kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(base)))
+        name = m.name
+        if name.startswith('hpm_'):
+            kwargs['hpm_cfg'] = hpm_options
+            hpm_options = {}
+        model = timm.create_model(name, **kwargs)
+    if not is_hpm_model(model):
+        model = convert_to_hpm(model, **hpm_options)
+    else:
+        head = get_hpm_head(model)
+        for key, value in hpm_options.items():
+            setattr(head, key, value)
+    return model
+
+
+def _last_stage_name(model: nn.Module) -> str:
+    info = getattr(model, 'feature_info', None)
+    if info and isinstance(info[-1], dict) and info[-1].get('module'):
+        return info[-1]['module']
+    raise ConfigError(f"{type(model).__name__} does not name its stages (no feature_info); use train.trainable "
+                      "'head' or 'all'.")
+
+
+def select_trainable(model: nn.Module, how: str) -> Tuple[List[str], List[nn.Module]]:
+    """Set ``requires_grad`` for 'head', 'head+last_stage' (the last stage and every module registered after
+    it) or 'all'. Returns the trainable parameter names and the frozen modules (to keep in eval mode)."""
+    head = get_hpm_head(model)
+    names = [n for n, _ in model.named_parameters()]
+    head_prefix = model.hpm_classifier_name + '.'
+    if how == 'all':
+        keep = set(names)
+    elif how == 'head':
+        keep = {n for n in names if n.startswith(head_prefix)}
+    else:
+        stage = _last_stage_name(model) + '.'
+        first = next((i for i, n in enumerate(names) if n.startswith(stage)), None)
+        if first is None:
+            raise ConfigError(f'last stage {stage[:-1]!r} has no parameters')
+        keep = set(names[first:]) | {n for n in names if n.startswith(head_prefix)}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in keep and not (n.startswith('sub_block1.')))
+    assert any(p.requires_grad for p in head.parameters())
+    frozen = [m for name, m in model.named_modules()
+              if list(m.parameters(recurse=False)) and not any(p.requires_grad for p in m.parameters(recurse=False))]
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad), frozen
+
+
+def set_frozen_eval(frozen: Iterable[nn.Module]) -> None:
+    """Frozen batch norms keep their running statistics (the frozen backbone's features stay as trained)."""
+    for module in frozen:
+        module.eval()
+
+
+def step_generator(seed: int, step: int, rank: int, salt: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 257 + rank) * 31 + salt)
+
+
+@torch.no_grad()
+def init_prototypes(model: nn.Module, loader: Iterable, max_batches: Optional[int] = None, progress=None) -> Dict:
+    """Class means of the model's pre-logit features over ``loader`` (each process its shard; sums are
+    all-reduced), and the l2 scale calibrated to the FC logit spread."""
+    head = get_hpm_head(model)
+    was_training = model.training
+    model.eval()
+
+    def features():
+        for i, (x, y) in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            feats = model.forward_head(model.forward_features(x), pre_logits=True)
+            if progress is not None:
+                progress.update()
+            yield feats, y
+
+    counts = head.init_prototypes_(features())
+    model.train(was_training)
+    return {'prototype_counts': counts.tolist(), 'gamma': float(head.gamma)}
+
+
+def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig,
+                         generator: torch.Generator) -> torch.Tensor:
+    """Training inputs: PGD-AT (maximise CE) or TRADES (maximise KL to the clean prediction), against the HPM
+    mode ``attack.target_mode`` (default: the mode being trained), with the model in eval mode (no prototype
+    update, frozen batch-norm statistics)."""
+    a = cfg.attack
+    if a.type == 'none':
+        return x
+    head = get_hpm_head(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with head.using_mode(a.target_mode or head.mode):
+            if a.type == 'pgd':
+                return pgd(model, x, y, cfg.eps, cfg.step_size, a.steps, a.norm, a.random_start,
+                           generator=generator)
+            with torch.no_grad():
+                clean_probs = torch.softmax(model(x), dim=1)
+
+            def kl(logits, _):
+                return F.kl_div(F.log_softmax(logits, dim=1), clean_probs, reduction='none').sum(1)
+
+            # TRADES starts next to the clean image and maximises the KL to its prediction.
+            start = x + 0.001 * torch.randn(x.shape, generator=generator).to(x)
+            return pgd(model, x, y, cfg.eps, cfg.step_size, a.steps, a.norm, random_start=False, loss_fn=kl,
+                       init=start)
+    finally:
+        model.train(was_training)
+
+
+def hpm_loss(logits: torch.Tensor, fc_logits: torch.Tensor, y: torch.Tensor, lambda_fc: float,
+             clean: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, beta: Optional[float] = None) -> torch.Tensor:
+    """PGD-AT: CE(s(x_adv)) + lambda_fc CE(z(x_adv)). TRADES (``clean`` logits and ``beta`` given): for each head,
+    CE(clean) + beta KL(adv || clean), FC weighted by lambda_fc."""
+    if clean is None:
+        return F.cross_entropy(logits, y) + lambda_fc * F.cross_entropy(fc_logits, y)
+
+    def trades(adv, nat):
+        return F.cross_entropy(nat, y) + beta * F.kl_div(F.log_softmax(adv, 1), F.softmax(nat, 1),
+                                                         reduction='batchmean')
+    return trades(logits, clean[0]) + lambda_fc * trades(fc_logits, clean[1])
+
+
+def evaluate_heads(model: nn.Module, dataset: Dataset, cfg: FinetuneConfig, batch_size: int) -> Dict[str, float]:
+    """Clean and white-box PGD accuracy of the FC head and of the HPM head (its trained mode) on the held-out
+    subset, in fixed batches. A training-time signal: the PGD figure of the dynamic head goes through its STE
+    gradients and is not a robustness estimate (use recipes/evaluate.py)."""
+    head = get_hpm_head(model)
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    totals: Dict[str, float] = {}
+    n = 0
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    device = next(model.parameters()).device
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        n += len(y)
+        for name, mode in (('fc', 'fc'), ('hpm', head.mode)):
+            with head.using_mode(mode):
+                with torch.no_grad():
+                    totals[f'{name}_clean_acc'] = totals.get(f'{name}_clean_acc', 0) + \
+                        (model(x).argmax(1) == y).sum().item()
+                if cfg.attack.type != 'none' and cfg.train.eval_pgd_steps > 0:
+                    x_adv = pgd(model, x, y, cfg.eps, None, cfg.train.eval_pgd_steps, cfg.attack.norm, generator=g)
+                    with torch.no_grad():
+                        totals[f'{name}_pgd_acc'] = totals.get(f'{name}_pgd_acc', 0) + \
+                            (model(x_adv).argmax(1) == y).sum().item()
+    model.train(was_training)
+    return {k: v / max(n, 1) for k, v in totals.items()}
+
+
+@torch.no_grad()
+def broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers to every rank. DDP broadcasts them at the start of each forward, so after the last
+    forward the batch-norm statistics differ by rank until this is called (the HPM prototypes never differ:
+    their updates are all-reduced)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def read_jsonl(path: Path) -> List[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
