@@ -42,7 +42,8 @@ def parse_args(argv=None):
                    help='default: all three for msa, default only for autoattack')
     p.add_argument('--surrogates', nargs='+', default=['fc', 'static', 'soft', 'dynamic'])
     p.add_argument('--apgd-iters', type=int, default=100)
-    p.add_argument('--n-target-classes', type=int, default=9)
+    p.add_argument('--n-target-classes', type=int, default=3,
+                   help='APGD-T targets per surrogate (AutoAttack on the target keeps its 9)')
     p.add_argument('--autoattack-iters', type=int, default=None, help="default: AutoAttack's own (100)")
     p.add_argument('--square-queries', type=int, default=None, help="default: AutoAttack's own (5000)")
     p.add_argument('--surrogate-autoattack', action='store_true', help="also each surrogate's AutoAttack cascade")

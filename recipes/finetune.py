@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
@@ -33,7 +34,7 @@ from timm_hpm.hub import save_for_hub
 from timm_hpm.train import (adversarial_examples, build_model, evaluate_heads, hpm_loss, init_prototypes, load_config,
                             select_trainable, set_frozen_eval, step_generator)
 from timm_hpm.train.config import ConfigError
-from timm_hpm.train.engine import broadcast_buffers, read_jsonl
+from timm_hpm.train.engine import broadcast_buffers, input_normalizer, read_jsonl
 
 logger = logging.getLogger('finetune')
 
@@ -68,6 +69,16 @@ def resolve_config(args):
     if args.output_dir is not None:
         cfg.output_dir = str(args.output_dir)
     return cfg
+
+
+def base_loss(model, x, x_adv, y, cfg):
+    """Plain adversarial training of the FC head: PGD-AT's CE, or TRADES' CE(clean) + beta KL(adv || clean)."""
+    logits = model(x_adv)
+    if cfg.attack.type != 'trades':
+        return F.cross_entropy(logits, y)
+    clean = model(x)
+    return F.cross_entropy(clean, y) + cfg.attack.beta * F.kl_div(F.log_softmax(logits, 1), F.softmax(clean, 1),
+                                                                  reduction='batchmean')
 
 
 def state_fingerprint(model) -> str:
@@ -126,7 +137,9 @@ def main(argv=None):
     model, optimizer, train_loader, init_loader = accelerator.prepare(model, optimizer, train_loader, init_loader)
     accelerator.register_for_checkpointing(scheduler)
     raw = accelerator.unwrap_model(model)
-    head = timm_hpm.get_hpm_head(raw)
+    hpm = t.objective == 'hpm'
+    head = timm_hpm.get_hpm_head(raw) if hpm else None
+    normalize = input_normalizer(raw)  # timm-style models normalise outside; data and attacks stay in [0, 1]
     if t.trackers:
         accelerator.init_trackers(run_dir.name, config={k: str(v) for k, v in cfg.to_dict().items()})
 
@@ -139,7 +152,7 @@ def main(argv=None):
         accelerator.load_state(str(checkpoint))
         state = json.loads((checkpoint / 'trainer_state.json').read_text())
         logger.info('resumed from %s (step %d)', checkpoint, state['global_step'])
-    else:
+    elif hpm:
         bar = tqdm(total=len(init_loader), desc='init prototypes', disable=not accelerator.is_local_main_process)
         info = init_prototypes(raw, init_loader, t.init_prototype_batches, progress=bar)
         bar.close()
@@ -186,9 +199,13 @@ def main(argv=None):
         for x, y in bar:
             with accelerator.accumulate(model):
                 g = step_generator(t.seed, epoch * 10_000_000 + batches_done, accelerator.process_index)
-                x_adv = adversarial_examples(raw, x, y, cfg, g)
+                x_adv = adversarial_examples(raw, x, y, cfg, g, cfg.eps_scale(epoch + batches_done / len(train_loader)))
                 set_frozen_eval(frozen)
-                if cfg.attack.type == 'trades':
+                if normalize is not None:
+                    x, x_adv = normalize(x), normalize(x_adv)
+                if not hpm:
+                    loss = base_loss(model, x, x_adv, y, cfg)
+                elif cfg.attack.type == 'trades':
                     clean = model(x, return_fc=True)
                     out = model(x_adv, targets=y, return_fc=True)
                     loss = hpm_loss(out.logits, out.fc_logits, y, t.lambda_fc, clean=tuple(clean),
@@ -232,7 +249,7 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     # Every rank records fingerprints of its prototypes (before any buffer broadcast: their all-reduced EMA
     # updates alone must keep them identical) and of its whole state after the batch-norm buffers are synced.
-    prototypes = state_fingerprint(head)
+    prototypes = state_fingerprint(head) if hpm else None
     broadcast_buffers(raw)
     (run_dir / f'fingerprint_rank{accelerator.process_index}.txt').write_text(
         json.dumps({'prototypes': prototypes, 'state': state_fingerprint(raw)}))

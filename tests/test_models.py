@@ -84,14 +84,15 @@ def test_timm_api_conventions(name):
         if features.ndim == 4 and not name.startswith('hpm_swin'):  # NCHW
             assert features.shape[1] == model.num_features
         pre_logits = model.forward_head(features, pre_logits=True)
-        assert pre_logits.shape == (2, model.num_features)
+        hidden = getattr(model, 'head_hidden_size', None) or model.num_features
+        assert pre_logits.shape == (2, hidden)
         torch.testing.assert_close(model.forward_head(features), out)
         model.reset_classifier(0)
-        assert model(x).shape == (2, model.num_features)
+        assert model(x).shape == (2, hidden)
         model.reset_classifier(7)
         assert model(x).shape == (2, 7)
         headless = timm.create_model(name, num_classes=0, **kwargs).eval()
-        assert headless(x).shape == (2, headless.num_features)
+        assert headless(x).shape == (2, hidden)
         assert timm.create_model(name, num_classes=3, **kwargs).eval()(x).shape == (2, 3)
     if name.startswith('hpm_'):
         head = model.hpm_head

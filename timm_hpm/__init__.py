@@ -11,5 +11,5 @@ from .version import __version__
 def list_models(pretrained: bool = False) -> list:
     """Every model timm-hpm registers (plain families and ``hpm_*``), sorted."""
     import timm
-    return sorted(set(timm.list_models(module=['wide_resnet', 'trades_wide_resnet', 'preact_resnet',
+    return sorted(set(timm.list_models(module=['wide_resnet', 'trades_wide_resnet', 'preact_resnet', 'small_cnn',
                                               'timm_families'], pretrained=pretrained)))

@@ -13,7 +13,7 @@ from timm.models._hub import save_for_hf
 
 from .models._hpm import is_hpm_model
 
-__all__ = ['save_for_hub', 'reconstruction_args']
+__all__ = ['save_for_hub', 'reconstruction_args', 'push_folder', 'hub_reachable', 'CardExistsError']
 
 
 def reconstruction_args(model: nn.Module) -> Dict[str, Any]:
@@ -43,5 +43,58 @@ def save_for_hub(model: nn.Module, folder: Union[str, Path], model_args: Optiona
     folder = Path(folder)
     args = reconstruction_args(model)
     args.update(model_args or {})
-    save_for_hf(model, str(folder), model_args=args, safe_serialization=True)
+    model_config = None
+    arch = cfg['architecture']
+    if is_hpm_model(model) and not arch.startswith('hpm_'):
+        # A timm model converted with convert_to_hpm: reload it as the registered hpm_ variant.
+        import timm
+        if not timm.is_model(f'hpm_{arch}'):
+            raise ValueError(f'{arch} has no registered hpm_{arch} variant, so a local-dir/hf-hub load could not '
+                             'rebuild the HPM head; register one (see timm_hpm/models/timm_families.py).')
+        model_config = {'architecture': f'hpm_{arch}'}
+    save_for_hf(model, str(folder), model_config=model_config, model_args=args, safe_serialization=True)
     return folder
+
+
+class CardExistsError(RuntimeError):
+    """The Hub repo already has a model card and overwriting was not asked for."""
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub endpoint answers a TCP connection within ``timeout`` seconds (False at once
+    under HF_HUB_OFFLINE=1)."""
+    import socket
+    from urllib.parse import urlparse
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    parsed = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or (443 if parsed.scheme == 'https' else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def push_folder(folder: Union[str, Path], repo_id: str, *, api=None, private: bool = False,
+                overwrite_card: bool = False, commit_message: str = 'Upload timm-hpm model', timeout: float = 5.0):
+    """Upload a Hub-ready folder (weights, config.json, README.md card, results) with huggingface_hub.
+
+    Creates the repo if needed; refuses to replace an existing README.md unless ``overwrite_card``. The token
+    comes from huggingface_hub's usual sources (HF_TOKEN, ``hf auth login``) and is never printed or logged.
+    """
+    from huggingface_hub import HfApi
+    folder = Path(folder)
+    if not (folder / 'model.safetensors').is_file() or not (folder / 'config.json').is_file():
+        raise FileNotFoundError(f'{folder} is not a Hub-ready folder (model.safetensors and config.json expected).')
+    if api is None:
+        if not hub_reachable(timeout):
+            raise ConnectionError('the Hugging Face Hub is unreachable (offline, or HF_HUB_OFFLINE=1): nothing was '
+                                  f'uploaded; {folder} is ready to push later.')
+        api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if (folder / 'README.md').exists() and api.file_exists(repo_id, 'README.md') and not overwrite_card:
+        raise CardExistsError(f'{repo_id} already has a model card; pass overwrite_card=True (--overwrite-card) to '
+                              'replace it.')
+    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)

@@ -8,7 +8,6 @@ Models share the backbone, so the ratio measures the head's overhead. Timings al
 import argparse
 import json
 import platform
-import re
 import statistics
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import timm
 import torch
 
 import timm_hpm
+from readme_sections import update_section
 
 
 def _time(fn, repeats, warmup=1):
@@ -109,15 +109,6 @@ def markdown(result) -> str:
     return '\n'.join(lines)
 
 
-def update_readme(readme: Path, text: str, name: str = 'bench-head') -> None:
-    start, end = f'<!-- {name}:start -->', f'<!-- {name}:end -->'
-    content = readme.read_text()
-    if start not in content:
-        raise SystemExit(f'{readme} has no {start} marker')
-    readme.write_text(re.sub(re.escape(start) + '.*?' + re.escape(end), lambda _: f'{start}\n{text}\n{end}',
-                             content, flags=re.S))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--batch', type=int, default=128)
@@ -129,7 +120,7 @@ def main():
                         '(no timing is run)')
     args = parser.parse_args()
     if args.readme:
-        update_readme(args.readme, markdown(json.loads(args.out.read_text())))
+        update_section(args.readme, 'bench-head', markdown(json.loads(args.out.read_text())))
         return
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -2,6 +2,7 @@
 filtering and errors that say what to do when pretrained weights cannot be had."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Callable, Dict, Mapping, Optional
 
@@ -106,6 +107,27 @@ def _unavailable_message(variant: str, cfg, error: BaseException) -> str:
         f'or create it with pretrained=False.')
 
 
+@contextlib.contextmanager
+def _offline_if_unreachable(cfg):
+    """When the weights would come from the Hub and the Hub does not answer within seconds, load in offline
+    mode (the local cache, or an immediate clear error) instead of minutes of retries."""
+    from_hub = cfg.hf_hub_id and not (cfg.file or cfg.state_dict or cfg.source == 'local-dir')
+    if not from_hub:
+        yield
+        return
+    from huggingface_hub import constants
+    from ..hub import hub_reachable
+    if constants.HF_HUB_OFFLINE or hub_reachable():
+        yield
+        return
+    _logger.warning('the Hugging Face Hub is unreachable: using the local cache only (offline mode).')
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
+
+
 def _hub_errors() -> tuple:
     errors = [OSError, ValueError, RuntimeError]
     try:
@@ -171,7 +193,9 @@ def build_family(
     if not pretrained:
         return _record_input_size(build_model_with_cfg(factory, variant, False, **kwargs), kwargs)
     try:
-        model = build_model_with_cfg(factory, variant, True, pretrained_filter_fn=hpm_checkpoint_filter, **kwargs)
+        with _offline_if_unreachable(cfg):
+            model = build_model_with_cfg(factory, variant, True, pretrained_filter_fn=hpm_checkpoint_filter,
+                                         **kwargs)
     except _hub_errors() as error:
         if 'Error(s) in loading state_dict' in str(error):
             raise  # the weights were found but do not fit: torch's message names the missing/unexpected keys

@@ -26,8 +26,10 @@ class ConfigError(ValueError):
 class ModelSection:
     name: str = 'hpm_preact_resnet18'  # a registered model; a plain name is converted with convert_to_hpm
     # The base weights: null (random init), 'pretrained' (the tag's registry weights), a file (safetensors or a
-    # weights-only .pt, e.g. a RobustBench checkpoint), 'hf-hub:<repo>' or 'local-dir:<folder>'.
+    # weights-only .pt), 'rb:<RobustBench name>' (RobustBench's layout under robustbench_dir, downloaded when
+    # online), 'hf-hub:<repo>' or 'local-dir:<folder>'.
     base: Optional[str] = None
+    robustbench_dir: str = './models'
     model_args: Dict[str, Any] = field(default_factory=dict)
     hpm: Dict[str, Any] = field(default_factory=dict)  # HPMHead options: mode, tau, alpha, momentum, gamma_init
 
@@ -54,10 +56,14 @@ class AttackSection:
     random_start: bool = True
     beta: float = 6.0  # TRADES
     target_mode: Optional[str] = None  # the HPM mode attacked when making training examples (None: as trained)
+    eps_warmup_epochs: float = 0.0  # ramp eps (and the step size) linearly from 0 over this many epochs
 
 
 @dataclass
 class TrainSection:
+    # 'hpm': fine-tune an HPM model (CE of the HPM head + lambda_fc CE of the FC head, EMA prototypes);
+    # 'base': adversarially train the plain model (FC head only), e.g. the base an HPM head is put on later.
+    objective: str = 'hpm'
     epochs: int = 1
     max_steps: Optional[int] = None  # stop after this many optimizer steps (tests, budgets)
     trainable: str = 'head'  # 'head', 'head+last_stage' or 'all'
@@ -96,6 +102,11 @@ class FinetuneConfig:
     @property
     def eps(self) -> float:
         return parse_eps(self.attack.eps, self.attack.norm)
+
+    def eps_scale(self, progress_epochs: float) -> float:
+        """The fraction of eps used after ``progress_epochs`` epochs (1 once the warm-up is over)."""
+        warmup = self.attack.eps_warmup_epochs
+        return 1.0 if warmup <= 0 else min(1.0, max(progress_epochs, 0.0) / warmup)
 
     @property
     def step_size(self) -> float:
@@ -136,8 +147,15 @@ class FinetuneConfig:
             raise ConfigError(f'attack.step_size={step} is larger than 2 eps ({2 * eps}).')
         if self.attack.target_mode is not None and self.attack.target_mode not in HPM_MODES:
             raise ConfigError(f'attack.target_mode must be one of {HPM_MODES} or null')
+        if self.train.objective not in ('hpm', 'base'):
+            raise ConfigError("train.objective must be 'hpm' or 'base'")
+        if self.train.objective == 'base' and (name.startswith('hpm_') or self.model.hpm):
+            raise ConfigError("train.objective 'base' trains a plain model: use model.name without the hpm_ prefix "
+                              "and no model.hpm options")
         if self.train.trainable not in ('head', 'head+last_stage', 'all'):
             raise ConfigError("train.trainable must be 'head', 'head+last_stage' or 'all'")
+        if self.train.mixed_precision is False:  # YAML reads a bare `no` as false
+            self.train.mixed_precision = 'no'
         if self.train.mixed_precision not in ('no', 'bf16', 'fp16'):
             raise ConfigError("train.mixed_precision must be 'no', 'bf16' or 'fp16'")
         for key in ('epochs', 'grad_accum', 'checkpoint_every', 'keep_checkpoints', 'log_every'):

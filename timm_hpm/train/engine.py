@@ -6,6 +6,7 @@ uninterrupted one (deterministic CPU kernels, ``num_workers=0``).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -22,7 +23,7 @@ from ..models._hpm import convert_to_hpm, get_hpm_head, is_hpm_model
 from .config import ConfigError, FinetuneConfig
 
 __all__ = ['build_model', 'select_trainable', 'set_frozen_eval', 'init_prototypes', 'adversarial_examples',
-           'hpm_loss', 'evaluate_heads', 'step_generator', 'read_jsonl', 'broadcast_buffers']
+           'hpm_loss', 'evaluate_heads', 'step_generator', 'read_jsonl', 'broadcast_buffers', 'input_normalizer']
 
 _logger = logging.getLogger(__name__)
 
@@ -38,6 +39,19 @@ def build_model(cfg: FinetuneConfig) -> nn.Module:
         kwargs = dict(m.model_args)
         if base == 'pretrained':
             kwargs['pretrained'] = True
+        elif base and base.startswith('rb:'):
+            from ..robustbench import checkpoint_path, download_checkpoint, get_entry, read_checkpoint
+            try:
+                entry = get_entry(base[3:], cfg.data.dataset, cfg.attack.norm)
+            except KeyError as error:
+                raise ConfigError(f'model.base: {error.args[0]}') from None
+            path = checkpoint_path(entry, m.robustbench_dir)
+            if not path.is_file():
+                download_checkpoint(entry, path)
+            for key, value in entry.model_args.items():
+                kwargs.setdefault(key, value)
+            kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(
+                state_dict=read_checkpoint(path, entry.checkpoint_key)))
         elif base:
             if not Path(base).is_file():
                 raise ConfigError(f'model.base: checkpoint file not found: {base}')
@@ -47,6 +61,8 @@ def build_model(cfg: FinetuneConfig) -> nn.Module:
             kwargs['hpm_cfg'] = hpm_options
             hpm_options = {}
         model = timm.create_model(name, **kwargs)
+    if cfg.train.objective == 'base':
+        return model
     if not is_hpm_model(model):
         model = convert_to_hpm(model, **hpm_options)
     else:
@@ -67,22 +83,20 @@ def _last_stage_name(model: nn.Module) -> str:
 def select_trainable(model: nn.Module, how: str) -> Tuple[List[str], List[nn.Module]]:
     """Set ``requires_grad`` for 'head', 'head+last_stage' (the last stage and every module registered after
     it) or 'all'. Returns the trainable parameter names and the frozen modules (to keep in eval mode)."""
-    head = get_hpm_head(model)
+    classifier = model.hpm_classifier_name if is_hpm_model(model) else model.pretrained_cfg['classifier']
     names = [n for n, _ in model.named_parameters()]
-    head_prefix = model.hpm_classifier_name + '.'
+    head_prefix = classifier + '.'
     if how == 'all':
         keep = set(names)
     elif how == 'head':
         keep = {n for n in names if n.startswith(head_prefix)}
     else:
-        stage = _last_stage_name(model) + '.'
-        first = next((i for i, n in enumerate(names) if n.startswith(stage)), None)
-        if first is None:
-            raise ConfigError(f'last stage {stage[:-1]!r} has no parameters')
-        keep = set(names[first:]) | {n for n in names if n.startswith(head_prefix)}
+        # The last stage and every module registered after it (pre-order: its children, final norms, head).
+        modules = [n for n, _ in model.named_modules()]
+        after = set(modules[modules.index(_last_stage_name(model)):])
+        keep = {n for n in names if n.rpartition('.')[0] in after} | {n for n in names if n.startswith(head_prefix)}
     for n, p in model.named_parameters():
         p.requires_grad_(n in keep and not (n.startswith('sub_block1.')))
-    assert any(p.requires_grad for p in head.parameters())
     frozen = [m for name, m in model.named_modules()
               if list(m.parameters(recurse=False)) and not any(p.requires_grad for p in m.parameters(recurse=False))]
     return sorted(n for n, p in model.named_parameters() if p.requires_grad), frozen
@@ -105,12 +119,13 @@ def init_prototypes(model: nn.Module, loader: Iterable, max_batches: Optional[in
     head = get_hpm_head(model)
     was_training = model.training
     model.eval()
+    normalize = input_normalizer(model)
 
     def features():
         for i, (x, y) in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
-            feats = model.forward_head(model.forward_features(x), pre_logits=True)
+            feats = model.forward_head(model.forward_features(normalize(x) if normalize else x), pre_logits=True)
             if progress is not None:
                 progress.update()
             yield feats, y
@@ -120,32 +135,45 @@ def init_prototypes(model: nn.Module, loader: Iterable, max_batches: Optional[in
     return {'prototype_counts': counts.tolist(), 'gamma': float(head.gamma)}
 
 
+def input_normalizer(model: nn.Module):
+    """``x -> (x - mean) / std`` for models that normalise outside (timm's ImageNet convention), else None.
+    Data and attacks stay in [0, 1]; the model sees normalised inputs."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    mean, std = tuple(cfg.get('mean') or (0.0,)), tuple(cfg.get('std') or (1.0,))
+    if all(v == 0.0 for v in mean) and all(v == 1.0 for v in std):
+        return None
+    mean_t = torch.tensor(mean).view(1, -1, 1, 1)
+    std_t = torch.tensor(std).view(1, -1, 1, 1)
+    return lambda x: (x - mean_t.to(x)) / std_t.to(x)
+
+
 def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig,
-                         generator: torch.Generator) -> torch.Tensor:
+                         generator: torch.Generator, eps_scale: float = 1.0) -> torch.Tensor:
     """Training inputs: PGD-AT (maximise CE) or TRADES (maximise KL to the clean prediction), against the HPM
     mode ``attack.target_mode`` (default: the mode being trained), with the model in eval mode (no prototype
-    update, frozen batch-norm statistics)."""
+    update, frozen batch-norm statistics). ``eps_scale`` scales eps and the step size (eps warm-up)."""
     a = cfg.attack
-    if a.type == 'none':
+    if a.type == 'none' or eps_scale <= 0:
         return x
-    head = get_hpm_head(model)
+    eps, step_size = cfg.eps * eps_scale, cfg.step_size * eps_scale
+    head = get_hpm_head(model) if is_hpm_model(model) else None
     was_training = model.training
     model.eval()
+    normalize = input_normalizer(model)
+    attacked = (lambda z: model(normalize(z))) if normalize else model
     try:
-        with head.using_mode(a.target_mode or head.mode):
+        with head.using_mode(a.target_mode or head.mode) if head is not None else contextlib.nullcontext():
             if a.type == 'pgd':
-                return pgd(model, x, y, cfg.eps, cfg.step_size, a.steps, a.norm, a.random_start,
-                           generator=generator)
+                return pgd(attacked, x, y, eps, step_size, a.steps, a.norm, a.random_start, generator=generator)
             with torch.no_grad():
-                clean_probs = torch.softmax(model(x), dim=1)
+                clean_probs = torch.softmax(attacked(x), dim=1)
 
             def kl(logits, _):
                 return F.kl_div(F.log_softmax(logits, dim=1), clean_probs, reduction='none').sum(1)
 
             # TRADES starts next to the clean image and maximises the KL to its prediction.
             start = x + 0.001 * torch.randn(x.shape, generator=generator).to(x)
-            return pgd(model, x, y, cfg.eps, cfg.step_size, a.steps, a.norm, random_start=False, loss_fn=kl,
-                       init=start)
+            return pgd(attacked, x, y, eps, step_size, a.steps, a.norm, random_start=False, loss_fn=kl, init=start)
     finally:
         model.train(was_training)
 
@@ -167,27 +195,31 @@ def evaluate_heads(model: nn.Module, dataset: Dataset, cfg: FinetuneConfig, batc
     """Clean and white-box PGD accuracy of the FC head and of the HPM head (its trained mode) on the held-out
     subset, in fixed batches. A training-time signal: the PGD figure of the dynamic head goes through its STE
     gradients and is not a robustness estimate (use recipes/evaluate.py)."""
-    head = get_hpm_head(model)
+    head = get_hpm_head(model) if is_hpm_model(model) else None
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    heads = (('fc', 'fc'), ('hpm', head.mode)) if head is not None else (('fc', None),)
     totals: Dict[str, float] = {}
     n = 0
     g = torch.Generator().manual_seed(cfg.train.seed)
     device = next(model.parameters()).device
+    normalize = input_normalizer(model)
+    attacked = (lambda z: model(normalize(z))) if normalize else model
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         n += len(y)
-        for name, mode in (('fc', 'fc'), ('hpm', head.mode)):
-            with head.using_mode(mode):
+        for name, mode in heads:
+            with head.using_mode(mode) if head is not None else contextlib.nullcontext():
                 with torch.no_grad():
                     totals[f'{name}_clean_acc'] = totals.get(f'{name}_clean_acc', 0) + \
-                        (model(x).argmax(1) == y).sum().item()
+                        (attacked(x).argmax(1) == y).sum().item()
                 if cfg.attack.type != 'none' and cfg.train.eval_pgd_steps > 0:
-                    x_adv = pgd(model, x, y, cfg.eps, None, cfg.train.eval_pgd_steps, cfg.attack.norm, generator=g)
+                    x_adv = pgd(attacked, x, y, cfg.eps, None, cfg.train.eval_pgd_steps, cfg.attack.norm,
+                                generator=g)
                     with torch.no_grad():
                         totals[f'{name}_pgd_acc'] = totals.get(f'{name}_pgd_acc', 0) + \
-                            (model(x_adv).argmax(1) == y).sum().item()
+                            (attacked(x_adv).argmax(1) == y).sum().item()
     model.train(was_training)
     return {k: v / max(n, 1) for k, v in totals.items()}
 

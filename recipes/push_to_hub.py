@@ -1,0 +1,89 @@
+"""Export + model card + push to the Hugging Face Hub.
+
+    python recipes/push_to_hub.py --run runs/<run>/final --results runs/<run>/eval.json --repo-id <org>/<name> [--dry-run]
+
+Builds the upload folder (model.safetensors, config.json, README.md card generated from the results JSON,
+the results, the training config), writes the card to ``hub_cards/<name>.md`` too, and uploads with
+huggingface_hub unless ``--dry-run``. Refuses to replace a card already on the Hub without
+``--overwrite-card``. The token comes from HF_TOKEN or ``hf auth login`` and is never printed.
+"""
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--run', type=Path, required=True, help='Hub-ready folder (model.safetensors + config.json)')
+    p.add_argument('--results', type=Path, required=True, help='eval.json of the HPM model (--protocol msa)')
+    p.add_argument('--base-results', type=Path, help='eval.json of the base model (--protocol autoattack)')
+    p.add_argument('--training-config', type=Path, help='default: config.yaml next to the run folder')
+    p.add_argument('--base-model', help="the base model's Hub id or RobustBench name (card metadata)")
+    p.add_argument('--repo-id', required=True)
+    p.add_argument('--license', default='other', help="an HF license id; 'other' with --license-name")
+    p.add_argument('--license-name', default='unknown')
+    p.add_argument('--out', type=Path, help='where to assemble the upload folder (default runs/hub/<name>)')
+    p.add_argument('--cards-dir', type=Path, default=ROOT / 'hub_cards')
+    p.add_argument('--dry-run', action='store_true', help='assemble and list, touch no network')
+    p.add_argument('--overwrite-card', action='store_true')
+    p.add_argument('--private', action='store_true')
+    return p.parse_args(argv)
+
+
+def assemble(args) -> Path:
+    from timm_hpm.cards import load_json, render_card
+    name = args.repo_id.split('/')[-1]
+    out = args.out or ROOT / 'runs' / 'hub' / name
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for filename in ('model.safetensors', 'config.json'):
+        source = args.run / filename
+        if not source.is_file():
+            raise SystemExit(f'{args.run} has no {filename}: point --run at a folder written by recipes/finetune.py '
+                             '(runs/<run>/final) or timm_hpm.hub.save_for_hub.')
+        shutil.copy2(source, out / filename)
+    result = load_json(args.results)
+    base_result = load_json(args.base_results) if args.base_results else None
+    training_config_path = args.training_config or args.run.parent / 'config.yaml'
+    training_config = training_config_path.read_text() if training_config_path.is_file() else None
+    card = render_card(result, args.repo_id, load_json(out / 'config.json'), base_result=base_result,
+                       training_config=training_config, base_model=args.base_model, license=args.license,
+                       license_name=args.license_name)
+    (out / 'README.md').write_text(card)
+    shutil.copy2(args.results, out / 'eval_hpm.json')
+    if args.base_results:
+        shutil.copy2(args.base_results, out / 'eval_base.json')
+    if training_config:
+        (out / 'training_config.yaml').write_text(training_config)
+    args.cards_dir.mkdir(parents=True, exist_ok=True)
+    (args.cards_dir / f'{name}.md').write_text(card)
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    folder = assemble(args)
+    files = sorted(p.name for p in folder.iterdir())
+    print(f'upload folder: {folder}')
+    for f in files:
+        print(f'  {f} ({(folder / f).stat().st_size} bytes)')
+    if args.dry_run:
+        print(f'dry run: would upload {len(files)} files to https://huggingface.co/{args.repo_id} (nothing sent)')
+        return folder
+    from timm_hpm.hub import CardExistsError, push_folder
+    try:
+        info = push_folder(folder, args.repo_id, private=args.private, overwrite_card=args.overwrite_card)
+    except (CardExistsError, ConnectionError) as error:
+        print(f'not uploaded: {error}', file=sys.stderr)
+        sys.exit(1)
+    print(f'uploaded: {getattr(info, "commit_url", info)}')
+    return folder
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,173 @@
+"""Publishing: the card generated from results JSON parses with huggingface_hub's ModelCard and carries the
+numbers; the push goes through a recording stand-in for HfApi; --dry-run touches no network; an existing
+card is not overwritten unless asked; the token is never printed; an offline Hub is a clear error."""
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from huggingface_hub import ModelCard
+
+import timm_hpm
+from timm_hpm.cards import render_card
+from timm_hpm.hub import CardExistsError, push_folder, save_for_hub
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _result(protocol='msa', **extra):
+    base = {'name': 'local-dir:runs/x/final', 'dataset': 'fashion_mnist', 'architecture': 'hpm_small_cnn',
+            'protocol': protocol, 'n_examples': 1000, 'clean_acc': 0.8123, 'autoattack_acc': 0.6543,
+            'threat_model': 'Linf', 'eps': 0.1, 'batch_size': 128, 'command': 'python recipes/evaluate.py ...',
+            'batchings': {'default': {'clean_acc': 0.8123, 'realised_acc': 0.6012, 'union_acc': 0.5901,
+                                      'autoattack_acc': 0.6543}},
+            'settings': {'msa': {'surrogates': ['fc', 'static', 'soft', 'dynamic']}}}
+    if protocol == 'msa':
+        base.update(msa_acc=0.6012, msa_union_acc=0.5901)
+    base.update(extra)
+    return base
+
+
+@pytest.fixture()
+def run_folder(tmp_path):
+    model = timm.create_model('hpm_small_cnn').eval()
+    model.hpm_head.prototypes_initialized.fill_(True)
+    folder = save_for_hub(model, tmp_path / 'run' / 'final')
+    (tmp_path / 'run' / 'config.yaml').write_text('model:\n  name: hpm_small_cnn\n')
+    (tmp_path / 'eval.json').write_text(json.dumps(_result()))
+    (tmp_path / 'base_eval.json').write_text(json.dumps(_result('autoattack', name='small_cnn', clean_acc=0.83,
+                                                                autoattack_acc=0.62)))
+    return folder
+
+
+def test_card_metadata_and_numbers(run_folder):
+    config = json.loads((run_folder / 'config.json').read_text())
+    base = _result('autoattack', name='small_cnn', clean_acc=0.83, autoattack_acc=0.62)
+    text = render_card(_result(), 'timm-hpm/hpm_small_cnn.fmnist', config, base_result=base,
+                       training_config='model: {}', base_model='timm-hpm/small_cnn.fmnist', license='mit')
+    card = ModelCard(text)
+    data = card.data.to_dict()
+    assert data['library_name'] == 'timm' and data['license'] == 'mit'
+    assert data['base_model'] == 'timm-hpm/small_cnn.fmnist'
+    assert data['datasets'] == ['zalando-datasets/fashion_mnist']
+    metrics = {m['name']: m['value'] for m in data['model-index'][0]['results'][0]['metrics']}
+    assert metrics['Clean accuracy (HPM)'] == 81.23
+    assert metrics['MSA robust accuracy (Linf, eps=0.1)'] == 60.12
+    assert metrics['AutoAttack robust accuracy of the base (Linf, eps=0.1)'] == 62.0
+    assert '60.12%' in text and 'hf-hub:timm-hpm/hpm_small_cnn.fmnist' in text and 'arXiv:2606.01746' in text
+
+
+def test_card_refuses_results_that_do_not_fit(run_folder):
+    config = json.loads((run_folder / 'config.json').read_text())
+    with pytest.raises(ValueError, match='MSA result'):
+        render_card(_result('autoattack'), 'a/b', config)
+    with pytest.raises(ValueError, match='different threat models'):
+        render_card(_result(), 'a/b', config, base_result=_result('autoattack', eps=0.2))
+
+
+class RecordingApi:
+    def __init__(self, existing_card=False):
+        self.calls = []
+        self.existing_card = existing_card
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(('create_repo', repo_id, kwargs))
+
+    def file_exists(self, repo_id, filename, **kwargs):
+        self.calls.append(('file_exists', repo_id, filename))
+        return self.existing_card
+
+    def upload_folder(self, *, repo_id, folder_path, commit_message, **kwargs):
+        self.calls.append(('upload_folder', repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+        return 'https://huggingface.co/fake/commit'
+
+
+def _assemble(run_folder, tmp_path, extra=()):
+    sys.path.insert(0, str(ROOT / 'recipes'))
+    try:
+        import push_to_hub
+    finally:
+        sys.path.pop(0)
+    args = push_to_hub.parse_args(['--run', str(run_folder), '--results', str(tmp_path / 'eval.json'),
+                                   '--base-results', str(tmp_path / 'base_eval.json'), '--repo-id',
+                                   'timm-hpm/hpm_small_cnn.test', '--out', str(tmp_path / 'upload'),
+                                   '--cards-dir', str(tmp_path / 'cards'), *extra])
+    return push_to_hub.assemble(args)
+
+
+def test_push_uploads_the_right_files(run_folder, tmp_path):
+    folder = _assemble(run_folder, tmp_path)
+    api = RecordingApi()
+    push_folder(folder, 'timm-hpm/hpm_small_cnn.test', api=api)
+    assert api.calls[0][0] == 'create_repo'
+    uploaded = api.calls[-1]
+    assert uploaded[0] == 'upload_folder'
+    assert uploaded[2] == ['README.md', 'config.json', 'eval_base.json', 'eval_hpm.json', 'model.safetensors',
+                           'training_config.yaml']
+    assert (tmp_path / 'cards' / 'hpm_small_cnn.test.md').read_text() == (folder / 'README.md').read_text()
+    loaded = timm.create_model(f'local-dir:{folder}', pretrained=True)
+    assert timm_hpm.is_hpm_model(loaded)
+
+
+def test_existing_card_is_kept_unless_asked(run_folder, tmp_path):
+    folder = _assemble(run_folder, tmp_path)
+    api = RecordingApi(existing_card=True)
+    with pytest.raises(CardExistsError, match='overwrite'):
+        push_folder(folder, 'timm-hpm/x', api=api)
+    assert not any(c[0] == 'upload_folder' for c in api.calls)
+    push_folder(folder, 'timm-hpm/x', api=api, overwrite_card=True)
+    assert api.calls[-1][0] == 'upload_folder'
+
+
+def test_dry_run_touches_no_network_and_never_prints_the_token(run_folder, tmp_path):
+    guard = ('import socket\n'
+             'def _no(*a, **k): raise AssertionError("network used in a dry run")\n'
+             'socket.socket.connect = _no\nsocket.create_connection = _no\n'
+             'import runpy, sys\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name="__main__")\n')
+    env = {'HF_TOKEN': 'hf_supersecret_token_value', 'PATH': '/usr/bin:/bin'}
+    result = subprocess.run(
+        [sys.executable, '-c', guard, str(ROOT / 'recipes' / 'push_to_hub.py'), '--run', str(run_folder),
+         '--results', str(tmp_path / 'eval.json'), '--repo-id', 'timm-hpm/hpm_small_cnn.dry', '--out',
+         str(tmp_path / 'dry'), '--cards-dir', str(tmp_path / 'cards'), '--dry-run'],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'nothing sent' in result.stdout and 'README.md' in result.stdout
+    assert 'supersecret' not in result.stdout + result.stderr
+
+
+def test_offline_hub_push_is_a_clear_error(run_folder, tmp_path, monkeypatch):
+    folder = _assemble(run_folder, tmp_path)
+
+    def unreachable(*args, **kwargs):
+        raise OSError('unreachable')
+
+    monkeypatch.setattr(socket, 'create_connection', unreachable)
+    with pytest.raises(ConnectionError, match='unreachable.*ready to push later'):
+        push_folder(folder, 'timm-hpm/x')
+
+
+def test_offline_hub_pretrained_load_fails_within_seconds(monkeypatch):
+    import time
+
+    def unreachable(*args, **kwargs):
+        raise OSError('unreachable')
+
+    monkeypatch.setattr(socket, 'create_connection', unreachable)
+    start = time.time()
+    with pytest.raises(timm_hpm.PretrainedWeightsUnavailable, match='local-dir'):
+        timm.create_model('hpm_preact_resnet18.rb_andriushchenko2020understanding_cifar10', pretrained=True)
+    assert time.time() - start < 10
+
+
+def test_converted_timm_model_saves_as_its_hpm_variant(tmp_path):
+    model = timm_hpm.convert_to_hpm(timm.create_model('resnet50', layers=(1, 1, 1, 1)))
+    save_for_hub(model, tmp_path / 'r50', model_args={'layers': [1, 1, 1, 1]})
+    assert json.loads((tmp_path / 'r50' / 'config.json').read_text())['architecture'] == 'hpm_resnet50'
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'r50'}", pretrained=True).eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x))

@@ -1,0 +1,117 @@
+"""RobustBench base checkpoints, offline: RobustBench's folder layout, DataParallel prefixes and nesting, strict
+loading, refusal of pickles that run code, wrong architectures, and a clear error when the file is missing
+and the host unreachable."""
+import os
+
+import pytest
+import timm
+import torch
+
+import timm_hpm
+from timm_hpm import robustbench as rb
+from timm_hpm.train import load_config
+from timm_hpm.train.engine import build_model
+
+
+def _write_rb_checkpoint(model_dir, entry, state_dict, wrap=None):
+    path = rb.checkpoint_path(entry, model_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefixed = {f'module.{k}': v for k, v in state_dict.items()}  # as RobustBench's DataParallel checkpoints
+    torch.save({wrap: prefixed} if wrap else prefixed, path)
+    return path
+
+
+def test_table_entries_name_registered_architectures_and_tags():
+    for entry in rb.ROBUSTBENCH_MODELS:
+        assert timm.is_model(entry.architecture), entry
+        assert timm.is_model(f'hpm_{entry.architecture}'), entry
+        assert entry.dataset in ('cifar10', 'cifar100', 'imagenet') and entry.threat_model in ('Linf', 'L2')
+    assert rb.get_entry('Wang2023Better_WRN-28-10', 'cifar100', 'Linf').model_args['num_classes'] == 100
+    with pytest.raises(KeyError, match='pass dataset= and threat_model='):
+        rb.get_entry('Wang2023Better_WRN-28-10')
+    with pytest.raises(KeyError, match='not in the supported table'):
+        rb.get_entry('Nobody2099')
+
+
+@pytest.mark.parametrize('wrap', [None, 'state_dict', 'last'])
+def test_robustbench_layout_loads_strictly(tmp_path, wrap):
+    entry = rb.get_entry('Andriushchenko2020Understanding')
+    if wrap == 'state_dict':
+        entry = rb.RobustBenchEntry(**{**entry.__dict__, 'checkpoint_key': None})
+    source = timm.create_model('preact_resnet18').eval()
+    path = _write_rb_checkpoint(tmp_path, entry, source.state_dict(), wrap=wrap)
+    assert path == tmp_path / 'cifar10' / 'Linf' / 'Andriushchenko2020Understanding.pt'
+    state_dict = rb.read_checkpoint(path, entry.checkpoint_key)
+    model = timm.create_model('preact_resnet18', pretrained=True, pretrained_cfg_overlay=dict(state_dict=state_dict))
+    for k, v in source.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_load_robustbench_model_plain_and_hpm(tmp_path, monkeypatch):
+    entry = rb.get_entry('Andriushchenko2020Understanding')
+    source = timm.create_model('preact_resnet18').eval()
+    _write_rb_checkpoint(tmp_path, entry, source.state_dict(), wrap='last')
+    plain = rb.load_robustbench_model(entry.name, model_dir=tmp_path, download=False).eval()
+    hpm = rb.load_robustbench_model(entry.name, model_dir=tmp_path, download=False, hpm=True).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), source(x))
+        hpm.hpm_head.mode = 'fc'
+        torch.testing.assert_close(hpm(x), source(x))
+    assert not bool(hpm.hpm_head.prototypes_initialized)
+
+
+def test_finetune_config_takes_a_robustbench_base(tmp_path):
+    entry = rb.get_entry('Andriushchenko2020Understanding')
+    source = timm.create_model('preact_resnet18').eval()
+    _write_rb_checkpoint(tmp_path, entry, source.state_dict(), wrap='last')
+    cfg = load_config(None, {'model.name': 'hpm_preact_resnet18', 'model.base': f'rb:{entry.name}',
+                             'model.robustbench_dir': str(tmp_path), 'data.dataset': 'cifar10',
+                             'attack.eps': '8/255'})
+    model = build_model(cfg)
+    torch.testing.assert_close(model.hpm_head.weight, source.linear.weight)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ('echo pwned',))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path, capfd):
+    path = tmp_path / 'evil.pt'
+    torch.save({'conv1.weight': torch.zeros(1), 'x': _RunsCode()}, path)
+    with pytest.raises(rb.CheckpointError, match='refusing or unable to read'):
+        rb.read_checkpoint(path)
+    assert 'pwned' not in capfd.readouterr().out
+
+
+def test_wrong_architecture_names_missing_and_unexpected_keys(tmp_path):
+    entry = rb.get_entry('Andriushchenko2020Understanding')
+    other = timm.create_model('wrn28_10', width=1)
+    _write_rb_checkpoint(tmp_path, entry, other.state_dict(), wrap='last')
+    with pytest.raises(RuntimeError, match=r'(?s)Missing key.*Unexpected key'):
+        rb.load_robustbench_model(entry.name, model_dir=tmp_path, download=False)
+
+
+def test_missing_checkpoint_offline_is_a_clear_error_within_seconds(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    def unreachable(*args, **kwargs):
+        raise OSError('Name or service not known')
+
+    monkeypatch.setattr(socket, 'create_connection', unreachable)
+    start = time.time()
+    with pytest.raises(rb.CheckpointError, match='unreachable.*put it at'):
+        rb.load_robustbench_model('Wang2023Better_WRN-28-10', 'cifar10', 'Linf', model_dir=tmp_path)
+    assert time.time() - start < 5
+    with pytest.raises(rb.CheckpointError, match='download=False'):
+        rb.load_robustbench_model('Wang2023Better_WRN-28-10', 'cifar10', 'Linf', model_dir=tmp_path, download=False)
+
+
+def test_model_info_has_robustbench_fields():
+    result = {'dataset': 'cifar10', 'architecture': 'hpm_wrn28_10', 'eps': 8 / 255, 'clean_acc': 0.9,
+              'autoattack_acc': 0.7, 'msa_acc': 0.65, 'batchings': {'default': {}}, 'n_examples': 1000}
+    info = rb.model_info(result, 'HPM WRN-28-10', base='Wang2023Better_WRN-28-10')
+    assert info['clean_acc'] == '90.00' and info['autoattack_acc'] == '70.00' and info['msa_acc'] == '65.00'
+    assert 'Wang2023Better_WRN-28-10' in info['footnote']

@@ -1,0 +1,86 @@
+"""Model cards generated from evaluation JSON (recipes/evaluate.py), never typed by hand."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+__all__ = ['render_card', 'TEMPLATE', 'HUB_DATASETS']
+
+TEMPLATE = Path(__file__).resolve().parents[1] / 'hub_cards' / 'template.md.j2'
+HUB_DATASETS = {
+    'fashion_mnist': ('zalando-datasets/fashion_mnist', 'Fashion-MNIST'),
+    'cifar10': ('uoft-cs/cifar10', 'CIFAR-10'),
+    'cifar100': ('uoft-cs/cifar100', 'CIFAR-100'),
+    'imagenet': ('ILSVRC/imagenet-1k', 'ImageNet-1k'),
+    'synthetic': ('synthetic', 'synthetic data'),
+}
+
+
+def _pct(value: Optional[float]) -> str:
+    return 'unknown' if value is None else f'{100 * value:.2f}%'
+
+
+def _eps_text(eps: float, norm: str) -> str:
+    if norm == 'Linf' and abs(eps * 255 - round(eps * 255)) < 1e-6:
+        return f'{round(eps * 255)}/255'
+    return f'{eps:g}'
+
+
+def render_card(result: Dict[str, Any], repo_id: str, model_config: Dict[str, Any],
+                base_result: Optional[Dict[str, Any]] = None, training_config: Optional[str] = None,
+                base_model: Optional[str] = None, license: str = 'other', license_name: str = 'unknown',
+                template: Optional[Path] = None) -> str:
+    """The README.md of a Hub repo: YAML metadata (library_name, license, tags, datasets, base_model,
+    model-index with clean, AutoAttack-of-the-base and MSA accuracies) and the human-readable card."""
+    import jinja2
+    if result.get('protocol') != 'msa' or result.get('msa_acc') is None:
+        raise ValueError('the card needs the HPM model\'s MSA result (recipes/evaluate.py --protocol msa).')
+    if base_result is not None and (base_result.get('eps') != result.get('eps')
+                                    or base_result.get('threat_model') != result.get('threat_model')):
+        raise ValueError('the base and HPM results were measured under different threat models.')
+    dataset = result.get('dataset') or 'unknown'
+    hub_id, dataset_name = HUB_DATASETS.get(dataset, (dataset, dataset))
+    eps_text = _eps_text(result['eps'], result['threat_model'])
+    name = repo_id.split('/')[-1]
+    metrics = [dict(name='Clean accuracy (HPM)', value=round(100 * result['clean_acc'], 2)),
+               dict(name=f"MSA robust accuracy ({result['threat_model']}, eps={eps_text})",
+                    value=round(100 * result['msa_acc'], 2))]
+    table = []
+    if base_result is not None:
+        metrics.append(dict(name='Clean accuracy (base model)', value=round(100 * base_result['clean_acc'], 2)))
+        if base_result.get('autoattack_acc') is not None:
+            metrics.append(dict(name=f"AutoAttack robust accuracy of the base ({result['threat_model']}, "
+                                     f"eps={eps_text})", value=round(100 * base_result['autoattack_acc'], 2)))
+        table.append(dict(model=f"base ({base_result.get('name')})", clean=_pct(base_result['clean_acc']),
+                          autoattack=_pct(base_result.get('autoattack_acc')), msa='-'))
+    table.append(dict(model=f'HPM ({name})', clean=_pct(result['clean_acc']), autoattack=_pct(result.get('autoattack_acc')),
+                      msa=_pct(result['msa_acc'])))
+    per_batching = [dict(name=k, clean=_pct(v['clean_acc']), autoattack=_pct(v.get('autoattack_acc')),
+                         realised=_pct(v['realised_acc']), union=_pct(v['union_acc']))
+                    for k, v in result.get('batchings', {}).items()]
+    args = model_config.get('model_args', {})
+    input_size = tuple(model_config.get('pretrained_cfg', {}).get('input_size', ()))
+    if args.get('in_chans') is not None and input_size:
+        input_size = (args['in_chans'], *input_size[1:])
+    hpm_cfg = args.get('hpm_cfg', {})
+    training = (f"Fine-tuned from {base_model or 'its base model'} with `recipes/finetune.py` (HPM options: "
+                f"{', '.join(f'{k}={v}' for k, v in hpm_cfg.items()) or 'defaults'}); the resolved config follows."
+                if training_config else 'Training configuration: unknown.')
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    text = env.from_string(Path(template or TEMPLATE).read_text()).render(
+        license=license, license_name=license_name, dataset=dict(hub_id=hub_id, name=dataset_name),
+        base_model=base_model, name=name, metrics=metrics, repo_id=repo_id,
+        base_description=f'`{base_model}`' if base_model else f"a `{model_config.get('architecture')}` model",
+        threat_model=result['threat_model'], eps_text=eps_text, n_examples=result['n_examples'], table=table,
+        eval_command=result.get('command', 'unknown'),
+        base_eval_command=(base_result or {}).get('command'),
+        surrogates=', '.join(result['settings']['msa']['surrogates']),
+        batchings=', '.join(result.get('batchings', {})), batch_size=result.get('batch_size'),
+        per_batching=per_batching, warnings=result.get('warnings', []), input_size=f"(B, {', '.join(map(str, input_size))})",
+        training_description=training, training_config=(training_config or '').strip())
+    return text
+
+
+def load_json(path) -> Dict[str, Any]:
+    return json.loads(Path(path).read_text())

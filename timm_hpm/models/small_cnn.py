@@ -1,0 +1,95 @@
+"""SmallCNN (Zhang et al. 2019, the TRADES MNIST model): four 3x3 convolutions and two 200-unit layers.
+
+The project's CPU-scale family: adversarial training on Fashion-MNIST fits in tens of minutes on two cores.
+Inputs are 1 x 28 x 28 images in [0, 1] (no normalisation). The pre-logit features are the 200-d output of
+the second fully connected layer; ``fc`` is the linear classifier the HPM head replaces.
+"""
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.models import generate_default_cfgs, register_model
+
+from ._builder import build_family
+from ._common import check_image_size, cifar_cfg, FamilyHeadMixin
+
+__all__ = ['SmallCNN']
+
+
+class SmallCNN(FamilyHeadMixin, nn.Module):
+    """Args:
+        num_classes: classifier size (0 for a feature extractor).
+        in_chans: input channels.
+        img_size: input size (the fully connected layers are sized for it).
+        hidden: width of the two fully connected layers.
+        drop_rate: dropout between the fully connected layers (the original uses 0.5).
+    """
+    classifier_name = 'fc'
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, img_size: Union[int, Tuple[int, int]] = 28,
+                 hidden: int = 200, drop_rate: float = 0.5, global_pool: Optional[str] = None):
+        super().__init__()
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.num_classes, self.in_chans, self.img_size = num_classes, in_chans, size
+        self.drop_rate = drop_rate
+        self.features = nn.Sequential(
+            nn.Conv2d(in_chans, 32, 3), nn.ReLU(),
+            nn.Conv2d(32, 32, 3), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3), nn.ReLU(),
+            nn.Conv2d(64, 64, 3), nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        h = ((size[0] - 4) // 2 - 4) // 2
+        w = ((size[1] - 4) // 2 - 4) // 2
+        if h < 1 or w < 1:
+            raise ValueError(f'SmallCNN needs images of at least 16x16, got {size}')
+        self.fc1 = nn.Linear(64 * h * w, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.num_features = 64  # channels of forward_features, as timm counts them
+        self.head_hidden_size = hidden  # the pre-logit features
+        self.fc = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = [dict(num_chs=32, reduction=2, module='features.4'),
+                             dict(num_chs=64, reduction=4, module='features.9')]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_size(x, self.in_chans, self.img_size)
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = torch.relu(self.fc1(x.flatten(1)))
+        x = nn.functional.dropout(x, p=self.drop_rate, training=self.training)
+        x = torch.relu(self.fc2(x))
+        return x if pre_logits else self.fc(x)
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+
+
+def _create(variant: str, pretrained: bool = False, hpm: bool = False, **kwargs) -> SmallCNN:
+    kwargs.pop('global_pool', None)
+    return build_family(SmallCNN, variant, pretrained, classifier='fc', hpm=hpm, **kwargs)
+
+
+def _cfg(**kwargs):
+    return cifar_cfg(input_size=(1, 28, 28), mean=(0.0,), std=(1.0,), first_conv='features.0', classifier='fc',
+                     pool_size=None, **kwargs)
+
+
+default_cfgs = generate_default_cfgs({
+    'small_cnn': _cfg(),
+    'hpm_small_cnn': _cfg(),
+})
+
+
+@register_model
+def small_cnn(pretrained: bool = False, **kwargs) -> SmallCNN:
+    """SmallCNN (TRADES' MNIST model) for 28x28 grey images."""
+    return _create('small_cnn', pretrained, **kwargs)
+
+
+@register_model
+def hpm_small_cnn(pretrained: bool = False, **kwargs) -> SmallCNN:
+    """SmallCNN with the HPM l2-reclassifier head."""
+    return _create('hpm_small_cnn', pretrained, hpm=True, **kwargs)

@@ -1,0 +1,217 @@
+"""RobustBench base checkpoints, read safely into this package's key-compatible architectures.
+
+A declarative table of the supported RobustBench entries (facts recorded from the robustbench 1.1.1 model
+zoo: names, datasets, threat models, architectures, preprocessing, where RobustBench hosts the files), and a
+loader that reads RobustBench's own folder layout ``<model_dir>/<dataset>/<threat>/<Name>.pt`` with
+``torch.load(weights_only=True)`` (a pickle that would run code is refused), strips the ``module.``/``model.``
+prefixes and loads strictly. When online, a missing file is downloaded from where RobustBench hosts it.
+``robustbench`` itself is optional: where a working copy imports, :func:`load_with_robustbench` uses it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from .models._builder import clean_checkpoint
+
+__all__ = ['RobustBenchEntry', 'ROBUSTBENCH_MODELS', 'get_entry', 'checkpoint_path', 'read_checkpoint',
+           'load_robustbench_model', 'download_checkpoint', 'robustbench_available', 'load_with_robustbench',
+           'model_info', 'CheckpointError']
+
+DEFAULT_MODEL_DIR = os.environ.get('ROBUSTBENCH_MODEL_DIR', './models')
+_CIFAR100_NORM = dict(mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762))
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unsafe, corrupt or for another architecture."""
+
+
+@dataclass(frozen=True)
+class RobustBenchEntry:
+    name: str  # RobustBench's model name
+    dataset: str  # cifar10 | cifar100 | imagenet
+    threat_model: str  # Linf | L2
+    architecture: str  # our registered timm architecture with the same state-dict keys
+    tag: str  # our pretrained tag for the weights
+    gdrive_id: str  # where RobustBench hosts the file (Google Drive)
+    eps: str
+    paper: str
+    preprocessing: str = ''  # RobustBench's preprocessing name for ImageNet
+    model_args: Dict[str, Any] = field(default_factory=dict)  # arguments the checkpoint cannot carry
+    checkpoint_key: Optional[str] = None  # nesting inside the checkpoint file
+
+
+ROBUSTBENCH_MODELS = (
+    RobustBenchEntry('Wang2023Better_WRN-28-10', 'cifar10', 'Linf', 'wrn28_10', 'rb_wang2023better_cifar10',
+                     '1-6MYKJdECDVGaWjj6GgqvaT95BGKhUvI', '8/255', 'arXiv:2302.04638'),
+    RobustBenchEntry('Wang2023Better_WRN-70-16', 'cifar10', 'Linf', 'wrn70_16', 'rb_wang2023better_cifar10',
+                     '1-RF7ZSS-PAh6bfQcuqx4lh9bc9BUGnap', '8/255', 'arXiv:2302.04638'),
+    RobustBenchEntry('Wang2023Better_WRN-28-10', 'cifar10', 'L2', 'wrn28_10', 'rb_wang2023better_cifar10_l2',
+                     '1-fwKiJXEqHHUngt8wKsNnHuD4vAPvPXC', '0.5', 'arXiv:2302.04638'),
+    RobustBenchEntry('Wang2023Better_WRN-70-16', 'cifar10', 'L2', 'wrn70_16', 'rb_wang2023better_cifar10_l2',
+                     '101UyURyte05tJLA9VFRBN6UDLyn-0sJw', '0.5', 'arXiv:2302.04638'),
+    RobustBenchEntry('Wang2023Better_WRN-28-10', 'cifar100', 'Linf', 'wrn28_10', 'rb_wang2023better_cifar100',
+                     '1-jOu3wKWyw0XnBCXDGR32xn8Bw9GTJgh', '8/255', 'arXiv:2302.04638',
+                     model_args=dict(num_classes=100, **_CIFAR100_NORM)),
+    RobustBenchEntry('Wang2023Better_WRN-70-16', 'cifar100', 'Linf', 'wrn70_16', 'rb_wang2023better_cifar100',
+                     '1-yYcT73GP13c0y9HrgtpyB3NAfkGKgjY', '8/255', 'arXiv:2302.04638',
+                     model_args=dict(num_classes=100, **_CIFAR100_NORM)),
+    RobustBenchEntry('Zhang2019Theoretically', 'cifar10', 'Linf', 'trades_wrn34_10',
+                     'rb_zhang2019theoretically_cifar10', '1hPz9QQwyM7QSuWu-ANG_uXR-29xtL8t_', '8/255',
+                     'arXiv:1901.08573', model_args=dict(sub_block1=True)),
+    RobustBenchEntry('Andriushchenko2020Understanding', 'cifar10', 'Linf', 'preact_resnet18',
+                     'rb_andriushchenko2020understanding_cifar10', '1Uyvprd98bIyxfMjLdCZwm-NEJ-6GMVis', '8/255',
+                     'arXiv:2007.02617', checkpoint_key='last'),
+    RobustBenchEntry('Salman2020Do_R50', 'imagenet', 'Linf', 'resnet50', 'rb_salman2020do_imagenet',
+                     '1TmT5oGa1UvVjM3d-XeSj_XmKqBNRUg8r', '4/255', 'arXiv:2007.08489', 'Res256Crop224'),
+    RobustBenchEntry('Salman2020Do_50_2', 'imagenet', 'Linf', 'wide_resnet50_2', 'rb_salman2020do_imagenet',
+                     '1OT7xaQYljrTr3vGbM37xK9SPoPJvbSKB', '4/255', 'arXiv:2007.08489', 'Res256Crop224'),
+    RobustBenchEntry('Liu2023Comprehensive_ConvNeXt-B', 'imagenet', 'Linf', 'convnext_base',
+                     'rb_liu2023comprehensive_imagenet', '10-nSm-qUftvfKXHeOAakBQl8rxm-jCbk', '4/255',
+                     'arXiv:2302.14301', 'BicubicRes256Crop224'),
+    RobustBenchEntry('Liu2023Comprehensive_ConvNeXt-L', 'imagenet', 'Linf', 'convnext_large',
+                     'rb_liu2023comprehensive_imagenet', '1dIPLNfdQtAnqZrKPyuy3_zDI-FVgJ2FH', '4/255',
+                     'arXiv:2302.14301', 'BicubicRes256Crop224'),
+    RobustBenchEntry('Liu2023Comprehensive_Swin-B', 'imagenet', 'Linf', 'swin_base_patch4_window7_224',
+                     'rb_liu2023comprehensive_imagenet', '1-4mtxQCkThJUVdS3wvQ6NnmMZuySqR3c', '4/255',
+                     'arXiv:2302.14301', 'BicubicRes256Crop224'),
+    RobustBenchEntry('Mo2022When_ViT-B', 'imagenet', 'Linf', 'vit_base_patch16_224', 'rb_mo2022when_imagenet',
+                     '1-dUFdvDBflqMsMLjZv3wlPJTm-Jm7net', '4/255', 'arXiv:2210.07540', 'Res224'),
+)
+
+
+def get_entry(name: str, dataset: Optional[str] = None, threat_model: Optional[str] = None) -> RobustBenchEntry:
+    matches = [e for e in ROBUSTBENCH_MODELS if e.name == name and (dataset is None or e.dataset == dataset)
+               and (threat_model is None or e.threat_model == threat_model)]
+    if not matches:
+        known = sorted({e.name for e in ROBUSTBENCH_MODELS})
+        raise KeyError(f'RobustBench model {name!r} ({dataset or "any dataset"}, {threat_model or "any threat"}) is '
+                       f'not in the supported table; supported: {known}')
+    if len(matches) > 1:
+        raise KeyError(f'{name!r} exists for ' + ', '.join(f'{e.dataset}/{e.threat_model}' for e in matches) +
+                       '; pass dataset= and threat_model=')
+    return matches[0]
+
+
+def checkpoint_path(entry: RobustBenchEntry, model_dir: Union[str, Path] = DEFAULT_MODEL_DIR) -> Path:
+    """RobustBench's own layout: ``<model_dir>/<dataset>/<threat>/<Name>.pt``."""
+    return Path(model_dir) / entry.dataset / entry.threat_model / f'{entry.name}.pt'
+
+
+def read_checkpoint(path: Union[str, Path], checkpoint_key: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """A flat state dict from a checkpoint file: safetensors, or ``torch.load(weights_only=True)`` (plain
+    containers of tensors only: a pickle that would construct other objects or run code is refused)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'checkpoint not found: {path}')
+    try:
+        if path.suffix == '.safetensors':
+            from safetensors.torch import load_file
+            checkpoint = load_file(str(path))
+        else:
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as error:  # UnpicklingError, RuntimeError, SafetensorError ...
+        raise CheckpointError(f'refusing or unable to read {path}: {type(error).__name__}: {error}. Only '
+                              'weights are read (safetensors or torch.load(weights_only=True)); a checkpoint '
+                              'holding other pickled objects must be converted by its author.') from error
+    if checkpoint_key and isinstance(checkpoint, dict) and checkpoint_key in checkpoint:
+        checkpoint = checkpoint[checkpoint_key]
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f'{path} holds a {type(checkpoint).__name__}, not a state dict.')
+    try:
+        state_dict = clean_checkpoint(checkpoint)
+    except ValueError as error:
+        raise CheckpointError(f'{path}: {error}') from error
+    # RobustBench's ImageNet wrappers carry their input normalisation; ours lives in the pretrained cfg.
+    return {k: v for k, v in state_dict.items() if not k.startswith('normalize.')}
+
+
+def download_checkpoint(entry: RobustBenchEntry, destination: Path, timeout: float = 10.0) -> Path:
+    """Download from Google Drive, where RobustBench hosts the file (a clear error within ``timeout`` seconds
+    when offline)."""
+    host = 'drive.google.com'
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as error:
+        raise CheckpointError(
+            f'{entry.name}: not in {destination.parent} and {host} is unreachable ({error}). Download it elsewhere '
+            f'(RobustBench gdrive id {entry.gdrive_id}) and put it at {destination}.') from error
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    url = f'https://drive.google.com/uc?export=download&confirm=t&id={entry.gdrive_id}'
+    tmp = destination.with_suffix('.part')
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, 'wb') as f:
+        if 'text/html' in response.headers.get('Content-Type', ''):
+            raise CheckpointError(f'{entry.name}: Google Drive answered with a web page instead of the file '
+                                  f'(quota or consent page); download id {entry.gdrive_id} by hand to {destination}.')
+        while chunk := response.read(1 << 20):
+            f.write(chunk)
+    os.replace(tmp, destination)
+    return destination
+
+
+def load_robustbench_model(name: str, dataset: Optional[str] = None, threat_model: Optional[str] = None,
+                           model_dir: Union[str, Path] = DEFAULT_MODEL_DIR, download: bool = True, hpm: bool = False,
+                           **kwargs) -> nn.Module:
+    """A RobustBench checkpoint in our architecture (``hpm=True``: in its ``hpm_`` variant, prototypes
+    uninitialised). Strict: a wrong architecture fails with the missing and unexpected keys."""
+    import timm
+    import timm_hpm  # noqa: F401  (registers the models)
+    entry = get_entry(name, dataset, threat_model)
+    path = checkpoint_path(entry, model_dir)
+    if not path.is_file():
+        if not download:
+            raise CheckpointError(f'{entry.name}: no checkpoint at {path} (download=False).')
+        download_checkpoint(entry, path)
+    state_dict = read_checkpoint(path, entry.checkpoint_key)
+    arch = f'hpm_{entry.architecture}' if hpm else entry.architecture
+    model_args = {**entry.model_args, **kwargs}
+    return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state_dict),
+                             **model_args)
+
+
+def robustbench_available() -> bool:
+    """Whether a *working* robustbench imports (its PyPI release does not import beside current timm)."""
+    try:
+        from robustbench.utils import load_model  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def load_with_robustbench(name: str, dataset: str, threat_model: str, model_dir: Union[str, Path] = DEFAULT_MODEL_DIR):
+    """RobustBench's own ``load_model`` (its architecture and loading), when a working robustbench is installed."""
+    if not robustbench_available():
+        raise ImportError('robustbench is not importable here; use load_robustbench_model (our architectures).')
+    from robustbench.utils import load_model
+    return load_model(model_name=name, model_dir=str(model_dir), dataset=dataset, threat_model=threat_model)
+
+
+def model_info(result: dict, name: str, paper: str = 'arXiv:2606.01746', base: Optional[str] = None) -> dict:
+    """A RobustBench ``model_info`` JSON entry for an evaluated model (from recipes/evaluate.py's result)."""
+    return {
+        'link': f'https://arxiv.org/abs/{paper.split(":", 1)[-1]}' if paper.startswith('arXiv:') else paper,
+        'name': name,
+        'authors': 'timm-hpm (reconstruction of Wang, 2026)',
+        'additional_data': False,
+        'number_forward_passes': 1,
+        'dataset': result.get('dataset'),
+        'venue': 'arXiv, 2026',
+        'architecture': result.get('architecture'),
+        'eps': str(result.get('eps')),
+        'clean_acc': f"{100 * result['clean_acc']:.2f}",
+        'reported': 'unknown',
+        'autoattack_acc': f"{100 * result['autoattack_acc']:.2f}" if result.get('autoattack_acc') is not None else None,
+        'msa_acc': f"{100 * result['msa_acc']:.2f}" if result.get('msa_acc') is not None else None,
+        'footnote': ('Batch-dependent (dynamic HPM) model: robust accuracy is the Mixed Surrogate Attack worst case '
+                     f"over batchings {list(result.get('batchings', {}))}, on {result.get('n_examples')} examples"
+                     + (f'; base model {base}' if base else '') + '.'),
+        'unreliable': False,
+    }
