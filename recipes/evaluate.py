@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import timm
-import torch
 from accelerate import Accelerator
 
 import timm_hpm
@@ -24,6 +23,7 @@ from timm_hpm.attacks import parse_eps
 from timm_hpm.data import DATASETS, load_eval_tensors
 from timm_hpm.eval import MSAConfig, aggregate, evaluate, format_table
 from timm_hpm.eval.runner import BATCHINGS, NormalizedInput, sanity_checks
+from timm_hpm.robustbench import model_info
 
 
 def parse_args(argv=None):
@@ -111,6 +111,7 @@ def main(argv=None):
                                          batch_size=args.batch_size, amp=args.amp == 'bf16')
         result['warnings'] = result['sanity']['warnings']
     (out / 'eval.json').write_text(json.dumps(result, indent=2))
+    (out / 'model_info.json').write_text(json.dumps(model_info(result, args.model), indent=2))  # RobustBench format
     table = format_table(result)
     (out / 'eval.md').write_text(table + '\n')
     print(table)

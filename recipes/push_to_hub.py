@@ -8,7 +8,6 @@ huggingface_hub unless ``--dry-run``. Refuses to replace a card already on the H
 ``--overwrite-card``. The token comes from HF_TOKEN or ``hf auth login`` and is never printed.
 """
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path

@@ -54,6 +54,8 @@ def test_result_has_robustbench_and_msa_fields(reference):
     assert set(result['batchings']) == {'default', 'single', 'shuffled'}
     assert result['architecture'] == 'hpm_preact_resnet18'
     assert result['msa_acc'] <= result['autoattack_acc'] <= result['clean_acc']
+    info = json.loads((reference.parent / 'model_info.json').read_text())
+    assert info['clean_acc'] == f"{100 * result['clean_acc']:.2f}" and info['dataset'] == 'synthetic'
 
 
 @pytest.mark.slow

@@ -29,8 +29,12 @@ def _run(args, timeout=600, **kwargs):
 
 @pytest.fixture(scope='module')
 def reference_run(tmp_path_factory):
+    """The uninterrupted reference, through `accelerate launch --cpu --num_processes 1`."""
     out = tmp_path_factory.mktemp('ref') / 'run'
-    result = _run(['--output-dir', str(out)])
+    result = subprocess.run(
+        [sys.executable, '-m', 'accelerate.commands.launch', '--cpu', '--num_processes', '1', '--num_machines', '1',
+         '--mixed_precision', 'no', '--dynamo_backend', 'no', str(RECIPE), '--config', str(CONFIG), '--device', 'cpu',
+         '--output-dir', str(out)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import timm_hpm
-from timm_hpm.eval import MSAConfig, ModelView, apgd, attack_batch, evaluate, make_autoattack, run_autoattack
+from timm_hpm.eval import MSAConfig, ModelView, apgd, attack_batch, evaluate, make_autoattack
 from timm_hpm.eval import runner as runner_module
 
 FAST = dict(apgd_iters=20, autoattack_iters=20, square_queries=200, n_target_classes=3)

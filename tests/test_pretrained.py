@@ -78,6 +78,37 @@ def test_registered_tag_loads_from_hand_populated_hf_cache(tmp_path):
     assert 'OK True' in result.stdout
 
 
+def test_hf_hub_prefix_loads_from_hand_populated_cache(tmp_path):
+    """A pushed repo (config.json + model.safetensors) read back offline with 'hf-hub:<repo>'."""
+    model = _trained_like_model()
+    model.hpm_head.mode = 'soft'
+    export = save_for_hub(model, tmp_path / 'export')
+    save_file(model.state_dict(), tmp_path / 'expected.safetensors')
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.save(model(x), tmp_path / 'expected_out.pt')
+    torch.save(x, tmp_path / 'x.pt')
+    repo = 'someone/hpm-test'
+    cache = tmp_path / 'hub'
+    _populate_hf_cache(cache, repo, {name: (lambda p, n=name: p.write_bytes((export / n).read_bytes()))
+                                     for name in ('config.json', 'model.safetensors')})
+    result = _run_offline(f"""
+        import timm, timm_hpm, torch
+        from safetensors.torch import load_file
+        model = timm.create_model('hf-hub:{repo}', pretrained=True).eval()
+        expected = load_file({str(tmp_path / 'expected.safetensors')!r})
+        got = model.state_dict()
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+        assert model.hpm_head.hpm_config() == {model.hpm_head.hpm_config()!r}
+        x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), torch.load({str(tmp_path / 'expected_out.pt')!r}, weights_only=True))
+        print('OK')
+    """, cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'OK' in result.stdout
+
+
 def test_missing_weights_offline_give_a_clear_message(tmp_path):
     result = _run_offline(f"""
         import timm, timm_hpm

@@ -7,7 +7,6 @@ import pytest
 import timm
 import torch
 
-import timm_hpm
 from timm_hpm import robustbench as rb
 from timm_hpm.train import load_config
 from timm_hpm.train.engine import build_model

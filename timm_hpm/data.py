@@ -173,24 +173,30 @@ def load_imagenet(split: str, root: Union[str, Path], input_size=(3, 224, 224), 
     return datasets.ImageFolder(str(folder), transform=transform)
 
 
+def load_split(dataset: str, split: str, root=None, pretrained_cfg: Optional[dict] = None, synthetic_n: int = 512,
+               num_classes: int = 10, image_size=(3, 32, 32), seed: int = 0) -> Dataset:
+    """The ``'train'`` or ``'test'`` split of a dataset as [0, 1] tensors (ImageNet's test split is ``val``,
+    resized as the model's pretrained cfg says; the synthetic set has ``synthetic_n`` images)."""
+    if dataset not in DATASETS:
+        raise ValueError(f'unknown dataset {dataset!r}; choose from {DATASETS}')
+    if dataset == 'fashion_mnist':
+        return load_fashion_mnist(split, root)
+    if dataset in ('cifar10', 'cifar100'):
+        return load_cifar(dataset, split, root)
+    if dataset == 'imagenet':
+        cfg = pretrained_cfg or {}
+        return load_imagenet('val' if split == 'test' else split, root or '.', cfg.get('input_size', (3, 224, 224)),
+                             cfg.get('crop_pct', 0.875), cfg.get('interpolation', 'bilinear'))
+    return synthetic_dataset(synthetic_n, num_classes, tuple(image_size), seed=seed)
+
+
 def load_eval_tensors(dataset: str, n_examples: int, root: Optional[Union[str, Path]] = None,
                       pretrained_cfg: Optional[dict] = None, num_classes: int = 10, image_size=(3, 32, 32),
                       seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """The first ``n_examples`` test images (a fixed, reported subset) as tensors in [0, 1]."""
-    if dataset not in DATASETS:
-        raise ValueError(f'unknown dataset {dataset!r}; choose from {DATASETS}')
     if n_examples < 1:
         raise ValueError(f'n_examples must be >= 1, got {n_examples}')
-    if dataset == 'fashion_mnist':
-        ds = load_fashion_mnist('test', root)
-    elif dataset in ('cifar10', 'cifar100'):
-        ds = load_cifar(dataset, 'test', root)
-    elif dataset == 'imagenet':
-        cfg = pretrained_cfg or {}
-        ds = load_imagenet('val', root or '.', cfg.get('input_size', (3, 224, 224)), cfg.get('crop_pct', 0.875),
-                           cfg.get('interpolation', 'bilinear'))
-    else:
-        ds = synthetic_dataset(max(n_examples, 1), num_classes, tuple(image_size), seed=seed)
+    ds = load_split(dataset, 'test', root, pretrained_cfg, n_examples, num_classes, image_size, seed)
     if n_examples > len(ds):
         raise ValueError(f'n_examples={n_examples} is larger than the {dataset} test set ({len(ds)} images).')
     if isinstance(ds, TensorDataset):
@@ -251,18 +257,8 @@ def build_train_val(dataset: str, root=None, val_examples: int = 512, train_exam
     """(train, held-out) datasets from the training split: the last ``val_examples`` images are held out
     (never trained on), the training set is the first ``train_examples`` of the rest. Training images are
     augmented as is standard for the dataset; held-out images are not."""
-    if dataset not in DATASETS:
-        raise ValueError(f'unknown dataset {dataset!r}; choose from {DATASETS}')
-    if dataset == 'fashion_mnist':
-        full = load_fashion_mnist('train', root)
-    elif dataset in ('cifar10', 'cifar100'):
-        full = load_cifar(dataset, 'train', root)
-    elif dataset == 'imagenet':
-        cfg = pretrained_cfg or {}
-        full = load_imagenet('train', root or '.', cfg.get('input_size', (3, 224, 224)), cfg.get('crop_pct', 0.875),
-                             cfg.get('interpolation', 'bilinear'))
-    else:
-        full = synthetic_dataset(synthetic_examples + val_examples, num_classes, tuple(image_size), seed=seed)
+    full = load_split(dataset, 'train', root, pretrained_cfg, synthetic_examples + val_examples, num_classes,
+                      image_size, seed)
     n = len(full)
     if val_examples >= n:
         raise ValueError(f'val_examples={val_examples} leaves no training data ({n} images).')

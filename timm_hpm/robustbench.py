@@ -9,11 +9,10 @@ prefixes and loads strictly. When online, a missing file is downloaded from wher
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import platform
-import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
