@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import timm_hpm
-from timm_hpm.data import build_train_val
+from timm_hpm.data import build_train_val, unaugmented
 from timm_hpm.hub import save_for_hub
 from timm_hpm.train import (adversarial_examples, build_model, evaluate_heads, hpm_loss, init_prototypes, load_config,
                             select_trainable, set_frozen_eval, step_generator)
@@ -117,10 +117,10 @@ def main(argv=None):
         image_size=cfg_in.get('input_size', (3, 32, 32)), num_classes=model.num_classes,
         synthetic_examples=cfg.data.synthetic_examples, seed=t.seed, pretrained_cfg=cfg_in)
     trainable, frozen = select_trainable(model, t.trainable)
+    logger.info('training %d parameter tensors (%s)', len(trainable), t.trainable)
     train_loader = DataLoader(train_set, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
                               num_workers=cfg.data.num_workers)
-    plain_train = getattr(train_set, 'dataset', train_set)  # without augmentation, for the prototypes
-    init_loader = DataLoader(plain_train, batch_size=t.eval_batch_size, shuffle=False)
+    init_loader = DataLoader(unaugmented(train_set), batch_size=t.eval_batch_size, shuffle=False)
 
     updates_per_epoch = len(train_loader) // (t.grad_accum * accelerator.num_processes)
     if updates_per_epoch < 1:

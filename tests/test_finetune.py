@@ -118,3 +118,15 @@ def test_missing_dataset_offline_fails_before_training(tmp_path, monkeypatch):
     from timm_hpm.data import DatasetUnavailable, build_train_val
     with pytest.raises(DatasetUnavailable, match='not found'):
         build_train_val('cifar10', root=tmp_path / 'no_cifar_here')
+
+
+@pytest.mark.parametrize('augment', [True, False])
+def test_prototypes_see_only_the_training_part_unaugmented(augment):
+    from timm_hpm.data import build_train_val, unaugmented
+    train, val = build_train_val('synthetic', val_examples=32, synthetic_examples=96, augment=augment,
+                                 image_size=(1, 8, 8), num_classes=4)
+    plain = unaugmented(train)
+    assert len(plain) == 96 and len(val) == 32
+    assert all(torch.equal(plain[i][0], plain[i][0]) for i in range(3))  # deterministic, no augmentation
+    held_out = {tuple(val[i][0].flatten().tolist()[:5]) for i in range(len(val))}
+    assert not any(tuple(plain[i][0].flatten().tolist()[:5]) in held_out for i in range(len(plain)))

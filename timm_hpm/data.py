@@ -16,7 +16,8 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 __all__ = ['FASHION_MNIST_DIRS', 'FASHION_MNIST_CLASSES', 'DATASETS', 'DatasetUnavailable', 'read_idx',
-           'load_fashion_mnist', 'load_cifar', 'synthetic_dataset', 'load_eval_tensors']
+           'load_fashion_mnist', 'load_cifar', 'synthetic_dataset', 'load_eval_tensors', 'build_train_val',
+           'Augment', 'unaugmented']
 
 DATASETS = ('fashion_mnist', 'cifar10', 'cifar100', 'imagenet', 'synthetic')
 
@@ -232,6 +233,11 @@ class Augment(Dataset):
         if self.flip and torch.rand((), generator=g) < 0.5:
             x = x.flip(-1)
         return x, y
+
+
+def unaugmented(train_set: Dataset) -> Dataset:
+    """The training set without its augmentation (the prototypes are class means of clean training images)."""
+    return train_set.dataset if isinstance(train_set, Augment) else train_set
 
 
 class _Range(Dataset):
