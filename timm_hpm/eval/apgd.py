@@ -11,7 +11,7 @@ nor the best loss changed.
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -192,11 +192,11 @@ def apgd_targeted(
         n_target_classes: int = 9,
         generator: Optional[torch.Generator] = None,
         counter: Optional[dict] = None,
-) -> List[torch.Tensor]:
+) -> Iterator[torch.Tensor]:
     """APGD-T: one run per target among the top ``n_target_classes`` wrong classes of the clean logits.
 
-    Targeted DLR needs >= 4 classes; with fewer, targeted cross-entropy is used. Returns one candidate
-    batch per target rank (each a realisable whole batch).
+    Targeted DLR needs >= 4 classes; with fewer, targeted cross-entropy is used. Yields one candidate batch per
+    target rank (each a realisable whole batch), lazily: a caller that has broken every sample stops early.
     """
     with torch.no_grad():
         logits = model(x)
@@ -206,5 +206,6 @@ def apgd_targeted(
     n_target_classes = min(n_target_classes, num_classes - 1)
     order = logits.scatter(1, y[:, None], float('-inf')).argsort(dim=1, descending=True)
     loss = 'dlr-targeted' if num_classes >= 4 else 'ce-targeted'
-    return [apgd(model, x, y, eps, norm, n_iter, loss=loss, target=order[:, rank], generator=generator,
-                 counter=counter) for rank in range(n_target_classes)]
+    for rank in range(n_target_classes):
+        yield apgd(model, x, y, eps, norm, n_iter, loss=loss, target=order[:, rank], generator=generator,
+                   counter=counter)

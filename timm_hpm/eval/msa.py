@@ -145,7 +145,8 @@ def attack_batch(
         if bool(clean.any()):
             # Plain AutoAttack's figure: all its images, re-scored on this fixed batch.
             adversary = make_autoattack(target, cfg.eps, cfg.norm, version=cfg.autoattack_version,
-                                        attacks=cfg.autoattack_attacks, seed=seed, device=x.device, num_classes=num_classes, n_iter=cfg.autoattack_iters,
+                                        attacks=cfg.autoattack_attacks, seed=seed, device=x.device,
+                                        num_classes=num_classes, n_iter=cfg.autoattack_iters,
                                         square_queries=cfg.square_queries)
             consider('autoattack', run_autoattack(adversary, x, y, batch_size=x.shape[0]), torch.ones_like(clean))
         else:
