@@ -125,23 +125,6 @@ def synthetic_dataset(n: int = 256, num_classes: int = 10, image_size: Tuple[int
     return TensorDataset(images, labels)
 
 
-class IndexedSubset(Dataset):
-    """The first ``n`` items of a dataset (a fixed, reproducible subset)."""
-
-    def __init__(self, dataset: Dataset, n: int):
-        if n > len(dataset):
-            raise ValueError(f'asked for {n} examples but the dataset has {len(dataset)}.')
-        self.dataset, self.n = dataset, n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return self.dataset[i]
-
-
 def load_cifar(name: str, split: str = 'test', root: Optional[Union[str, Path]] = None, download: bool = True
                ) -> Dataset:
     """CIFAR-10/100 through torchvision (images as [0, 1] tensors): from ``root`` (default

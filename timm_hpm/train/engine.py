@@ -108,8 +108,9 @@ def set_frozen_eval(frozen: Iterable[nn.Module]) -> None:
         module.eval()
 
 
-def step_generator(seed: int, step: int, rank: int, salt: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 257 + rank) * 31 + salt)
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The generator of one training step's randomness (PGD start), from its position alone."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 257 + rank)
 
 
 @torch.no_grad()
