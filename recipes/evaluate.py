@@ -19,10 +19,10 @@ import timm
 from accelerate import Accelerator
 
 import timm_hpm
-from timm_hpm.attacks import parse_eps
+from timm_hpm.attacks import normalized_view, parse_eps
 from timm_hpm.data import DATASETS, load_eval_tensors
 from timm_hpm.eval import MSAConfig, aggregate, evaluate, format_table
-from timm_hpm.eval.runner import BATCHINGS, NormalizedInput, sanity_checks
+from timm_hpm.eval.runner import BATCHINGS, sanity_checks
 from timm_hpm.robustbench import model_info
 
 
@@ -63,11 +63,7 @@ def load_model(args):
     if args.checkpoint:
         kwargs['pretrained_cfg_overlay'] = dict(file=args.checkpoint)
     model = timm.create_model(args.model, pretrained=not args.no_pretrained, **kwargs)
-    cfg = model.pretrained_cfg
-    mean, std = tuple(cfg.get('mean', (0.0,))), tuple(cfg.get('std', (1.0,)))
-    if any(m != 0.0 for m in mean) or any(s != 1.0 for s in std):
-        model = NormalizedInput(model, mean, std)  # attacks work on [0, 1] images
-    return model.eval()
+    return normalized_view(model).eval()  # attacks work on [0, 1] images
 
 
 def main(argv=None):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from timm_hpm.attacks import accuracy, check_images, parse_eps, pgd
+from timm_hpm.attacks import NormalizedInput, accuracy, check_images, normalized_view, parse_eps, pgd
 from timm_hpm.data import (DatasetUnavailable, FASHION_MNIST_DIRS, load_fashion_mnist, read_idx,
                            synthetic_dataset)
 
@@ -132,3 +132,19 @@ def test_real_fashion_mnist_test_split():
 def test_synthetic_dataset_is_seeded():
     a, b = synthetic_dataset(16, seed=3), synthetic_dataset(16, seed=3)
     assert torch.equal(a.tensors[0], b.tensors[0]) and torch.equal(a.tensors[1], b.tensors[1])
+
+
+def test_normalized_view_only_for_models_that_normalise_outside():
+    import timm
+    import timm_hpm
+    cifar = timm.create_model('hpm_preact_resnet18')
+    assert normalized_view(cifar) is cifar  # takes [0, 1] images
+    imagenet = timm_hpm.convert_to_hpm(timm.create_model('resnet18', num_classes=3)).eval()
+    view = normalized_view(imagenet)
+    assert isinstance(view, NormalizedInput) and view.module is imagenet
+    x = torch.rand(2, 3, 32, 32)
+    mean = torch.tensor(imagenet.pretrained_cfg['mean']).view(1, 3, 1, 1)
+    std = torch.tensor(imagenet.pretrained_cfg['std']).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(view(x), imagenet((x - mean) / std))
+    assert timm_hpm.get_hpm_head(view) is imagenet.hpm_head

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['pgd', 'parse_eps', 'check_images', 'accuracy']
+__all__ = ['pgd', 'parse_eps', 'check_images', 'accuracy', 'NormalizedInput', 'normalized_view']
 
 
 def parse_eps(value, norm: str = 'Linf') -> float:
@@ -125,3 +125,34 @@ def pgd(
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-sample correctness of ``model`` on the whole batch ``x`` (one forward)."""
     return model(x).argmax(1) == y
+
+
+class NormalizedInput(nn.Module):
+    """``module((x - mean) / std)``: puts a timm-style (normalise-outside) model's normalisation inside, so data
+    and attacks work on [0, 1] images. ``.module`` keeps the HPM head reachable (``get_hpm_head``)."""
+
+    def __init__(self, module: nn.Module, mean, std):
+        super().__init__()
+        self.module = module
+        device = next(module.parameters()).device
+        self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
+                             persistent=False)
+        self.register_buffer('std', torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1),
+                             persistent=False)
+        self.num_classes = getattr(module, 'num_classes', None)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(self.normalize(x))
+
+
+def normalized_view(model: nn.Module) -> nn.Module:
+    """``model`` itself when it takes [0, 1] images (its pretrained cfg has mean 0, std 1, as the CIFAR-style
+    families do), else a :class:`NormalizedInput` view on it with the cfg's mean/std (timm's ImageNet models)."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    mean, std = tuple(cfg.get('mean') or (0.0,)), tuple(cfg.get('std') or (1.0,))
+    if all(v == 0.0 for v in mean) and all(v == 1.0 for v in std):
+        return model
+    return NormalizedInput(model, mean, std)

@@ -23,7 +23,7 @@ from ..models._hpm import is_hpm_model
 from .msa import MSAConfig, ModelView, PassCounter, attack_batch, hpm_views
 
 __all__ = ['BATCHINGS', 'make_batchings', 'evaluate', 'aggregate', 'format_table', 'check_eval_ready',
-           'NormalizedInput', 'sanity_checks']
+           'sanity_checks']
 
 _logger = logging.getLogger(__name__)
 
@@ -47,21 +47,6 @@ def make_batchings(n: int, batch_size: int, names: Sequence[str], seed: int) -> 
             raise ValueError(f'unknown batching {name!r}; choose from {BATCHINGS}')
         out[name] = [order[i:i + size] for i in range(0, n, size)]
     return out
-
-
-class NormalizedInput(nn.Module):
-    """``module((x - mean) / std)``: puts a timm-style (normalise-outside) model's normalisation inside, so
-    attacks work on [0, 1] images. ``.module`` keeps the HPM head reachable."""
-
-    def __init__(self, module: nn.Module, mean, std):
-        super().__init__()
-        self.module = module
-        self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer('std', torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.num_classes = getattr(module, 'num_classes', None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module((x - self.mean) / self.std)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ..attacks import pgd
+from ..attacks import normalized_view, pgd
 from ..models._hpm import convert_to_hpm, get_hpm_head, is_hpm_model
 from .config import ConfigError, FinetuneConfig
 
@@ -139,13 +139,8 @@ def init_prototypes(model: nn.Module, loader: Iterable, max_batches: Optional[in
 def input_normalizer(model: nn.Module):
     """``x -> (x - mean) / std`` for models that normalise outside (timm's ImageNet convention), else None.
     Data and attacks stay in [0, 1]; the model sees normalised inputs."""
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    mean, std = tuple(cfg.get('mean') or (0.0,)), tuple(cfg.get('std') or (1.0,))
-    if all(v == 0.0 for v in mean) and all(v == 1.0 for v in std):
-        return None
-    mean_t = torch.tensor(mean).view(1, -1, 1, 1)
-    std_t = torch.tensor(std).view(1, -1, 1, 1)
-    return lambda x: (x - mean_t.to(x)) / std_t.to(x)
+    view = normalized_view(model)
+    return view.normalize if view is not model else None
 
 
 def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig,
@@ -160,8 +155,7 @@ def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg
     head = get_hpm_head(model) if is_hpm_model(model) else None
     was_training = model.training
     model.eval()
-    normalize = input_normalizer(model)
-    attacked = (lambda z: model(normalize(z))) if normalize else model
+    attacked = normalized_view(model)
     try:
         with head.using_mode(a.target_mode or head.mode) if head is not None else contextlib.nullcontext():
             if a.type == 'pgd':
@@ -205,8 +199,7 @@ def evaluate_heads(model: nn.Module, dataset: Dataset, cfg: FinetuneConfig, batc
     n = 0
     g = torch.Generator().manual_seed(cfg.train.seed)
     device = next(model.parameters()).device
-    normalize = input_normalizer(model)
-    attacked = (lambda z: model(normalize(z))) if normalize else model
+    attacked = normalized_view(model)
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         n += len(y)
