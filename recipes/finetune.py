@@ -34,7 +34,7 @@ from timm_hpm.hub import save_for_hub
 from timm_hpm.train import (adversarial_examples, build_model, evaluate_heads, hpm_loss, init_prototypes, load_config,
                             select_trainable, set_frozen_eval, step_generator)
 from timm_hpm.train.config import ConfigError
-from timm_hpm.train.engine import broadcast_buffers, input_normalizer, read_jsonl
+from timm_hpm.train.engine import broadcast_buffers, input_normalizer, read_jsonl, trades_loss
 
 logger = logging.getLogger('finetune')
 
@@ -76,9 +76,7 @@ def base_loss(model, x, x_adv, y, cfg):
     logits = model(x_adv)
     if cfg.attack.type != 'trades':
         return F.cross_entropy(logits, y)
-    clean = model(x)
-    return F.cross_entropy(clean, y) + cfg.attack.beta * F.kl_div(F.log_softmax(logits, 1), F.softmax(clean, 1),
-                                                                  reduction='batchmean')
+    return trades_loss(logits, model(x), y, cfg.attack.beta)
 
 
 def state_fingerprint(model) -> str:

@@ -130,3 +130,28 @@ def test_prototypes_see_only_the_training_part_unaugmented(augment):
     assert all(torch.equal(plain[i][0], plain[i][0]) for i in range(3))  # deterministic, no augmentation
     held_out = {tuple(val[i][0].flatten().tolist()[:5]) for i in range(len(val))}
     assert not any(tuple(plain[i][0].flatten().tolist()[:5]) in held_out for i in range(len(plain)))
+
+
+def test_trades_loss_against_its_definition():
+    import torch.nn.functional as F
+    from timm_hpm.train.engine import trades_loss
+    y = torch.tensor([0, 1])
+    clean = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    torch.testing.assert_close(trades_loss(clean, clean, y, beta=6.0), F.cross_entropy(clean, y))
+    adv = torch.tensor([[0.0, 0.0], [0.0, 1.0]])
+    p = torch.softmax(clean, 1)
+    kl = (p * (p.log() - torch.log_softmax(adv, 1))).sum(1).mean()
+    torch.testing.assert_close(trades_loss(adv, clean, y, beta=2.0), F.cross_entropy(clean, y) + 2.0 * kl)
+
+
+@pytest.mark.parametrize('objective, name', [('hpm', 'hpm_preact_resnet18'), ('base', 'preact_resnet18')])
+def test_trades_runs_for_both_objectives(tmp_path, objective, name):
+    result = _run(['--output-dir', str(tmp_path / objective), '--max-steps', '2', '--set', 'attack.type=trades',
+                   f'train.objective={objective}', f'model.name={name}'] +
+                  (['model.hpm={}'] if objective == 'base' else []))
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [json.loads(line)['loss'] for line in (tmp_path / objective / 'log.jsonl').read_text().splitlines()
+              if 'loss' in json.loads(line)]
+    assert losses and all(l == l and l < 50 for l in losses)  # finite
+    model = timm.create_model(f"local-dir:{tmp_path / objective / 'final'}", pretrained=True)
+    assert timm_hpm.is_hpm_model(model) == (objective == 'hpm')

@@ -1,1 +1,1 @@
-from .hpm_head import HPM_MODES, HPMHead, HPMOutput
+from .hpm_head import HPM_MODES, HPM_OPTIONS, HPMHead, HPMOutput

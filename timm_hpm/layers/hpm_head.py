@@ -32,9 +32,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['HPMHead', 'HPMOutput', 'HPM_MODES']
+__all__ = ['HPMHead', 'HPMOutput', 'HPM_MODES', 'HPM_OPTIONS']
 
 HPM_MODES = ('dynamic', 'static', 'soft', 'fc')
+#: The head's options (``hpm_cfg`` of the registered models, ``convert_to_hpm`` keywords, configs' ``model.hpm``).
+HPM_OPTIONS = ('mode', 'tau', 'alpha', 'momentum', 'gamma_init')
 
 
 class HPMOutput(NamedTuple):
@@ -164,8 +166,7 @@ class HPMHead(nn.Module):
 
     def hpm_config(self) -> dict:
         """The head's options, as accepted by ``HPMHead``/``convert_to_hpm`` (serialisable)."""
-        return dict(mode=self.mode, tau=self.tau, alpha=self.alpha, momentum=self.momentum,
-                    gamma_init=self.gamma_init)
+        return {name: getattr(self, name) for name in HPM_OPTIONS}
 
     @contextlib.contextmanager
     def using_mode(self, mode: str) -> Iterator['HPMHead']:

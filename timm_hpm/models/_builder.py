@@ -11,6 +11,7 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg
 from timm.models._builder import resolve_pretrained_cfg
 
+from ..layers.hpm_head import HPM_OPTIONS
 from ._hpm import attach_hpm_head, is_hpm_model
 
 __all__ = ['HF_HUB_ORG', 'hub_id', 'PretrainedWeightsUnavailable', 'clean_checkpoint', 'hpm_checkpoint_filter',
@@ -179,10 +180,9 @@ def build_family(
         kwargs.setdefault(key, value)
     if hpm:
         options = dict(hpm_cfg or {})
-        unknown = set(options) - {'mode', 'tau', 'alpha', 'momentum', 'gamma_init'}
+        unknown = set(options) - set(HPM_OPTIONS)
         if unknown:
-            raise TypeError(f'unknown hpm_cfg options {sorted(unknown)}; valid: mode, tau, alpha, momentum, '
-                            'gamma_init.')
+            raise TypeError(f'unknown hpm_cfg options {sorted(unknown)}; valid: {", ".join(HPM_OPTIONS)}.')
 
         def factory(**model_kwargs):
             return attach_hpm_head(model_cls(**model_kwargs), classifier, options, allow_headless=True)

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Union
 import yaml
 
 from ..attacks import parse_eps
-from ..layers.hpm_head import HPM_MODES
+from ..layers.hpm_head import HPM_MODES, HPM_OPTIONS
 
 __all__ = ['FinetuneConfig', 'ModelSection', 'DataSection', 'AttackSection', 'TrainSection', 'load_config',
            'ConfigError']
@@ -124,10 +124,9 @@ class FinetuneConfig:
             close = timm.list_models(f"*{name.split('.')[0].split('_')[-1]}*")[:5]
             raise ConfigError(f'model.name: unknown model {name!r}' + (f'; did you mean one of {close}?' if close else
                                                                        '; see timm.list_models()'))
-        unknown = set(self.model.hpm) - {'mode', 'tau', 'alpha', 'momentum', 'gamma_init'}
+        unknown = set(self.model.hpm) - set(HPM_OPTIONS)
         if unknown:
-            raise ConfigError(f'model.hpm: unknown options {sorted(unknown)}; valid: mode, tau, alpha, momentum, '
-                              'gamma_init')
+            raise ConfigError(f'model.hpm: unknown options {sorted(unknown)}; valid: {", ".join(HPM_OPTIONS)}')
         if self.model.hpm.get('mode', 'dynamic') not in HPM_MODES:
             raise ConfigError(f"model.hpm.mode must be one of {HPM_MODES}")
         if self.data.dataset not in DATASETS:

@@ -23,7 +23,7 @@ from ..models._hpm import convert_to_hpm, get_hpm_head, is_hpm_model
 from .config import ConfigError, FinetuneConfig
 
 __all__ = ['build_model', 'select_trainable', 'set_frozen_eval', 'init_prototypes', 'adversarial_examples',
-           'hpm_loss', 'evaluate_heads', 'step_generator', 'read_jsonl', 'broadcast_buffers', 'input_normalizer']
+           'hpm_loss', 'trades_loss', 'evaluate_heads', 'step_generator', 'read_jsonl', 'broadcast_buffers', 'input_normalizer']
 
 _logger = logging.getLogger(__name__)
 
@@ -173,17 +173,19 @@ def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg
         model.train(was_training)
 
 
+def trades_loss(adv_logits: torch.Tensor, clean_logits: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
+    """TRADES: CE(clean) + beta KL(p(adv) || p(clean))."""
+    return F.cross_entropy(clean_logits, y) + beta * F.kl_div(F.log_softmax(adv_logits, 1),
+                                                              F.softmax(clean_logits, 1), reduction='batchmean')
+
+
 def hpm_loss(logits: torch.Tensor, fc_logits: torch.Tensor, y: torch.Tensor, lambda_fc: float,
              clean: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, beta: Optional[float] = None) -> torch.Tensor:
-    """PGD-AT: CE(s(x_adv)) + lambda_fc CE(z(x_adv)). TRADES (``clean`` logits and ``beta`` given): for each head,
-    CE(clean) + beta KL(adv || clean), FC weighted by lambda_fc."""
+    """PGD-AT: CE(s(x_adv)) + lambda_fc CE(z(x_adv)). TRADES (``clean`` logits and ``beta`` given): the TRADES
+    loss of each head, FC weighted by lambda_fc."""
     if clean is None:
         return F.cross_entropy(logits, y) + lambda_fc * F.cross_entropy(fc_logits, y)
-
-    def trades(adv, nat):
-        return F.cross_entropy(nat, y) + beta * F.kl_div(F.log_softmax(adv, 1), F.softmax(nat, 1),
-                                                         reduction='batchmean')
-    return trades(logits, clean[0]) + lambda_fc * trades(fc_logits, clean[1])
+    return trades_loss(logits, clean[0], y, beta) + lambda_fc * trades_loss(fc_logits, clean[1], y, beta)
 
 
 def evaluate_heads(model: nn.Module, dataset: Dataset, cfg: FinetuneConfig, batch_size: int) -> Dict[str, float]:
