@@ -2,6 +2,7 @@
 
     accelerate launch recipes/evaluate.py --model hpm_wrn28_10.<tag> --dataset cifar10 --eps 8/255 --protocol msa
     accelerate launch recipes/evaluate.py --model wrn28_10.<tag> --dataset cifar10 --eps 8/255 --protocol autoattack
+    python recipes/evaluate.py --model hpm_small_cnn.fmnist_hpm --hpm-mode static --protocol autoattack ...  # l2 head
     python recipes/evaluate.py --model local-dir:runs/x/final --dataset fashion_mnist --eps 0.1 --n-examples 1000 --device cpu
 
 Writes ``<out>/eval.json`` (RobustBench model_info fields plus MSA's), ``<out>/eval.md`` (the table) and, with
@@ -36,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument('--eps', required=True, help="'8/255', 0.031, ...")
     p.add_argument('--norm', default='Linf', choices=['Linf', 'L2'])
     p.add_argument('--protocol', default='msa', choices=['msa', 'autoattack'])
+    p.add_argument('--hpm-mode', choices=timm_hpm.HPM_MODES,
+                   help="with --protocol autoattack: the HPM head's mode attacked (e.g. 'static': the l2 head alone)")
     p.add_argument('--n-examples', type=int, default=1000)
     p.add_argument('--batch-size', type=int, default=128, help='B_eval: the fixed batch size that is scored')
     p.add_argument('--batchings', nargs='+', default=None, choices=BATCHINGS,
@@ -79,6 +82,10 @@ def main(argv=None):
                         [logging.FileHandler(out / f'log_rank{accelerator.process_index}.txt')])
     model = load_model(args).to(accelerator.device)
     base = getattr(model, 'module', model)
+    if args.hpm_mode:
+        if args.protocol != 'autoattack':
+            raise SystemExit('--hpm-mode goes with --protocol autoattack (MSA always attacks the dynamic head).')
+        timm_hpm.get_hpm_head(base).mode = args.hpm_mode
     x, y = load_eval_tensors(args.dataset, args.n_examples, args.data_dir, base.pretrained_cfg,
                              num_classes=base.num_classes, image_size=base.pretrained_cfg['input_size'],
                              seed=args.seed)
@@ -87,7 +94,7 @@ def main(argv=None):
                     n_target_classes=args.n_target_classes, autoattack_iters=args.autoattack_iters,
                     square_queries=args.square_queries, surrogate_autoattack=args.surrogate_autoattack,
                     cascade=not args.no_cascade, seed=args.seed)
-    metadata = dict(name=args.model, dataset=args.dataset, architecture=base.pretrained_cfg.get('architecture'),
+    metadata = dict(name=args.model, dataset=args.dataset, hpm_mode=args.hpm_mode, architecture=base.pretrained_cfg.get('architecture'),
                     command='python recipes/evaluate.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
                     autoattack_backend=timm_hpm.eval.autoattack_backend(), timm_hpm_version=timm_hpm.__version__)
     start = time.time()

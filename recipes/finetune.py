@@ -126,8 +126,12 @@ def main(argv=None):
                           f'{accelerator.num_processes} processes, grad_accum {t.grad_accum}): lower the batch size.')
     optimizer = create_optimizer_v2([p for p in model.parameters() if p.requires_grad], opt=t.opt, lr=t.lr,
                                     weight_decay=t.weight_decay, momentum=t.momentum)
-    scheduler, _ = create_scheduler_v2(optimizer, sched=t.sched, num_epochs=t.epochs, warmup_epochs=t.warmup_epochs,
-                                       min_lr=t.min_lr, step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+    # The schedule spans the budget: all epochs, or max_steps when that ends the run earlier (warm-up keeps its
+    # length in optimizer steps).
+    budget = min(t.max_steps or t.epochs * updates_per_epoch, t.epochs * updates_per_epoch)
+    scheduler, _ = create_scheduler_v2(optimizer, sched=t.sched, num_epochs=1,
+                                       warmup_epochs=t.warmup_epochs * updates_per_epoch / budget,
+                                       min_lr=t.min_lr, step_on_epochs=False, updates_per_epoch=budget)
 
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """Export + model card + push to the Hugging Face Hub.
 
     python recipes/push_to_hub.py --run runs/<run>/final --results runs/<run>/eval.json --repo-id <org>/<name> [--dry-run]
+    python recipes/push_to_hub.py --model hpm_small_cnn.fmnist_hpm --results ... --repo-id ... --dry-run  # shipped weights
 
 Builds the upload folder (model.safetensors, config.json, README.md card generated from the results JSON,
 the results, the training config), writes the card to ``hub_cards/<name>.md`` too, and uploads with
@@ -17,7 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--run', type=Path, required=True, help='Hub-ready folder (model.safetensors + config.json)')
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument('--run', type=Path, help='Hub-ready folder (model.safetensors + config.json)')
+    source.add_argument('--model', help="a registered model with its tag (e.g. hpm_small_cnn.fmnist_hpm): its "
+                                        "pretrained weights are exported with timm_hpm.hub.save_for_hub")
     p.add_argument('--results', type=Path, required=True, help='eval.json of the HPM model (--protocol msa)')
     p.add_argument('--base-results', type=Path, help='eval.json of the base model (--protocol autoattack)')
     p.add_argument('--training-config', type=Path, help='default: config.yaml next to the run folder')
@@ -40,16 +44,24 @@ def assemble(args) -> Path:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    run = args.run
+    if args.model:
+        import timm
+        from timm_hpm.hub import save_for_hub
+        run = save_for_hub(timm.create_model(args.model, pretrained=True).eval(), out / '.export')
     for filename in ('model.safetensors', 'config.json'):
-        source = args.run / filename
+        source = run / filename
         if not source.is_file():
-            raise SystemExit(f'{args.run} has no {filename}: point --run at a folder written by recipes/finetune.py '
+            raise SystemExit(f'{run} has no {filename}: point --run at a folder written by recipes/finetune.py '
                              '(runs/<run>/final) or timm_hpm.hub.save_for_hub.')
         shutil.copy2(source, out / filename)
     result = load_json(args.results)
     base_result = load_json(args.base_results) if args.base_results else None
-    training_config_path = args.training_config or args.run.parent / 'config.yaml'
-    training_config = training_config_path.read_text() if training_config_path.is_file() else None
+    if args.model:
+        shutil.rmtree(out / '.export')
+    training_config_path = args.training_config or (args.run.parent / 'config.yaml' if args.run else None)
+    training_config = training_config_path.read_text() if training_config_path and training_config_path.is_file() \
+        else None
     card = render_card(result, args.repo_id, load_json(out / 'config.json'), base_result=base_result,
                        training_config=training_config, base_model=args.base_model, license=args.license,
                        license_name=args.license_name)

@@ -95,6 +95,26 @@ def test_bad_arguments_fail_before_attacking(model_dir, tmp_path):
             '--dataset', 'synthetic', '--device', 'cpu', '--out', str(tmp_path / 'x')]
     for extra, message in ((['--eps', '8'], 'did you mean 8/255'),
                            (['--eps', '8/255', '--dataset', 'fashion_mnist', '--n-examples', '20000'],
-                            'larger than the fashion_mnist test set')):
+                            'larger than the fashion_mnist test set'),
+                           (['--eps', '0.05', '--hpm-mode', 'static'], '--hpm-mode goes with --protocol autoattack')):
         result = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
         assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+
+
+def test_hpm_mode_selects_the_attacked_head(model_dir, tmp_path):
+    """--hpm-mode static evaluates the l2 head alone: its clean accuracy is the static head's."""
+    out = tmp_path / 'static'
+    result = subprocess.run([sys.executable, str(ROOT / 'recipes' / 'evaluate.py'), '--model', f'local-dir:{model_dir}',
+                             *ARGS, '--protocol', 'autoattack', '--hpm-mode', 'static', '--out', str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((out / 'eval.json').read_text())
+    assert record['hpm_mode'] == 'static' and record['protocol'] == 'autoattack'
+    from timm_hpm.data import load_eval_tensors
+    model = timm.create_model(f'local-dir:{model_dir}', pretrained=True).eval()
+    x, y = load_eval_tensors('synthetic', 16, pretrained_cfg=model.pretrained_cfg, num_classes=4,
+                             image_size=model.pretrained_cfg['input_size'])
+    with torch.no_grad(), model.hpm_head.using_mode('static'):
+        expected = (model(x).argmax(1) == y).float().mean().item()
+    assert record['clean_acc'] == pytest.approx(expected)
+    assert record['autoattack_acc'] <= record['clean_acc']

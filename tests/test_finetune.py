@@ -155,3 +155,16 @@ def test_trades_runs_for_both_objectives(tmp_path, objective, name):
     assert losses and all(l == l and l < 50 for l in losses)  # finite
     model = timm.create_model(f"local-dir:{tmp_path / objective / 'final'}", pretrained=True)
     assert timm_hpm.is_hpm_model(model) == (objective == 'hpm')
+
+
+def test_max_steps_budget_carries_the_whole_lr_schedule(tmp_path):
+    """A run cut by max_steps anneals its cosine schedule over those steps (not over the full epochs)."""
+    result = _run(['--output-dir', str(tmp_path / 'r'), '--max-steps', '4', '--set', 'train.log_every=1',
+                   'train.eval_pgd_steps=0', 'train.epochs=3'])
+    assert result.returncode == 0, result.stderr[-3000:]
+    lrs = [r['lr'] for r in map(json.loads, (tmp_path / 'r' / 'log.jsonl').read_text().splitlines()) if 'lr' in r]
+    base_lr = load_config(CONFIG).train.lr
+    # timm's cosine in step mode: lr_k = base_lr * (1 + cos(pi k / 4)) / 2 after k updates
+    import math
+    expected = [base_lr * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(1, 5)]
+    assert lrs == pytest.approx(expected, rel=1e-4, abs=1e-9)

@@ -26,3 +26,17 @@ def test_quick_start_has_exactly_two_commands():
     commands = [line for line in block.splitlines() if line.strip() and not line.startswith('#')]
     assert [c.split('#')[0].strip() for c in commands] == ['bash recipes/quickstart.sh', 'bash tests/run.sh']
     assert 'pytest' in (ROOT / 'tests' / 'run.sh').read_text()
+
+
+def test_study_tables_match_the_committed_results():
+    """Every number of the Fashion-MNIST study in the README comes from the JSON in results/."""
+    readme = (ROOT / 'README.md').read_text()
+    section = re.search(r'<!-- fmnist-study:start -->\n(.*?)\n<!-- fmnist-study:end -->', readme, re.S).group(1)
+    n_test = int(re.search(r'the first (\d+) of the 10,000', section).group(1))
+    n_sens = int(re.search(r'static l2 head, same weights; first (\d+) test images', section).group(1))
+    tables = _load(ROOT / 'recipes' / 'study_table.py').study_tables(ROOT / 'results' / 'fashion_mnist', n_test, n_sens)
+    assert section == tables, \
+        f'run: python recipes/study_table.py --n-test {n_test} --n-sensitivity {n_sens} --update README.md'
+    for name in ('eval_base', 'eval_static', 'eval_hpm'):
+        assert (ROOT / 'results' / 'fashion_mnist' / f'{name}_{n_test}' / 'eval.json').is_file(), name
+    assert f'![sensitivity](results/fashion_mnist/sensitivity_{n_sens}/sensitivity.png)' in readme

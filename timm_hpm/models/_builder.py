@@ -173,13 +173,16 @@ def build_family(
         hpm: put an :class:`HPMHead` in place of the classifier.
         hpm_cfg: HPM head options (``mode``, ``tau``, ``alpha``, ``momentum``, ``gamma_init``).
         tag_model_args: per-pretrained-tag model arguments that a checkpoint cannot carry (e.g. the input
-            normalisation held in non-persistent buffers); explicit kwargs win.
+            normalisation held in non-persistent buffers, or the HPM options under ``hpm_cfg``, which are not
+            tensors); explicit kwargs win.
     """
     tag, cfg = _pretrained_source(variant, kwargs)
-    for key, value in (tag_model_args or {}).get(tag, {}).items():
+    tag_args = dict((tag_model_args or {}).get(tag, {}))
+    tag_hpm_cfg = tag_args.pop('hpm_cfg', {})
+    for key, value in tag_args.items():
         kwargs.setdefault(key, value)
     if hpm:
-        options = dict(hpm_cfg or {})
+        options = {**tag_hpm_cfg, **(hpm_cfg or {})}
         unknown = set(options) - set(HPM_OPTIONS)
         if unknown:
             raise TypeError(f'unknown hpm_cfg options {sorted(unknown)}; valid: {", ".join(HPM_OPTIONS)}.')

@@ -4,13 +4,14 @@ The project's CPU-scale family: adversarial training on Fashion-MNIST fits in te
 Inputs are 1 x 28 x 28 images in [0, 1] (no normalisation). The pre-logit features are the 200-d output of
 the second fully connected layer; ``fc`` is the linear classifier the HPM head replaces.
 """
+from pathlib import Path
 from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 
-from ._builder import build_family
+from ._builder import build_family, hub_id
 from ._common import check_image_size, cifar_cfg, FamilyHeadMixin
 
 __all__ = ['SmallCNN']
@@ -69,7 +70,8 @@ class SmallCNN(FamilyHeadMixin, nn.Module):
 
 def _create(variant: str, pretrained: bool = False, hpm: bool = False, **kwargs) -> SmallCNN:
     kwargs.pop('global_pool', None)
-    return build_family(SmallCNN, variant, pretrained, classifier='fc', hpm=hpm, **kwargs)
+    return build_family(SmallCNN, variant, pretrained, classifier='fc', hpm=hpm, tag_model_args=_TAG_MODEL_ARGS,
+                        **kwargs)
 
 
 def _cfg(**kwargs):
@@ -77,9 +79,32 @@ def _cfg(**kwargs):
                      pool_size=None, **kwargs)
 
 
+#: Weights that ship inside the package (small enough, and the study's results are reproducible offline).
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / 'weights'
+
+
+def _shipped(name_tag: str, file_tag: str = None, **kwargs):
+    """A pretrained cfg whose weights are a file in the package (loaded offline, ``file_tag`` names it when
+    another tag's weights are reused); the same weights are meant for the Hub under the project's organisation."""
+    return _cfg(file=str(SHIPPED_WEIGHTS / f'{file_tag or name_tag}.safetensors'), hf_hub_id=hub_id(name_tag),
+                **kwargs)
+
+
+# Trained by this project (recipes/configs/fashion_mnist_*.yaml; the architecture is TRADES' SmallCNN).
+_FMNIST = dict(license='apache-2.0', num_classes=10, paper_ids='arXiv:1901.08573',
+               paper_name='Theoretically Principled Trade-off between Robustness and Accuracy (SmallCNN)',
+               origin_url='recipes/configs/fashion_mnist_base.yaml')
+_FMNIST_HPM = dict(_FMNIST, paper_ids='arXiv:2606.01746', origin_url='recipes/tune_hpm.py',
+                   paper_name='Sensitivity as a Double-Edged Sword (HPM)')
+# The HPM options a checkpoint cannot carry (they are not tensors): those the fine-tuning run used.
+_TAG_MODEL_ARGS = {'fmnist_hpm': {'hpm_cfg': dict(alpha=0.5, tau=1.0, momentum=0.9)}}
 default_cfgs = generate_default_cfgs({
-    'small_cnn': _cfg(),
-    'hpm_small_cnn': _cfg(),
+    # PGD-AT (Linf eps 0.1) on Fashion-MNIST from scratch: recipes/configs/fashion_mnist_base.yaml
+    'small_cnn.fmnist_pgdat': _shipped('small_cnn.fmnist_pgdat', **_FMNIST),
+    # HPM fine-tuned from it: the best candidate of recipes/configs/fashion_mnist_hpm_sweep.yaml
+    'hpm_small_cnn.fmnist_hpm': _shipped('hpm_small_cnn.fmnist_hpm', **_FMNIST_HPM),
+    # the HPM model with the base's weights (prototypes still to be initialised from data: the fine-tuning start)
+    'hpm_small_cnn.fmnist_pgdat': _shipped('hpm_small_cnn.fmnist_pgdat', 'small_cnn.fmnist_pgdat', **_FMNIST_HPM),
 })
 
 

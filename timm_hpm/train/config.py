@@ -65,7 +65,7 @@ class TrainSection:
     # 'base': adversarially train the plain model (FC head only), e.g. the base an HPM head is put on later.
     objective: str = 'hpm'
     epochs: int = 1
-    max_steps: Optional[int] = None  # stop after this many optimizer steps (tests, budgets)
+    max_steps: Optional[int] = None  # stop after this many optimizer steps; the LR schedule spans them
     trainable: str = 'head'  # 'head', 'head+last_stage' or 'all'
     lambda_fc: float = 1.0
     opt: str = 'sgd'

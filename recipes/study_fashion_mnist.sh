@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The Fashion-MNIST study, every step in order (each resumable: rerun after an interruption).
+#   bash recipes/study_fashion_mnist.sh                 # first 250 test images (what the README reports; sensitivity: 500)
+#   N_TEST=10000 bash recipes/study_fashion_mnist.sh    # the full test set (hours on 2 CPU cores; minutes on a GPU)
+# Set TRAIN=1 to retrain the base and rerun the sweep instead of using the weights shipped in timm_hpm/weights/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+N_TEST=${N_TEST:-250}
+N_SENS=${N_SENS:-500}
+OUT=${OUT:-results/fashion_mnist}
+EVAL=(--dataset fashion_mnist --eps 0.1 --n-examples "$N_TEST" --batch-size 250 --device cpu)
+
+if [ "${TRAIN:-0}" = 1 ]; then
+    # 1. the base: PGD-AT from scratch (~45 min on 2 cores), shipped as small_cnn.fmnist_pgdat
+    $PY recipes/finetune.py --config recipes/configs/fashion_mnist_base.yaml --device cpu \
+        $( [ -f runs/fashion_mnist_base/config.yaml ] && echo --resume runs/fashion_mnist_base )
+    cp runs/fashion_mnist_base/final/model.safetensors timm_hpm/weights/small_cnn.fmnist_pgdat.safetensors
+    # 2. HPM options and budget, scored on held-out training images; the best run is shipped as hpm_small_cnn.fmnist_hpm
+    $PY recipes/tune_hpm.py --sweep recipes/configs/fashion_mnist_hpm_sweep.yaml --out "$OUT/tuning"
+    BEST=$($PY -c "import json; print(json.load(open('$OUT/tuning/tuning.json'))['best'])")
+    cp "runs/tune/$BEST/final/model.safetensors" timm_hpm/weights/hpm_small_cnn.fmnist_hpm.safetensors
+fi
+
+# 3. test-set evaluation: base (AutoAttack), the static l2 head (AutoAttack), HPM dynamic (MSA; add the single and
+#    shuffled batchings with --batchings default single shuffled)
+$PY recipes/evaluate.py --model small_cnn.fmnist_pgdat --protocol autoattack "${EVAL[@]}" --out "$OUT/eval_base_$N_TEST"
+$PY recipes/evaluate.py --model hpm_small_cnn.fmnist_hpm --hpm-mode static --protocol autoattack "${EVAL[@]}" \
+    --out "$OUT/eval_static_$N_TEST"
+$PY recipes/evaluate.py --model hpm_small_cnn.fmnist_hpm --protocol msa "${EVAL[@]}" --batchings default \
+    --out "$OUT/eval_hpm_$N_TEST"
+# 4. sensitivity analysis (FC head vs l2 head of the HPM model)
+$PY recipes/sensitivity.py --model hpm_small_cnn.fmnist_hpm --dataset fashion_mnist --eps-max 0.2 \
+    --n-examples "$N_SENS" --out "$OUT/sensitivity_$N_SENS"
+# 5. the Hub-ready folder and the generated card (hub_cards/hpm_small_cnn.fmnist_hpm.md); nothing is uploaded
+BEST=$($PY -c "import json; print(json.load(open('$OUT/tuning/tuning.json'))['best'])")
+$PY recipes/push_to_hub.py --model hpm_small_cnn.fmnist_hpm --training-config "$OUT/tuning/configs/$BEST.yaml" \
+    --results "$OUT/eval_hpm_$N_TEST/eval.json" --base-results "$OUT/eval_base_$N_TEST/eval.json" \
+    --base-model timm-hpm/small_cnn.fmnist_pgdat --repo-id timm-hpm/hpm_small_cnn.fmnist_hpm --license apache-2.0 --dry-run

@@ -1,0 +1,170 @@
+"""Tune HPM fine-tuning on the held-out split (never the test set): one fine-tune per candidate, scored there.
+
+    python recipes/tune_hpm.py --sweep recipes/configs/fashion_mnist_hpm_sweep.yaml --out results/fashion_mnist/tuning
+
+Each candidate is the sweep's base config with its overrides (``model.hpm.alpha: 0.25``, ``train.max_steps: 400``,
+...), fine-tuned by ``recipes/finetune.py`` into ``<runs>/<name>``. It is then scored on the first ``n_val``
+held-out images (the last ``data.val_examples`` of the training split, which fine-tuning never sees):
+
+* ``msa_val``: the dynamic head's accuracy on realised fixed batches under the surrogate part of MSA (whole-batch
+  APGD-CE and APGD-T through ``fc``, ``static``, ``soft`` and ``dynamic``; AutoAttack on the target is left out to
+  keep the sweep affordable, so this is an upper bound on full MSA, used for ranking only);
+* ``static_val`` and ``fc_val``: APGD-CE + APGD-DLR accuracy of the static l2 head and of the FC head;
+* clean accuracy of each.
+
+The candidate with the highest ``msa_val`` is reported as ``best``. Finished candidates are kept in
+``tuning.json`` and skipped when the sweep is run again (an interrupted fine-tune resumes from its checkpoint).
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+import yaml
+
+import timm_hpm
+from timm_hpm.analysis import apgd_accuracy
+from timm_hpm.attacks import normalized_view
+from timm_hpm.data import build_train_val
+from timm_hpm.eval import MSAConfig, evaluate
+from timm_hpm.eval.msa import ModelView
+from timm_hpm.train import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--sweep', type=Path, required=True, help='YAML: config, candidates {name: overrides}, scoring')
+    p.add_argument('--out', type=Path, required=True, help='folder for tuning.json (and the scoring runs)')
+    p.add_argument('--runs', type=Path, default=Path('runs/tune'), help='where the candidates are fine-tuned')
+    p.add_argument('--only', nargs='*', help='run these candidates only')
+    p.add_argument('--device', default='cpu', choices=['cpu', 'auto'])
+    return p.parse_args(argv)
+
+
+def held_out(cfg, n: int, model):
+    _, val = build_train_val(cfg.data.dataset, cfg.data.data_dir, cfg.data.val_examples, cfg.data.train_examples,
+                             augment=False, image_size=model.pretrained_cfg['input_size'],
+                             num_classes=model.num_classes, seed=cfg.train.seed, pretrained_cfg=model.pretrained_cfg)
+    n = min(n, len(val))
+    items = [val[i] for i in range(n)]
+    return torch.stack([a for a, _ in items]), torch.tensor([int(b) for _, b in items])
+
+
+def score(model, x, y, eps, norm, scoring, work_dir: Path) -> dict:
+    """Held-out figures of an HPM model (eval mode)."""
+    iters = scoring.get('apgd_iters', 20)
+    attacked = normalized_view(model)
+    out = {}
+    for mode in ('fc', 'static'):
+        view = ModelView(attacked, mode)
+        with torch.no_grad():
+            out[f'{mode}_clean'] = (view(x).argmax(1) == y).float().mean().item()
+        out[f'{mode}_val'] = apgd_accuracy(view, x, y, eps, norm, iters, generator=torch.Generator().manual_seed(0))
+    cfg = MSAConfig(eps=eps, norm=norm, apgd_iters=iters, n_target_classes=scoring.get('n_target_classes', 3),
+                    autoattack=False)
+    result = evaluate(attacked, x, y, cfg, work_dir, protocol='msa', batch_size=scoring.get('batch_size', 128),
+                      batchings=('default',), progress=False)
+    b = result['batchings']['default']
+    out.update(dynamic_clean=b['clean_acc'], msa_val=b['realised_acc'],
+               msa_val_per_surrogate=b['per_surrogate_acc'])
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sweep = yaml.safe_load(args.sweep.read_text())
+    unknown = set(sweep) - {'config', 'common', 'candidates', 'scoring', 'base_model'}
+    if unknown:
+        raise SystemExit(f'{args.sweep}: unknown keys {sorted(unknown)}')
+    config = REPO / sweep['config'] if not Path(sweep['config']).is_absolute() else Path(sweep['config'])
+    scoring = sweep.get('scoring', {})
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / 'tuning.json'
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results.setdefault('candidates', {})
+    results.update(sweep=str(args.sweep), config=str(sweep['config']), common=sweep.get('common', {}), scoring=scoring,
+                   command='python recipes/tune_hpm.py ' + ' '.join(argv if argv is not None else sys.argv[1:]))
+    base_cfg = load_config(config)
+    eps, norm = base_cfg.eps, base_cfg.attack.norm
+
+    if 'base_model' in sweep and 'base' not in results:  # the base's FC head on the same held-out images
+        base = timm.create_model(sweep['base_model'], pretrained=True).eval()
+        x, y = held_out(base_cfg, scoring.get('n_val', 500), base)
+        view = normalized_view(base)
+        with torch.no_grad():
+            clean = (view(x).argmax(1) == y).float().mean().item()
+        results['base'] = {'model': sweep['base_model'], 'fc_clean': clean,
+                           'fc_val': apgd_accuracy(view, x, y, eps, norm, scoring.get('apgd_iters', 20),
+                                                   generator=torch.Generator().manual_seed(0))}
+        results_path.write_text(json.dumps(results, indent=2))
+        print(f"base {sweep['base_model']}: {results['base']}", flush=True)
+
+    for name, overrides in sweep['candidates'].items():
+        if args.only and name not in args.only:
+            continue
+        if name in results['candidates']:
+            print(f'{name}: done ({results["candidates"][name]["msa_val"]:.4f})', flush=True)
+            continue
+        run_dir = args.runs / name
+        overrides = {**sweep.get('common', {}), **(overrides or {})}
+        sets = [f'{k}={json.dumps(v)}' for k, v in overrides.items()]
+        if (run_dir / 'config.yaml').exists() and not (run_dir / 'final' / 'model.safetensors').exists():
+            cmd = ['--resume', str(run_dir)]
+        else:
+            cmd = ['--config', str(config), '--output-dir', str(run_dir)] + (['--set'] + sets if sets else [])
+        if not (run_dir / 'final' / 'model.safetensors').exists():
+            tic = time.time()
+            subprocess.run([sys.executable, str(REPO / 'recipes' / 'finetune.py'), *cmd, '--device', args.device],
+                           check=True)
+            train_seconds = round(time.time() - tic, 1)
+        else:
+            train_seconds = None
+        (args.out / 'configs').mkdir(exist_ok=True)  # the resolved config of every candidate, kept with the results
+        (args.out / 'configs' / f'{name}.yaml').write_text((run_dir / 'config.yaml').read_text())
+        model = timm.create_model(f'local-dir:{run_dir / "final"}', pretrained=True).eval()
+        cfg = load_config(config, overrides)
+        x, y = held_out(cfg, scoring.get('n_val', 500), model)
+        tic = time.time()
+        common = sweep.get('common', {})
+        record = dict(overrides={k: v for k, v in overrides.items() if k not in common or common[k] != v}, run_dir=str(run_dir), train_seconds=train_seconds,
+                      **score(model, x, y, eps, norm, scoring, args.out / 'scoring' / name))
+        record['score_seconds'] = round(time.time() - tic, 1)
+        record['gamma'] = float(timm_hpm.get_hpm_head(model).gamma.detach())
+        # Re-read before writing: several sweep processes (--only) may share one tuning.json.
+        latest = json.loads(results_path.read_text()) if results_path.exists() else {}
+        results['candidates'] = {**latest.get('candidates', {}), **results['candidates'], name: record}
+        results['best'] = max(results['candidates'], key=lambda k: results['candidates'][k]['msa_val'])
+        results_path.write_text(json.dumps(results, indent=2))
+        print(f"{name}: msa_val {record['msa_val']:.4f} static_val {record['static_val']:.4f} "
+              f"fc_val {record['fc_val']:.4f} clean {record['dynamic_clean']:.4f}", flush=True)
+    latest = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results['candidates'] = {**latest.get('candidates', {}), **results['candidates']}
+    if results['candidates']:
+        results['best'] = max(results['candidates'], key=lambda k: results['candidates'][k]['msa_val'])
+    results_path.write_text(json.dumps(results, indent=2))
+    print(format_table(results))
+    return results
+
+
+def format_table(results: dict) -> str:
+    lines = ['| candidate | overrides | clean (dynamic) | MSA-surrogates (dynamic) | APGD (static) | APGD (fc) |',
+             '|---|---|---:|---:|---:|---:|']
+    if 'base' in results:
+        b = results['base']
+        lines.append(f"| base `{b['model']}` | - | {100 * b['fc_clean']:.1f}% (fc) | - | - | {100 * b['fc_val']:.1f}% |")
+    for name, r in results['candidates'].items():
+        ov = ', '.join(f'{k.split(".")[-1]}={v}' for k, v in r['overrides'].items()) or '(config as is)'
+        star = ' **(best)**' if name == results.get('best') else ''
+        lines.append(f"| {name}{star} | {ov} | {100 * r['dynamic_clean']:.1f}% | {100 * r['msa_val']:.1f}% | "
+                     f"{100 * r['static_val']:.1f}% | {100 * r['fc_val']:.1f}% |")
+    return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,49 @@
+"""The quick start's main job end to end on real Fashion-MNIST and the shipped base, on a tiny budget."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from timm_hpm.data import FASHION_MNIST_DIRS
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_fmnist = pytest.mark.skipif(
+    not any(os.path.isdir(d) for d in FASHION_MNIST_DIRS) and not os.environ.get('FASHION_MNIST_DIR'),
+    reason='Fashion-MNIST (Debian dataset-fashion-mnist) not installed')
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_quickstart_tiny_budget(tmp_path):
+    out = tmp_path / 'qs'
+    cmd = [sys.executable, str(ROOT / 'recipes' / 'quickstart.py'), '--out', str(out), '--steps', '2',
+           '--train-examples', '512', '--n-test', '40', '--batch-size', '20', '--apgd-iters', '3',
+           '--autoattack-iters', '3', '--square-queries', '20', '--sensitivity-iters', '3']
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    record = json.loads((out / 'quickstart.json').read_text())
+    assert record['n_test'] == 40 and record['eps'] == pytest.approx(0.1)
+    attacks = [r['attack'] for r in record['rows']]
+    assert attacks[0] == 'AutoAttack (standard cascade)' and attacks[-1].startswith('**MSA')
+    assert any('through dynamic' in a for a in attacks) and any('AutoAttack on the target' in a for a in attacks)
+    for r in record['rows']:
+        assert 0.0 <= r['robust'] <= r['clean'] <= 1.0
+    hpm_rows = [r for r in record['rows'] if r['head'] == 'dynamic']
+    assert hpm_rows[-1]['robust'] == min(r['robust'] for r in hpm_rows)  # the worst case is the minimum
+    table = (out / 'quickstart.md').read_text()
+    assert table.count('\n| ') >= len(record['rows']) + 4 and '| fc |' in table and '| static |' in table
+    assert table.strip() in result.stdout
+    png = out / 'sensitivity' / 'sensitivity.png'
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    sens = json.loads((out / 'sensitivity' / 'sensitivity.json').read_text())
+    assert sens['n_examples'] == 40 and sens['robust_accuracy']['eps'][0] == 0.0
+    # clean accuracy of the curve's first point is the head's clean accuracy
+    for head in ('fc', 'static'):
+        assert sens['robust_accuracy']['accuracy'][head][0] == pytest.approx(sens['summary'][head]['clean_acc'])
+    # a second run finds every step done and only reprints the table
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert again.returncode == 0 and '===' not in again.stdout
+    assert json.loads((out / 'quickstart.json').read_text())['rows'] == record['rows']
