@@ -94,7 +94,8 @@ def main(argv=None):
                     n_target_classes=args.n_target_classes, autoattack_iters=args.autoattack_iters,
                     square_queries=args.square_queries, surrogate_autoattack=args.surrogate_autoattack,
                     cascade=not args.no_cascade, seed=args.seed)
-    metadata = dict(name=args.model, dataset=args.dataset, hpm_mode=args.hpm_mode, architecture=base.pretrained_cfg.get('architecture'),
+    metadata = dict(name=args.model, dataset=args.dataset, hpm_mode=args.hpm_mode,
+                    architecture=base.pretrained_cfg.get('architecture'),
                     command='python recipes/evaluate.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
                     autoattack_backend=timm_hpm.eval.autoattack_backend(), timm_hpm_version=timm_hpm.__version__)
     start = time.time()

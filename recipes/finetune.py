@@ -195,7 +195,8 @@ def main(argv=None):
         loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         model.train()
         set_frozen_eval(frozen)
-        bar = tqdm(loader, desc=f'epoch {epoch}', initial=skip, total=len(train_loader),
+        remaining = (total_steps - state['global_step']) * t.grad_accum  # batches left in the budget
+        bar = tqdm(loader, desc=f'epoch {epoch}', initial=skip, total=min(len(train_loader), skip + remaining),
                    disable=not accelerator.is_local_main_process)
         tic, images, batches_done = time.perf_counter(), 0, skip
         for x, y in bar:

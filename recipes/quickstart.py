@@ -129,8 +129,8 @@ def summary_rows(results: dict, args) -> list:
                  clean=base['clean_acc'], robust=base['realised_acc'])]
     order = ['autoattack'] + list(results['hpm']['settings']['msa']['surrogates'])  # the cascade's order
     for name in [s for s in order if s in hpm['per_surrogate_acc']]:
-        label = 'AutoAttack on the target' if name == 'autoattack' else f'+ APGD-CE/T through {name}'
-        rows.append(dict(model='HPM (fine-tuned)', head='dynamic', attack=f'MSA, cumulative: {label}',
+        label = 'AutoAttack on the target' if name == 'autoattack' else f'APGD-CE/T through {name}'
+        rows.append(dict(model='HPM (fine-tuned)', head='dynamic', attack=f'MSA stage: {label}',
                          clean=hpm['clean_acc'], robust=hpm['per_surrogate_acc'][name]))
     rows.append(dict(model='HPM (fine-tuned)', head='dynamic', attack='**MSA (worst case, realised batches)**',
                      clean=hpm['clean_acc'], robust=hpm['realised_acc']))
@@ -142,7 +142,8 @@ def format_table(rows: list, args) -> str:
              f'Attack budget: AutoAttack {args.autoattack_iters} APGD/FAB iterations and {args.square_queries} Square '
              f'queries, MSA surrogates {args.apgd_iters} APGD iterations'
              + (' (reduced for the quick start: the README study table uses 100 and 5000).'
-                if (args.autoattack_iters, args.square_queries, args.apgd_iters) != (100, 5000, 100) else '.'),
+                if (args.autoattack_iters, args.square_queries, args.apgd_iters) != (100, 5000, 100) else '.')
+             + ' An MSA stage row is the best candidate batch of that stage; the worst case is the realised batch.',
              '', '| model | head | attack | clean | robust |', '|---|---|---|---:|---:|']
     for r in rows:
         lines.append(f"| {r['model']} | {r['head']} | {r['attack']} | {100 * r['clean']:.1f}% | {100 * r['robust']:.1f}% |")

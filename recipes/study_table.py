@@ -33,7 +33,9 @@ def study_tables(results: Path, n_test: int, n_sensitivity: int = None) -> str:
     rel = results.relative_to(ROOT) if results.is_relative_to(ROOT) else results
     if base or static or hpm:
         out += [f'Test set: the first {n_test} of the 10,000 Fashion-MNIST test images, Linf eps 0.1, fixed batches of '
-                f"{(hpm or base or static)['batch_size']}. Results: `{rel}/eval_*_{n_test}/eval.json`.", '',
+                f"{(hpm or base or static)['batch_size']}. Results: `{rel}/eval_*_{n_test}/eval.json`. An MSA stage "
+                'row is the best candidate batch that stage produced from the realised batch so far; the worst case '
+                'is the realised batch after all stages.', '',
                 '| model | head | attack | clean | robust | command |', '|---|---|---|---:|---:|---|']
         if base:
             out.append(f"| base `small_cnn.fmnist_pgdat` | fc | AutoAttack (standard) | {_pct(base['clean_acc'])} | "
@@ -45,8 +47,8 @@ def study_tables(results: Path, n_test: int, n_sensitivity: int = None) -> str:
             order = ['autoattack'] + list(hpm['settings']['msa']['surrogates'])
             for batching, b in hpm['batchings'].items():
                 for name in [s for s in order if s in b['per_surrogate_acc']]:
-                    label = 'AutoAttack on the target' if name == 'autoattack' else f'+ APGD-CE/T via {name}'
-                    out.append(f"| HPM `hpm_small_cnn.fmnist_hpm` | dynamic | MSA ({batching} batching), cumulative: "
+                    label = 'AutoAttack on the target' if name == 'autoattack' else f'APGD-CE/T via {name}'
+                    out.append(f"| HPM `hpm_small_cnn.fmnist_hpm` | dynamic | MSA ({batching} batching) stage: "
                                f"{label} | {_pct(b['clean_acc'])} | {_pct(b['per_surrogate_acc'][name])} | |")
                 out.append(f"| HPM `hpm_small_cnn.fmnist_hpm` | dynamic | **MSA ({batching} batching), worst case** | "
                            f"{_pct(b['clean_acc'])} | **{_pct(b['realised_acc'])}** | |")

@@ -132,7 +132,8 @@ def main(argv=None):
         x, y = held_out(cfg, scoring.get('n_val', 500), model)
         tic = time.time()
         common = sweep.get('common', {})
-        record = dict(overrides={k: v for k, v in overrides.items() if k not in common or common[k] != v}, run_dir=str(run_dir), train_seconds=train_seconds,
+        record = dict(overrides={k: v for k, v in overrides.items() if k not in common or common[k] != v},
+                      run_dir=str(run_dir), train_seconds=train_seconds,
                       **score(model, x, y, eps, norm, scoring, args.out / 'scoring' / name))
         record['score_seconds'] = round(time.time() - tic, 1)
         record['gamma'] = float(timm_hpm.get_hpm_head(model).gamma.detach())
