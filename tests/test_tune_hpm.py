@@ -1,5 +1,5 @@
 """recipes/tune_hpm.py on synthetic data: every candidate fine-tuned and scored on held-out images, the best is
-the argmax of the MSA-surrogates figure, a second run skips finished candidates, and the study table renders."""
+the argmax of the MSA-surrogates figure, and a second run skips finished candidates."""
 import json
 import subprocess
 import sys
