@@ -11,8 +11,9 @@ from pathlib import Path
 from timm_hpm.analysis import format_summary
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'recipes' / 'benchmarks'))
+sys.path[:0] = [str(ROOT / 'recipes'), str(ROOT / 'recipes' / 'benchmarks')]
 from readme_sections import update_section  # noqa: E402
+from tune_hpm import format_table as tuning_table  # noqa: E402
 
 
 def _pct(v) -> str:
@@ -62,26 +63,12 @@ def study_tables(results: Path, n_test: int, n_sensitivity: int = None) -> str:
                 f"`{tuning['command']}`. MSA-surrogates = the surrogate part of MSA ({sc['apgd_iters']} APGD "
                 f"iterations, {sc['n_target_classes']} targets, fixed batches of {sc['batch_size']}) without AutoAttack "
                 'on the target: an upper bound on MSA, used for ranking. APGD = APGD-CE then APGD-DLR.', '']
-        out.append(_tuning_table(tuning))
+        out.append(tuning_table(tuning))
     if sens:
         out += ['', f"Sensitivity of `{sens['model']}` (FC head vs static l2 head, same weights; first "
                 f"{sens['n_examples']} test images; {sens['robust_accuracy']['attack']}): `{sens['command']}`", '',
                 format_summary(sens)]
     return '\n'.join(out)
-
-
-def _tuning_table(results: dict) -> str:
-    lines = ['| candidate | change | clean (dynamic) | MSA-surrogates (dynamic) | APGD (static) | APGD (fc) |',
-             '|---|---|---:|---:|---:|---:|']
-    if 'base' in results:
-        b = results['base']
-        lines.append(f"| base `{b['model']}` | no HPM | {_pct(b['fc_clean'])} (fc) | - | - | {_pct(b['fc_val'])} |")
-    for name, r in results['candidates'].items():
-        change = ', '.join(f'{k.split(".")[-1]}={v}' for k, v in r['overrides'].items()) or '(defaults)'
-        star = ' **best**' if name == results.get('best') else ''
-        lines.append(f"| {name}{star} | {change} | {_pct(r['dynamic_clean'])} | {_pct(r['msa_val'])} | "
-                     f"{_pct(r['static_val'])} | {_pct(r['fc_val'])} |")
-    return '\n'.join(lines)
 
 
 def main():

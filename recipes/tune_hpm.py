@@ -154,16 +154,19 @@ def main(argv=None):
 
 
 def format_table(results: dict) -> str:
-    lines = ['| candidate | overrides | clean (dynamic) | MSA-surrogates (dynamic) | APGD (static) | APGD (fc) |',
+    """The sweep's Markdown table (printed here, and in the README by recipes/study_table.py)."""
+    def pct(v):
+        return f'{100 * v:.1f}%'
+    lines = ['| candidate | change | clean (dynamic) | MSA-surrogates (dynamic) | APGD (static) | APGD (fc) |',
              '|---|---|---:|---:|---:|---:|']
     if 'base' in results:
         b = results['base']
-        lines.append(f"| base `{b['model']}` | - | {100 * b['fc_clean']:.1f}% (fc) | - | - | {100 * b['fc_val']:.1f}% |")
+        lines.append(f"| base `{b['model']}` | no HPM | {pct(b['fc_clean'])} (fc) | - | - | {pct(b['fc_val'])} |")
     for name, r in results['candidates'].items():
-        ov = ', '.join(f'{k.split(".")[-1]}={v}' for k, v in r['overrides'].items()) or '(config as is)'
-        star = ' **(best)**' if name == results.get('best') else ''
-        lines.append(f"| {name}{star} | {ov} | {100 * r['dynamic_clean']:.1f}% | {100 * r['msa_val']:.1f}% | "
-                     f"{100 * r['static_val']:.1f}% | {100 * r['fc_val']:.1f}% |")
+        change = ', '.join(f'{k.split(".")[-1]}={v}' for k, v in r['overrides'].items()) or '(defaults)'
+        star = ' **best**' if name == results.get('best') else ''
+        lines.append(f"| {name}{star} | {change} | {pct(r['dynamic_clean'])} | {pct(r['msa_val'])} | "
+                     f"{pct(r['static_val'])} | {pct(r['fc_val'])} |")
     return '\n'.join(lines)
 
 
