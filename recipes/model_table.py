@@ -4,7 +4,7 @@
     python recipes/model_table.py --update README.md
 """
 import argparse
-import re
+import sys
 from pathlib import Path
 
 import timm
@@ -12,7 +12,8 @@ import torch
 
 import timm_hpm
 
-START, END = '<!-- model-table:start -->', '<!-- model-table:end -->'
+sys.path.insert(0, str(Path(__file__).resolve().parent / 'benchmarks'))
+from readme_sections import update_section  # noqa: E402
 
 
 def model_table() -> str:
@@ -37,11 +38,7 @@ def main():
     if args.update is None:
         print(table)
         return
-    text = args.update.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f'{args.update} has no {START} ... {END} markers')
-    text = re.sub(re.escape(START) + '.*?' + re.escape(END), lambda _: f'{START}\n{table}\n{END}', text, flags=re.S)
-    args.update.write_text(text)
+    update_section(args.update, 'model-table', table)
 
 
 if __name__ == '__main__':
