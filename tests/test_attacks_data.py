@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import needs_fashion_mnist
 
 from timm_hpm.attacks import NormalizedInput, accuracy, check_images, normalized_view, parse_eps, pgd
-from timm_hpm.data import (DatasetUnavailable, FASHION_MNIST_DIRS, load_fashion_mnist, read_idx,
-                           synthetic_dataset)
+from timm_hpm.data import DatasetUnavailable, load_fashion_mnist, read_idx, synthetic_dataset
 
 
 class TwoClassLinear(nn.Module):
@@ -121,8 +121,7 @@ def test_fashion_mnist_from_a_local_folder_and_missing_folder(tmp_path, monkeypa
         load_fashion_mnist('test', root=tmp_path / 'nothing', download=False)
 
 
-@pytest.mark.skipif(not any(__import__('os').path.isdir(d) for d in FASHION_MNIST_DIRS),
-                    reason='Debian dataset-fashion-mnist not installed')
+@needs_fashion_mnist
 def test_real_fashion_mnist_test_split():
     x, y = load_fashion_mnist('test', download=False).tensors
     assert x.shape == (10000, 1, 28, 28)

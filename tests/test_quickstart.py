@@ -1,21 +1,16 @@
 """The quick start's main job end to end on real Fashion-MNIST and the shipped base, on a tiny budget."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-from timm_hpm.data import FASHION_MNIST_DIRS
+from conftest import needs_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_fmnist = pytest.mark.skipif(
-    not any(os.path.isdir(d) for d in FASHION_MNIST_DIRS) and not os.environ.get('FASHION_MNIST_DIR'),
-    reason='Fashion-MNIST (Debian dataset-fashion-mnist) not installed')
 
 
-@needs_fmnist
+@needs_fashion_mnist
 @pytest.mark.slow
 def test_quickstart_tiny_budget(tmp_path):
     out = tmp_path / 'qs'

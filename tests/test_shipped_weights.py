@@ -8,16 +8,14 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import needs_fashion_mnist
 from safetensors.torch import load_file
 
-import timm_hpm
-from timm_hpm.data import FASHION_MNIST_DIRS, load_eval_tensors
+import timm_hpm  # noqa: F401  (registers the models)
+from timm_hpm.data import load_eval_tensors
 from timm_hpm.models.small_cnn import SHIPPED_WEIGHTS
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_fmnist = pytest.mark.skipif(
-    not any(os.path.isdir(d) for d in FASHION_MNIST_DIRS) and not os.environ.get('FASHION_MNIST_DIR'),
-    reason='Fashion-MNIST (Debian dataset-fashion-mnist) not installed')
 
 
 def test_shipped_files_are_package_data():
@@ -54,7 +52,7 @@ def test_weights_are_the_files_and_the_hpm_base_shares_the_backbone():
     assert timm.create_model('hpm_small_cnn.fmnist_hpm', hpm_cfg=dict(alpha=1.0)).hpm_head.alpha == 1.0
 
 
-@needs_fmnist
+@needs_fashion_mnist
 def test_shipped_models_are_trained():
     """Truth on real data: accuracies on the first 250 test images equal the study's recorded figures."""
     x, y = load_eval_tensors('fashion_mnist', 250)
