@@ -7,7 +7,8 @@
 
 Writes ``<out>/eval.json`` (RobustBench model_info fields plus MSA's), ``<out>/eval.md`` (the table) and, with
 ``--save-adv``, the realised adversarial batches as safetensors. Interrupted runs resume from ``<out>``;
-batches are sharded over the processes of ``accelerate launch``.
+batches are sharded over the processes of ``accelerate launch``; ``--extend-from`` grows a finished run to more
+examples without recomputing its batches.
 """
 import argparse
 import json
@@ -58,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default=None, help="'cpu' forces the CPU (also under accelerate launch)")
     p.add_argument('--out', type=Path, default=None, help='run folder (default runs/eval/<model>_<protocol>)')
+    p.add_argument('--extend-from', type=Path, nargs='+', default=[], metavar='RUN',
+                   help='--out folders of smaller runs (same model and settings, fewer examples) whose finished '
+                        'batches are reused: e.g. grow a 1,000-image run to 10,000 images')
     return p.parse_args(argv)
 
 
@@ -102,7 +106,7 @@ def main(argv=None):
     evaluate(model, x, y, cfg, out / 'attack', protocol=args.protocol, batch_size=args.batch_size,
              batchings=batchings, amp=args.amp == 'bf16', save_adversarial=args.save_adv,
              process_index=accelerator.process_index, num_processes=accelerator.num_processes,
-             progress=accelerator.is_local_main_process, metadata=metadata)
+             progress=accelerator.is_local_main_process, metadata=metadata, extend_from=args.extend_from)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return None

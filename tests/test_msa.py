@@ -208,6 +208,53 @@ def test_resume_refuses_other_settings(tmp_path):
         evaluate(model, x[:16], y[:16], MSAConfig(eps=0.1, **FAST), tmp_path, batch_size=16, progress=False)
 
 
+def test_extending_a_smaller_run_equals_the_larger_run_from_scratch(tmp_path, monkeypatch):
+    model, x, y = small_hpm()
+    cfg = MSAConfig(eps=0.05, **FAST)
+    batchings = ('default', 'shuffled')
+    reference = evaluate(model, x, y, cfg, tmp_path / 'ref', batch_size=16, batchings=batchings, progress=False)
+    evaluate(model, x[:32], y[:32], cfg, tmp_path / 'small', batch_size=16, batchings=batchings, progress=False)
+    evaluate(model, x[:16], y[:16], cfg, tmp_path / 'default_only', batch_size=16, progress=False)
+    real, calls = runner_module.attack_batch, []
+    monkeypatch.setattr(runner_module, 'attack_batch', lambda *a, **k: calls.append(1) or real(*a, **k))
+    grown = evaluate(model, x, y, cfg, tmp_path / 'grown', batch_size=16, batchings=batchings, progress=False,
+                     extend_from=[tmp_path / 'default_only', tmp_path / 'small'])
+    assert json.dumps(_strip(grown), sort_keys=True) == json.dumps(_strip(reference), sort_keys=True)
+    # default batches 0 and 1 cover the same examples in both runs; a 32-image shuffle is another permutation
+    assert len(calls) == 1 + 3
+    calls.clear()  # a run of more batchings reuses the default batches of a default-only run
+    evaluate(model, x[:16], y[:16], cfg, tmp_path / 'more_batchings', batch_size=16, batchings=batchings,
+             progress=False, extend_from=[tmp_path / 'default_only'])
+    assert len(calls) == 1
+    calls.clear()  # a larger run's batches are reused one by one, when their images are provably the same
+    evaluate(model, x[:16], y[:16], cfg, tmp_path / 'from_larger', batch_size=16, batchings=batchings,
+             progress=False, extend_from=[tmp_path / 'ref'])
+    assert len(calls) == 1
+    calls.clear()
+    evaluate(model, 1 - x[:16], y[:16], cfg, tmp_path / 'other_images', batch_size=16, progress=False,
+             extend_from=[tmp_path / 'ref'])
+    assert len(calls) == 1
+
+
+def test_extending_refuses_another_model_other_settings_or_other_images(tmp_path):
+    model, x, y = small_hpm()
+    cfg = MSAConfig(eps=0.05, **FAST)
+    evaluate(model, x[:16], y[:16], cfg, tmp_path / 'small', batch_size=16, progress=False)
+    with pytest.raises(ValueError, match=r"differ in \['msa'\]"):
+        evaluate(model, x, y, MSAConfig(eps=0.1, **FAST), tmp_path / 'a', batch_size=16, progress=False,
+                 extend_from=[tmp_path / 'small'])
+    with pytest.raises(ValueError, match='first 16 images differ'):
+        evaluate(model, x.flip(0), y.flip(0), cfg, tmp_path / 'b', batch_size=16, progress=False,
+                 extend_from=[tmp_path / 'small'])
+    with pytest.raises(FileNotFoundError, match='not an evaluation run folder'):
+        evaluate(model, x, y, cfg, tmp_path / 'c', batch_size=16, progress=False, extend_from=[tmp_path / 'none'])
+    timm_hpm.get_hpm_head(model).mode = 'static'  # same weights, another head: another model
+    with pytest.raises(ValueError, match='another model'):
+        evaluate(model, x, y, cfg, tmp_path / 'd', batch_size=16, progress=False, extend_from=[tmp_path / 'small'])
+    with pytest.raises(ValueError, match='holds a run of another model'):  # resuming is checked the same way
+        evaluate(model, x[:16], y[:16], cfg, tmp_path / 'small', batch_size=16, progress=False)
+
+
 def test_bad_input_fails_before_any_attack(tmp_path):
     model, x, y = small_hpm()
     cfg = MSAConfig(eps=0.05, **FAST)

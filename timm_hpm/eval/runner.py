@@ -4,13 +4,19 @@ Work is cut into units (one fixed batch of one batching). Each unit's result is 
 file in ``<run_dir>/units/`` (atomically), so a killed run resumes without recomputing finished units and
 processes share units round-robin; the final result is aggregated from the unit files alone, so it does
 not depend on how many processes ran or how often the run was interrupted.
+
+A run on more examples or batchings can start from the finished units of other runs (``extend_from``): a unit is reused
+when it covers exactly the same examples in the same batching with the same settings, model and images (both are fingerprinted in
+``<run_dir>/fingerprint.json``), which makes the result identical to running the larger run from scratch.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import platform
+import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -23,7 +29,7 @@ from ..models._hpm import is_hpm_model
 from .msa import MSAConfig, ModelView, PassCounter, attack_batch, hpm_views
 
 __all__ = ['BATCHINGS', 'make_batchings', 'evaluate', 'aggregate', 'format_table', 'check_eval_ready',
-           'sanity_checks']
+           'sanity_checks', 'model_fingerprint', 'data_fingerprint']
 
 _logger = logging.getLogger(__name__)
 
@@ -74,6 +80,88 @@ def _write_json_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def _hash_tensor(h, t: torch.Tensor) -> None:
+    shape = t.shape
+    t = t.detach().cpu().contiguous().reshape(-1)
+    h.update(f'{t.dtype}{tuple(shape)}'.encode())
+    h.update(t.view(torch.uint8).numpy().data if t.numel() else b'')
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of what decides a model's outputs: every parameter and buffer, and the module tree with its
+    options (``repr``: e.g. the HPM head's mode, tau and alpha)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module  # the same fingerprint whatever the number of processes
+    h = hashlib.sha256(repr(model).encode())
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        h.update(name.encode())
+        _hash_tensor(h, t)
+    return h.hexdigest()
+
+
+def data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
+    """SHA-256 of the evaluated images and labels."""
+    h = hashlib.sha256()
+    _hash_tensor(h, x)
+    _hash_tensor(h, y.long())
+    return h.hexdigest()
+
+
+def _check_fingerprint(run_dir: Path, model: nn.Module, x: torch.Tensor, y: torch.Tensor, write: bool) -> dict:
+    fingerprint = dict(model=model_fingerprint(model), data=data_fingerprint(x, y))
+    path = run_dir / 'fingerprint.json'
+    if path.exists():
+        previous = json.loads(path.read_text())
+        for key, what in (('model', 'another model (other weights or head options)'), ('data', 'other images')):
+            if previous.get(key) != fingerprint[key]:
+                raise ValueError(f'{run_dir} holds a run of {what}; use a new folder (--out) to evaluate this one.')
+    elif write:
+        _write_json_atomic(path, fingerprint)
+    return fingerprint
+
+
+def _reusable_units(sources: Sequence[Path], settings: dict, model: nn.Module, x: torch.Tensor,
+                    y: torch.Tensor) -> Dict[tuple, Path]:
+    """``(batching, index, tuple(indices)) -> unit file`` of the finished units of other runs that may be reused:
+    same settings but for ``n_examples`` and ``batchings``, the same model, and the same images (a smaller run's
+    images must equal the first ones of this run; a larger run's units are checked one by one against the
+    image hash each unit carries)."""
+    found: Dict[tuple, Path] = {}
+    model_fp = model_fingerprint(model)
+    for source in sources:
+        source = Path(source)
+        if not (source / 'settings.json').exists() and (source / 'attack' / 'settings.json').exists():
+            source = source / 'attack'  # the recipe's run folder
+        if not (source / 'settings.json').exists():
+            raise FileNotFoundError(f'{source} is not an evaluation run folder (no settings.json); pass the --out '
+                                    'folder of an earlier run.')
+        previous = json.loads((source / 'settings.json').read_text())
+        differences = sorted(k for k in set(previous) | set(settings)
+                             if k not in ('n_examples', 'batchings') and previous.get(k) != settings.get(k))
+        if differences:
+            raise ValueError(f'cannot extend {source}: its settings differ in {differences}; only n_examples and '
+                             'batchings may differ.')
+        if not (source / 'fingerprint.json').exists():
+            raise ValueError(f'cannot extend {source}: it has no fingerprint.json (it was made by an older version); '
+                             'resume it once with this version to write one, or start from scratch.')
+        previous_fp = json.loads((source / 'fingerprint.json').read_text())
+        if previous_fp.get('model') != model_fp:
+            raise ValueError(f'cannot extend {source}: it evaluated another model (other weights or head options).')
+        n = previous['n_examples']
+        prefix_checked = n <= len(y)
+        if prefix_checked and previous_fp.get('data') != data_fingerprint(x[:n], y[:n]):
+            raise ValueError(f'cannot extend {source}: its first {n} images differ from these.')
+        for f in sorted((source / 'units').glob('*.json')):
+            batching, index = f.stem.rsplit('_', 1)
+            unit = json.loads(f.read_text())
+            idx = unit['indices']
+            if not prefix_checked and (max(idx) >= len(y) or unit.get('data_sha256') !=
+                                       data_fingerprint(x[idx], y[idx])):
+                continue  # not among these examples, or not provably the same images
+            found.setdefault((batching, int(index), tuple(idx)), f)
+    return found
+
+
 def evaluate(
         model: nn.Module,
         x: torch.Tensor,
@@ -89,9 +177,14 @@ def evaluate(
         num_processes: int = 1,
         progress: bool = True,
         metadata: Optional[dict] = None,
+        extend_from: Sequence[Path] = (),
 ) -> Optional[dict]:
     """Evaluate ``model`` on ``x, y`` (images in [0, 1]); returns the aggregated result on the main process
-    (``None`` elsewhere: call :func:`aggregate` after all processes finished, or use the recipe)."""
+    (``None`` elsewhere: call :func:`aggregate` after all processes finished, or use the recipe).
+
+    ``extend_from``: run folders of other runs of the same model, settings and images whose finished units are
+    copied instead of recomputed (e.g. a 1,000-image run started from a 250-image one, or a run of more
+    batchings from a default-only one)."""
     if protocol not in ('msa', 'autoattack'):
         raise ValueError(f"protocol must be 'msa' or 'autoattack', got {protocol!r}")
     check_eval_ready(model)
@@ -114,6 +207,8 @@ def evaluate(
                              'the same settings to resume.')
     elif process_index == 0:
         _write_json_atomic(settings_path, settings)
+    _check_fingerprint(run_dir, model, x, y, write=process_index == 0)
+    reusable = _reusable_units(extend_from, settings, model, x, y) if extend_from else {}
 
     counter = PassCounter()
     if protocol == 'msa':
@@ -126,6 +221,19 @@ def evaluate(
     plan = make_batchings(len(y), batch_size, batchings, cfg.seed)
     units = [(b, i, idx) for b in batchings for i, idx in enumerate(plan[b])]
     mine = units[process_index::num_processes]
+    reused = 0
+    for batching, index, idx in mine:
+        source, dest = reusable.get((batching, index, tuple(idx))), _unit_path(run_dir, batching, index)
+        if source is None or dest.exists():
+            continue
+        if save_adversarial:
+            if not source.with_suffix('.safetensors').exists():
+                continue  # this run keeps the adversarial images, that one did not: recompute
+            shutil.copyfile(source.with_suffix('.safetensors'), dest.with_suffix('.safetensors'))
+        shutil.copyfile(source, dest)  # the JSON last: its presence marks the unit done
+        reused += 1
+    if reused:
+        _logger.info('reused %d finished units of %s', reused, ', '.join(str(s) for s in extend_from))
     todo = [u for u in mine if not _unit_path(run_dir, u[0], u[1]).exists()]
     if len(todo) < len(mine):
         _logger.info('resuming: %d of %d units already done', len(mine) - len(todo), len(mine))
@@ -143,6 +251,7 @@ def evaluate(
         after = counter.as_dict()
         result['passes'] = {k: after[k] - before[k] for k in after}
         result['indices'] = idx
+        result['data_sha256'] = data_fingerprint(xb, yb)
         if save_adversarial:
             from safetensors.torch import save_file
             save_file({'x_adv': x_adv.contiguous(), 'indices': torch.tensor(idx)},
@@ -236,7 +345,8 @@ def format_table(result: dict) -> str:
         lines.append(f"| {name} | {100 * b['clean_acc']:.2f}% | {'-' if aa is None else f'{100 * aa:.2f}%'} | "
                      f"{100 * b['realised_acc']:.2f}% | {100 * b['union_acc']:.2f}% |")
     if result['protocol'] == 'msa':
-        lines += ['', '| surrogate (cumulative, default batching) | robust accuracy |', '|---|---:|']
+        first = next(iter(result['batchings']))  # per_surrogate_acc is the first batching's
+        lines += ['', f'| surrogate (cumulative, {first} batching) | robust accuracy |', '|---|---:|']
         lines += [f'| {s} | {100 * v:.2f}% |' for s, v in result['per_surrogate_acc'].items()]
         lines += ['', f"MSA accuracy (worst batching: {result['worst_batching']}): {100 * result['msa_acc']:.2f}%  "
                       f"(union bound over all batchings {100 * result['msa_union_acc']:.2f}%)"]
