@@ -39,8 +39,8 @@ def parse_args(argv=None):
     p.add_argument('--n-test', type=int, default=1000, help='test images evaluated (the first n)')
     p.add_argument('--batch-size', type=int, default=250, help='the fixed evaluation batch size B_eval')
     p.add_argument('--eps', default='0.1')
-    # Attack budgets: reduced so the whole job takes about 16 minutes on 2 CPU cores (971 s measured); the README's study table
-    # runs AutoAttack and MSA at full strength (100 iterations, 5000 Square queries).
+    # Attack budgets: reduced so the whole job takes about 16 minutes on 2 CPU cores (971 s measured); the README's
+    # study table runs AutoAttack and MSA at full strength (100 iterations, 5000 Square queries).
     p.add_argument('--apgd-iters', type=int, default=20, help="MSA's surrogate APGD iterations (full: 100)")
     p.add_argument('--autoattack-iters', type=int, default=20, help="AutoAttack's APGD/FAB iterations (full: 100)")
     p.add_argument('--square-queries', type=int, default=300, help="AutoAttack's Square queries (full: 5000)")

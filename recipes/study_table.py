@@ -1,10 +1,11 @@
 """The README's Fashion-MNIST study tables, generated from the committed JSON results (never typed by hand).
 
-    python recipes/study_table.py --n-test 250 --n-sensitivity 500                    # print
-    python recipes/study_table.py --n-test 250 --n-sensitivity 500 --update README.md  # rewrite the README section
+    python recipes/study_table.py --n-test 1000 --n-sensitivity 500 --n-batchings 250                    # print
+    python recipes/study_table.py --n-test 1000 --n-sensitivity 500 --n-batchings 250 --update README.md  # the README
 """
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -24,12 +25,62 @@ def _load(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def study_tables(results: Path, n_test: int, n_sensitivity: int = None) -> str:
+def robust_flags(run_dir: Path, batching: str = 'default'):
+    """Per-image robustness (the realised batches) from a run's unit files; None if they are not there."""
+    files = sorted((run_dir / 'attack' / 'units').glob(f'{batching}_*.json'))
+    if not files:
+        return None
+    flags = {}
+    for f in files:
+        unit = json.loads(f.read_text())
+        flags.update(zip(unit['indices'], map(bool, unit['realised'])))
+    return flags
+
+
+def paired(a: dict, b: dict) -> dict:
+    """Paired comparison of two evaluations of the same images: the images only one of them keeps, and the exact
+    two-sided sign-test (McNemar) p-value of the difference."""
+    if sorted(a) != sorted(b):
+        raise ValueError('the two runs cover different images')
+    only_a = sum(a[i] and not b[i] for i in a)
+    only_b = sum(b[i] and not a[i] for i in a)
+    n = only_a + only_b
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2 ** n if n else 1.0
+    return dict(n=len(a), only_a=only_a, only_b=only_b, difference=(only_b - only_a) / len(a), p=min(1.0, 2 * tail))
+
+
+def batchings_table(run: dict, rel: Path, name: str) -> list:
+    """MSA per batching of one run: every stage, the realised worst case, the worst batching and the union."""
+    n = run['n_examples']
+    order = ['autoattack'] + list(run['settings']['msa']['surrogates'])
+    stages = [s for s in order if s in next(iter(run['batchings'].values()))['per_surrogate_acc']]
+    names = ['AutoAttack on the target' if s == 'autoattack' else f'via {s}' for s in stages]
+    out = [f"MSA per batching (the dynamic head's output depends on its batch): the first {n} test images, "
+           f"fixed batches of {run['batch_size']}{' (single: 1)' if 'single' in run['batchings'] else ''}, "
+           f"full strength as above. Results: `{rel}/{name}/eval.json`, "
+           f"`{run['command']}`."
+           + (f" With {n} images in batches of {run['batch_size']} the shuffled batch has the same members as the "
+              'default one (a single batch), so the shuffled row is a second MSA run with other random starts, not '
+              'another batch composition.' if n <= run['batch_size'] and 'shuffled' in run['batchings'] else ''), '',
+           '| batching | clean | ' + ' | '.join(f'stage: {s}' for s in names) + ' | worst case |',
+           '|---|---:|' + '---:|' * len(stages) + '---:|']
+    for batching, b in run['batchings'].items():
+        out.append(f"| {batching} | {_pct(b['clean_acc'])} | "
+                   + ' | '.join(_pct(b['per_surrogate_acc'][s]) for s in stages) + f" | {_pct(b['realised_acc'])} |")
+    out.append(f"| **worst batching ({run['worst_batching']})** | {_pct(run['clean_acc'])} | "
+               + ' | '.join('' for _ in stages) + f" | **{_pct(run['msa_acc'])}** |")
+    out.append("| per-sample union over the batchings | | " + ' | '.join('' for _ in stages)
+               + f" | {_pct(run['msa_union_acc'])} |")
+    return out
+
+
+def study_tables(results: Path, n_test: int, n_sensitivity: int = None, n_batchings: int = None) -> str:
     base = _load(results / f'eval_base_{n_test}' / 'eval.json')
     static = _load(results / f'eval_static_{n_test}' / 'eval.json')
     hpm = _load(results / f'eval_hpm_{n_test}' / 'eval.json')
     tuning = _load(results / 'tuning' / 'tuning.json')
     sens = _load(results / f'sensitivity_{n_sensitivity or n_test}' / 'sensitivity.json')
+    batchings = _load(results / f'eval_hpm_batchings_{n_batchings}' / 'eval.json') if n_batchings else None
     out = []
     rel = results.relative_to(ROOT) if results.is_relative_to(ROOT) else results
     if base or static or hpm:
@@ -55,6 +106,21 @@ def study_tables(results: Path, n_test: int, n_sensitivity: int = None) -> str:
                            f"{_pct(b['clean_acc'])} | **{_pct(b['realised_acc'])}** | |")
             out.append(f"| HPM `hpm_small_cnn.fmnist_hpm` | dynamic | **MSA, worst batching ({hpm['worst_batching']})** "
                        f"| {_pct(hpm['clean_acc'])} | **{_pct(hpm['msa_acc'])}** | `{hpm['command']}` |")
+    base_flags = robust_flags(results / f'eval_base_{n_test}') if base else None
+    comparisons = [(name, robust_flags(results / f'{folder}_{n_test}'))
+                   for name, folder, run in (('HPM under MSA', 'eval_hpm', hpm), ('the static l2 head under AutoAttack',
+                                                                              'eval_static', static)) if run]
+    if base_flags and all(flags for _, flags in comparisons):
+        lines = []
+        for name, flags in comparisons:
+            c = paired(base_flags, flags)
+            lines.append(f"{name} vs the base under AutoAttack: {c['only_a']} images only the base keeps, "
+                         f"{c['only_b']} only {name.split(' under')[0]} keeps, difference {100 * c['difference']:+.1f} "
+                         f"points, exact sign-test p = {c['p']:.2g}")
+        out += ['', f'Paired on the same {n_test} images (per-image results in `{rel}/eval_*_{n_test}/attack/units/`): '
+                + '; '.join(lines) + '.']
+    if batchings:
+        out += [''] + batchings_table(batchings, rel, f'eval_hpm_batchings_{n_batchings}')
     if tuning:
         sc = tuning['scoring']
         out += ['', f"Tuning on held-out training images (the first {sc['n_val']} of the 5,000 the fine-tuning never "
@@ -76,9 +142,11 @@ def main():
     parser.add_argument('--results', type=Path, default=ROOT / 'results' / 'fashion_mnist')
     parser.add_argument('--n-test', type=int, required=True)
     parser.add_argument('--n-sensitivity', type=int, help='test images of the sensitivity run (default: --n-test)')
+    parser.add_argument('--n-batchings', type=int,
+                        help='test images of the per-batching MSA run (eval_hpm_batchings_N)')
     parser.add_argument('--update', type=Path, help='rewrite the section between the markers in this file')
     args = parser.parse_args()
-    text = study_tables(args.results.resolve(), args.n_test, args.n_sensitivity)
+    text = study_tables(args.results.resolve(), args.n_test, args.n_sensitivity, args.n_batchings)
     if args.update is None:
         print(text)
         return

@@ -3,6 +3,8 @@ import importlib.util
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -34,9 +36,23 @@ def test_study_tables_match_the_committed_results():
     section = re.search(r'<!-- fmnist-study:start -->\n(.*?)\n<!-- fmnist-study:end -->', readme, re.S).group(1)
     n_test = int(re.search(r'the first (\d+) of the 10,000', section).group(1))
     n_sens = int(re.search(r'static l2 head, same weights; first (\d+) test images', section).group(1))
-    tables = _load(ROOT / 'recipes' / 'study_table.py').study_tables(ROOT / 'results' / 'fashion_mnist', n_test, n_sens)
-    assert section == tables, \
-        f'run: python recipes/study_table.py --n-test {n_test} --n-sensitivity {n_sens} --update README.md'
+    n_batchings = re.search(r'MSA per batching .*?: the first (\d+) test images', section)
+    n_batchings = n_batchings and int(n_batchings.group(1))
+    tables = _load(ROOT / 'recipes' / 'study_table.py').study_tables(ROOT / 'results' / 'fashion_mnist', n_test, n_sens,
+                                                                     n_batchings)
+    assert section == tables, (f'run: python recipes/study_table.py --n-test {n_test} --n-sensitivity {n_sens} '
+                               f'--n-batchings {n_batchings} --update README.md')
     for name in ('eval_base', 'eval_static', 'eval_hpm'):
         assert (ROOT / 'results' / 'fashion_mnist' / f'{name}_{n_test}' / 'eval.json').is_file(), name
     assert f'![sensitivity](results/fashion_mnist/sensitivity_{n_sens}/sensitivity.png)' in readme
+
+
+def test_paired_comparison_against_the_exact_sign_test():
+    paired = _load(ROOT / 'recipes' / 'study_table.py').paired
+    c = paired({0: True, 1: True, 2: False, 3: True}, {0: False, 1: True, 2: True, 3: True})
+    assert (c['only_a'], c['only_b'], c['difference'], c['p']) == (1, 1, 0.0, 1.0)
+    a = {i: True for i in range(10)}
+    c = paired(a, {i: i >= 5 for i in range(10)})  # 5 discordant pairs, all one way: p = 2 / 2^5
+    assert (c['only_a'], c['only_b'], c['difference']) == (5, 0, -0.5) and c['p'] == pytest.approx(2 / 32)
+    with pytest.raises(ValueError, match='different images'):
+        paired(a, {i: True for i in range(9)})

@@ -5,9 +5,9 @@ file in ``<run_dir>/units/`` (atomically), so a killed run resumes without recom
 processes share units round-robin; the final result is aggregated from the unit files alone, so it does
 not depend on how many processes ran or how often the run was interrupted.
 
-A run on more examples or batchings can start from the finished units of other runs (``extend_from``): a unit is reused
-when it covers exactly the same examples in the same batching with the same settings, model and images (both are fingerprinted in
-``<run_dir>/fingerprint.json``), which makes the result identical to running the larger run from scratch.
+A run on more examples or batchings can start from the finished units of other runs (``extend_from``): a unit is
+reused when it covers exactly the same examples in the same batching with the same settings, model and images (both
+fingerprinted in ``<run_dir>/fingerprint.json``), which makes the result identical to a run from scratch.
 """
 from __future__ import annotations
 
