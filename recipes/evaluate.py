@@ -8,7 +8,7 @@
 Writes ``<out>/eval.json`` (RobustBench model_info fields plus MSA's), ``<out>/eval.md`` (the table) and, with
 ``--save-adv``, the realised adversarial batches as safetensors. Interrupted runs resume from ``<out>``;
 batches are sharded over the processes of ``accelerate launch``; ``--extend-from`` grows a finished run to more
-examples without recomputing its batches.
+examples or batchings without recomputing its batches.
 """
 import argparse
 import json
@@ -60,8 +60,9 @@ def parse_args(argv=None):
     p.add_argument('--device', default=None, help="'cpu' forces the CPU (also under accelerate launch)")
     p.add_argument('--out', type=Path, default=None, help='run folder (default runs/eval/<model>_<protocol>)')
     p.add_argument('--extend-from', type=Path, nargs='+', default=[], metavar='RUN',
-                   help='--out folders of smaller runs (same model and settings, fewer examples) whose finished '
-                        'batches are reused: e.g. grow a 1,000-image run to 10,000 images')
+                   help='--out folders of other runs of the same model, images and settings (the number of '
+                        'examples and the batchings may differ) whose finished batches are reused where they cover '
+                        'the same examples: e.g. grow a 1,000-image run to 10,000 images')
     return p.parse_args(argv)
 
 

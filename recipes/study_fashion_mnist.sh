@@ -47,7 +47,7 @@ reuse eval_hpm "$OUT/eval_hpm_$N_TEST"
 $PY recipes/evaluate.py --model hpm_small_cnn.fmnist_hpm --protocol msa "${EVAL[@]}" --batchings default \
     --out "$OUT/eval_hpm_$N_TEST" "${EXTEND[@]}"
 # 3b. MSA per batching (default, shuffled, single = batch size 1) on fewer images: ~1500-1800 s per 250 images for
-#     each batching of 250, ~14 s per image for single on this CPU. At the default N_BATCHINGS=250 (= the batch
+#     each batching of 250, ~17 s per image (median 18.5 s) for single on this CPU. At the default N_BATCHINGS=250 (= the batch
 #     size) the shuffled batch has the same members as the default one: a second MSA run with other random starts.
 reuse eval_hpm "$OUT/eval_hpm_batchings_$N_BATCHINGS"
 $PY recipes/evaluate.py --model hpm_small_cnn.fmnist_hpm --protocol msa "${COMMON[@]}" --n-examples "$N_BATCHINGS" \

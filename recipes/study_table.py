@@ -110,7 +110,7 @@ def study_tables(results: Path, n_test: int, n_sensitivity: int = None, n_batchi
     comparisons = [(name, robust_flags(results / f'{folder}_{n_test}'))
                    for name, folder, run in (('HPM under MSA', 'eval_hpm', hpm), ('the static l2 head under AutoAttack',
                                                                               'eval_static', static)) if run]
-    if base_flags and all(flags for _, flags in comparisons):
+    if base_flags and comparisons and all(flags for _, flags in comparisons):
         lines = []
         for name, flags in comparisons:
             c = paired(base_flags, flags)
