@@ -120,14 +120,13 @@ def _check_fingerprint(run_dir: Path, model: nn.Module, x: torch.Tensor, y: torc
     return fingerprint
 
 
-def _reusable_units(sources: Sequence[Path], settings: dict, model: nn.Module, x: torch.Tensor,
+def _reusable_units(sources: Sequence[Path], settings: dict, model_fp: str, x: torch.Tensor,
                     y: torch.Tensor) -> Dict[tuple, Path]:
     """``(batching, index, tuple(indices)) -> unit file`` of the finished units of other runs that may be reused:
     same settings but for ``n_examples`` and ``batchings``, the same model, and the same images (a smaller run's
     images must equal the first ones of this run; a larger run's units are checked one by one against the
     image hash each unit carries)."""
     found: Dict[tuple, Path] = {}
-    model_fp = model_fingerprint(model)
     for source in sources:
         source = Path(source)
         if not (source / 'settings.json').exists() and (source / 'attack' / 'settings.json').exists():
@@ -207,8 +206,8 @@ def evaluate(
                              'the same settings to resume.')
     elif process_index == 0:
         _write_json_atomic(settings_path, settings)
-    _check_fingerprint(run_dir, model, x, y, write=process_index == 0)
-    reusable = _reusable_units(extend_from, settings, model, x, y) if extend_from else {}
+    fingerprint = _check_fingerprint(run_dir, model, x, y, write=process_index == 0)
+    reusable = _reusable_units(extend_from, settings, fingerprint['model'], x, y) if extend_from else {}
 
     counter = PassCounter()
     if protocol == 'msa':
