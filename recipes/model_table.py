@@ -17,17 +17,24 @@ from readme_sections import update_section  # noqa: E402
 
 
 def model_table() -> str:
-    rows = ['| model | params (M) | input | num_classes | pretrained tags |', '|---|---:|---|---:|---|']
+    rows = ['| model | params (M) | input | num_classes | weights (shipped) | planned tags (not published) |',
+            '|---|---:|---|---:|---|---|']
     for name in timm_hpm.list_models():
         with torch.device('meta'):
             model = timm.create_model(name)
         params = sum(p.numel() for p in model.parameters()) / 1e6
         cfg = model.pretrained_cfg
-        tags = [t.split('.', 1)[1] for t in timm.list_pretrained(f'{name}.*')]
+        with_weights = set(timm.list_pretrained(f'{name}.*'))
+        tags = [t for t in timm.list_models(f'{name}.*', include_tags=True) if '.' in t]
         size = 'x'.join(map(str, cfg['input_size']))
         rows.append(f"| `{name}` | {params:.1f} | {size} | {cfg['num_classes']} | "
-                    f"{', '.join(f'`{t}`' for t in tags) or '-'} |")
+                    f"{_tags([t for t in tags if t in with_weights])} | "
+                    f"{_tags([t for t in tags if t not in with_weights])} |")
     return '\n'.join(rows)
+
+
+def _tags(names) -> str:
+    return ', '.join(f"`{name.split('.', 1)[1]}`" for name in names) or '-'
 
 
 def main():

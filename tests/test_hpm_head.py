@@ -239,3 +239,20 @@ def test_log_gamma_is_learnable_and_positive():
     head(F3).sum().backward()
     assert head.log_gamma.grad is not None
     assert math.isclose(float(head.gamma.detach()), 1.0)
+
+
+def test_pseudo_labels_update_follows_the_fc_predictions_not_the_labels():
+    # FC predictions of F3 are 0, 1, 0 (the labels below say 1, 0, 1): the EMA uses the predictions
+    head = make_head(momentum=0.9)
+    head.pseudo_labels = True
+    head.prototypes_initialized.fill_(True)
+    head.train()(F3, targets=torch.tensor([1, 0, 1]))
+    torch.testing.assert_close(head.dataset_prototypes, torch.tensor([[0.25, 0.05], [0.0, 1.9]]))
+
+
+def test_pseudo_labels_on_an_uninitialised_head_start_from_the_batch_means():
+    head = make_head(momentum=0.9)
+    head.pseudo_labels = True
+    head.train()(F3)
+    torch.testing.assert_close(head.dataset_prototypes, torch.tensor([[2.5, 0.5], [0.0, 1.0]]))
+    assert bool(head.prototypes_initialized)

@@ -59,6 +59,7 @@ def _run_offline(code, cache):
 
 
 def test_registered_tag_loads_from_hand_populated_hf_cache(tmp_path):
+    """A tag once published (its cfg then names its Hub repository) loads through timm's Hub download."""
     model = _trained_like_model()
     save_file(model.state_dict(), tmp_path / 'expected.safetensors')
     cache = tmp_path / 'hub'
@@ -67,7 +68,8 @@ def test_registered_tag_loads_from_hand_populated_hf_cache(tmp_path):
     result = _run_offline(f"""
         import timm, timm_hpm, torch
         from safetensors.torch import load_file
-        model = timm.create_model({TAG!r}, pretrained=True)
+        model = timm.create_model({TAG!r}, pretrained=True,
+                                  pretrained_cfg_overlay=dict(hf_hub_id=timm_hpm.hub_id({TAG!r})))
         expected = load_file({str(tmp_path / 'expected.safetensors')!r})
         got = model.state_dict()
         assert got.keys() == expected.keys()
@@ -109,11 +111,13 @@ def test_hf_hub_prefix_loads_from_hand_populated_cache(tmp_path):
     assert 'OK' in result.stdout
 
 
-def test_missing_weights_offline_give_a_clear_message(tmp_path):
+@pytest.mark.parametrize('published', [True, False])
+def test_missing_weights_offline_give_a_clear_message(tmp_path, published):
+    overlay = f'pretrained_cfg_overlay=dict(hf_hub_id=timm_hpm.hub_id({TAG!r}))' if published else ''
     result = _run_offline(f"""
         import timm, timm_hpm
         try:
-            timm.create_model({TAG!r}, pretrained=True)
+            timm.create_model({TAG!r}, pretrained=True, {overlay})
         except timm_hpm.PretrainedWeightsUnavailable as e:
             print(e)
     """, tmp_path / 'empty_hub')
@@ -121,6 +125,7 @@ def test_missing_weights_offline_give_a_clear_message(tmp_path):
     message = result.stdout
     assert f"'{timm_hpm.HF_HUB_ORG}/{TAG}'" in message
     assert 'pretrained_cfg_overlay=dict(file=' in message and 'local-dir:' in message
+    assert ('not published yet' in message) != published
 
 
 def test_local_dir_round_trip_keeps_weights_prototypes_and_options(tmp_path):
@@ -187,3 +192,16 @@ def test_wrong_architecture_names_the_keys(tmp_path):
     save_file(other.state_dict(), tmp_path / 'other.safetensors')
     with pytest.raises(RuntimeError, match='Missing key'):
         timm.create_model(TAG, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / 'other.safetensors')))
+
+
+def test_empty_weight_file_and_broken_local_dir_config_are_named(tmp_path):
+    empty = tmp_path / 'model.pt'
+    empty.touch()
+    with pytest.raises(timm_hpm.PretrainedWeightsUnavailable, match=r"model.pt' \(it is empty: 0 bytes"):
+        timm.create_model('small_cnn', pretrained=True, pretrained_cfg_overlay=dict(file=str(empty)))
+    (tmp_path / 'config.json').write_text('{"architecture": ')
+    with pytest.raises(timm_hpm.PretrainedWeightsUnavailable, match='config.json: not a readable model config'):
+        timm_hpm.models.check_local_dir(f'local-dir:{tmp_path}')
+    (tmp_path / 'config.json').write_text('{"num_classes": 10}')
+    with pytest.raises(timm_hpm.PretrainedWeightsUnavailable, match='names no "architecture"'):
+        timm_hpm.models.check_local_dir(f'local-dir:{tmp_path}')

@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 
+import timm_hpm
 from timm_hpm import robustbench as rb
 from timm_hpm.train import load_config
 from timm_hpm.train.engine import build_model
@@ -23,7 +24,7 @@ def _write_rb_checkpoint(model_dir, entry, state_dict, wrap=None):
 def test_table_entries_name_registered_architectures_and_tags():
     for entry in rb.ROBUSTBENCH_MODELS:
         assert timm.is_model(entry.architecture), entry
-        assert timm.is_model(f'hpm_{entry.architecture}'), entry
+        assert timm.is_model(timm_hpm.hpm_variant(entry.architecture)), entry
         assert entry.dataset in ('cifar10', 'cifar100', 'imagenet') and entry.threat_model in ('Linf', 'L2')
     assert rb.get_entry('Wang2023Better_WRN-28-10', 'cifar100', 'Linf').model_args['num_classes'] == 100
     with pytest.raises(KeyError, match='pass dataset= and threat_model='):
@@ -88,8 +89,29 @@ def test_wrong_architecture_names_missing_and_unexpected_keys(tmp_path):
     entry = rb.get_entry('Andriushchenko2020Understanding')
     other = timm.create_model('wrn28_10', width=1)
     _write_rb_checkpoint(tmp_path, entry, other.state_dict(), wrap='last')
-    with pytest.raises(RuntimeError, match=r'(?s)Missing key.*Unexpected key'):
+    with pytest.raises(RuntimeError, match=r'(?s)Missing key.*Unexpected key') as error:
         rb.load_robustbench_model(entry.name, model_dir=tmp_path, download=False)
+    first_line = str(error.value).splitlines()[0]
+    path = rb.checkpoint_path(entry, tmp_path)
+    n_model = len(timm.create_model('preact_resnet18').state_dict())
+    assert isinstance(error.value, rb.CheckpointError)
+    assert first_line.startswith(f'{path} does not fit preact_resnet18 (RobustBench entry {entry.name}')
+    assert f'0 of its {len(other.state_dict())} tensors match the model\'s {n_model}' in first_line
+
+
+def test_original_trades_checkpoint_loads_without_its_unused_block(tmp_path):
+    """The TRADES checkpoint carries sub_block1, never used in its forward: it is dropped on load, and a model
+    built from scratch has no such dead parameters."""
+    entry = rb.get_entry('Zhang2019Theoretically')
+    model = timm.create_model('trades_wrn34_10', widen_factor=1)
+    assert not any(k.startswith('sub_block1.') for k in model.state_dict())
+    state = dict(model.state_dict())
+    state.update({k.replace('block1.', 'sub_block1.', 1): v.clone() for k, v in model.state_dict().items()
+                  if k.startswith('block1.')})
+    _write_rb_checkpoint(tmp_path, entry, state, wrap=None)
+    loaded = rb.load_robustbench_model(entry.name, model_dir=tmp_path, download=False, widen_factor=1)
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
 def test_missing_checkpoint_offline_is_a_clear_error_within_seconds(tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 import torch.nn as nn
 
+from .models import hpm_variant
 from .models._builder import clean_checkpoint
 
 __all__ = ['RobustBenchEntry', 'ROBUSTBENCH_MODELS', 'get_entry', 'checkpoint_path', 'read_checkpoint',
@@ -65,7 +66,7 @@ ROBUSTBENCH_MODELS = (
                      model_args=dict(num_classes=100, **_CIFAR100_NORM)),
     RobustBenchEntry('Zhang2019Theoretically', 'cifar10', 'Linf', 'trades_wrn34_10',
                      'rb_zhang2019theoretically_cifar10', '1hPz9QQwyM7QSuWu-ANG_uXR-29xtL8t_', '8/255',
-                     'arXiv:1901.08573', model_args=dict(sub_block1=True)),
+                     'arXiv:1901.08573'),
     RobustBenchEntry('Andriushchenko2020Understanding', 'cifar10', 'Linf', 'preact_resnet18',
                      'rb_andriushchenko2020understanding_cifar10', '1Uyvprd98bIyxfMjLdCZwm-NEJ-6GMVis', '8/255',
                      'arXiv:2007.02617', checkpoint_key='last'),
@@ -170,10 +171,21 @@ def load_robustbench_model(name: str, dataset: Optional[str] = None, threat_mode
             raise CheckpointError(f'{entry.name}: no checkpoint at {path} (download=False).')
         download_checkpoint(entry, path)
     state_dict = read_checkpoint(path, entry.checkpoint_key)
-    arch = f'hpm_{entry.architecture}' if hpm else entry.architecture
+    arch = hpm_variant(entry.architecture) if hpm else entry.architecture
     model_args = {**entry.model_args, **kwargs}
-    return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state_dict),
-                             **model_args)
+    try:
+        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state_dict),
+                                 **model_args)
+    except RuntimeError as error:
+        if 'Error(s) in loading state_dict' not in str(error):
+            raise
+        with torch.device('meta'):
+            expected = timm.create_model(arch, **model_args).state_dict()
+        matched = sum(1 for k, v in state_dict.items() if k in expected and expected[k].shape == v.shape)
+        raise CheckpointError(
+            f'{path} does not fit {arch} (RobustBench entry {entry.name}, {entry.dataset}/{entry.threat_model}): '
+            f'{matched} of its {len(state_dict)} tensors match the model\'s {len(expected)} by name and shape; '
+            f'is it the checkpoint of another architecture? Details:\n{error}') from None
 
 
 def robustbench_available() -> bool:

@@ -133,7 +133,7 @@ def main():
         batch=args.batch, repeats=args.repeats, models={},
     )
     for name in args.models:
-        result['models'][name] = compare(name, f'hpm_{name}', args.batch, args.repeats, {})
+        result['models'][name] = compare(name, timm_hpm.hpm_variant(name), args.batch, args.repeats, {})
     result['head_imagenet_scale'] = head_only(256, 2048, 1000, max(args.repeats, 20))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

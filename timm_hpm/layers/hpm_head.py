@@ -20,38 +20,30 @@ Modes (``head.mode``) select views on the same weights:
     ``soft``     ``A = P`` in the forward: a smooth relaxation, used as an attack surrogate
     ``fc``       the base FC logits
 """
-from __future__ import annotations
-
 import contextlib
 import math
-from dataclasses import dataclass
+import warnings
 from typing import Iterable, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
+
+from ._fx import is_fx_tracing
 
 __all__ = ['HPMHead', 'HPMOutput', 'HPM_MODES', 'HPM_OPTIONS']
 
 HPM_MODES = ('dynamic', 'static', 'soft', 'fc')
 #: The head's options (``hpm_cfg`` of the registered models, ``convert_to_hpm`` keywords, configs' ``model.hpm``).
-HPM_OPTIONS = ('mode', 'tau', 'alpha', 'momentum', 'gamma_init')
+HPM_OPTIONS = ('mode', 'tau', 'alpha', 'momentum', 'gamma_init', 'pseudo_labels')
 
 
 class HPMOutput(NamedTuple):
     """HPM logits and FC logits of one forward (what the fine-tuning loss needs)."""
     logits: torch.Tensor
     fc_logits: torch.Tensor
-
-
-@dataclass
-class _ForwardContext:
-    """Carries labels into the head through a model's own forward, and the FC logits back out."""
-    targets: Optional[torch.Tensor] = None
-    bypass: bool = False
-    fc_logits: Optional[torch.Tensor] = None
-    calls: int = 0
 
 
 def _distributed() -> bool:
@@ -64,6 +56,7 @@ def _all_reduce_(*tensors: torch.Tensor) -> None:
             dist.all_reduce(t)
 
 
+@register_notrace_module  # a leaf for timm's FX feature extraction (its forward branches on the mode)
 class HPMHead(nn.Module):
     """Drop-in replacement of an ``nn.Linear`` classifier by the HPM l2-reclassifier.
 
@@ -81,8 +74,15 @@ class HPMHead(nn.Module):
         gamma_init: initial l2 logit scale. 0.5 makes ``-gamma ||f - w_k||^2`` equal the FC logits up to
             per-sample constants and biases when the prototypes are the FC rows (their initial value);
             ``init_prototypes_`` recalibrates it to the FC logit spread.
+        pseudo_labels: the EMA update uses the FC head's own predictions (argmax of ``z``) instead of labels, so
+            the prototypes move under training loops that give the model no labels (timm's ``train.py`` calls
+            ``model(x)``); an uninitialised head then starts from the first batch's class means. Not the paper's
+            update (it uses the true labels): a prototype follows what the FC head predicts, errors included.
+            Off by default: a training forward without labels then warns once that the prototypes do not move.
         bias: whether the FC layer has a bias.
     """
+    # TorchScript compiles the forward, which reads ``_mode``; the checked setter stays in Python.
+    __jit_unused_properties__ = ['mode']
 
     def __init__(
             self,
@@ -94,6 +94,7 @@ class HPMHead(nn.Module):
             alpha: float = 0.5,
             momentum: float = 0.99,
             gamma_init: float = 0.5,
+            pseudo_labels: bool = False,
             bias: bool = True,
             device=None,
             dtype=None,
@@ -117,13 +118,16 @@ class HPMHead(nn.Module):
         self.alpha = float(alpha)
         self.momentum = float(momentum)
         self.gamma_init = float(gamma_init)
+        self.pseudo_labels = bool(pseudo_labels)
+        self._warned: bool = False  # one warning per head about a training forward without labels
+        self._checked_init: bool = False  # prototypes_initialized read by the pseudo-label update (once per head)
+        self._checked_eval: bool = False  # ... and by an eval forward, to warn when they were never initialised
         self.mode = mode
         self.weight = nn.Parameter(torch.empty(num_classes, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(num_classes, **factory)) if bias else None
         self.log_gamma = nn.Parameter(torch.tensor(math.log(gamma_init), **factory))
         self.register_buffer('dataset_prototypes', torch.zeros(num_classes, in_features, **factory))
         self.register_buffer('prototypes_initialized', torch.tensor(False, device=device))
-        self._context: Optional[_ForwardContext] = None
         self.reset_parameters()
 
     @classmethod
@@ -189,7 +193,8 @@ class HPMHead(nn.Module):
     def mixed_prototypes(self, features: torch.Tensor, fc_logits: torch.Tensor, dataset_prototypes: torch.Tensor,
                          mode: Optional[str] = None) -> torch.Tensor:
         """Prototypes p (K x D) used by the l2 logits, for ``mode`` (default: the head's mode)."""
-        mode = mode or self.mode
+        if mode is None:
+            mode = self._mode
         if mode == 'static' or self.alpha == 1.0:
             return dataset_prototypes
         probs = torch.softmax(fc_logits / self.tau, dim=1)
@@ -207,7 +212,7 @@ class HPMHead(nn.Module):
             batch_prototypes = probs.t() @ features / counts.clamp_min(1e-12)[:, None]
             weight = (1.0 - self.alpha) * counts.clamp(max=1.0)[:, None]
             return dataset_prototypes + weight * (batch_prototypes - dataset_prototypes)
-        raise ValueError(f'mode {mode!r} has no prototypes')
+        raise ValueError(f"mode '{mode}' has no prototypes")
 
     def l2_logits(self, features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
         """``-gamma ||f_i - p_k||^2`` as one matmul (the cost of the FC head), B x K."""
@@ -215,40 +220,72 @@ class HPMHead(nn.Module):
             + (prototypes * prototypes).sum(1)[None, :]
         return -self.gamma.float() * sq_dist
 
-    def forward(self, features: torch.Tensor, targets: Optional[torch.Tensor] = None, return_fc: bool = False):
-        """HPM logits (B x K) of pre-logit features; ``(logits, fc_logits)`` with ``return_fc``.
+    def forward(self, features: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                return_fc: bool = False) -> torch.Tensor:
+        """HPM logits (B x K) of pre-logit features; ``HPMOutput(logits, fc_logits)`` with ``return_fc``.
 
         With ``targets`` in training mode, the dataset prototypes are updated by EMA after the logits are
-        computed (this forward sees the prototypes from before the update).
+        computed (this forward sees the prototypes from before the update). Under TorchScript the head is an
+        inference module: ``return_fc`` and the prototype update are eager-mode features.
         """
-        context = self._context
-        if context is not None:
-            context.calls += 1
-            if context.bypass:
-                return features
-            if targets is None:
-                targets = context.targets
-        if features.ndim != 2 or features.shape[1] != self.in_features:
-            raise ValueError(
-                f'HPMHead expects pooled features of shape (batch, {self.in_features}), got {tuple(features.shape)}.')
+        if not torch.jit.is_scripting():
+            if not is_fx_tracing() and (features.ndim != 2 or features.shape[1] != self.in_features):
+                raise ValueError(f'HPMHead expects pooled features of shape (batch, {self.in_features}), got '
+                                 f'{tuple(features.shape)}.')
         fc_logits = self.fc_forward(features)
-        update = self.training and targets is not None and self.momentum < 1.0
-        if self.mode == 'fc':
+        update = (targets is not None or self.pseudo_labels) and self.training and self.momentum < 1.0
+        if self._mode == 'fc':
             logits = fc_logits
+        elif torch.jit.is_scripting():
+            logits = self._l2_forward(features, fc_logits, update)
+        elif is_fx_tracing():
+            logits = self._l2_forward(features, fc_logits, update)
         else:
             # The l2 head runs in fp32: ||f||^2 - 2 f.p + ||p||^2 cancels badly in bf16/fp16.
             with torch.autocast(features.device.type, enabled=False):
-                feats = features.float()
-                mu = self.dataset_prototypes.float()
-                if update:
-                    mu = mu.clone()  # the in-place EMA update below must not touch tensors saved for backward
-                prototypes = self.mixed_prototypes(feats, fc_logits.float(), mu)
-                logits = self.l2_logits(feats, prototypes)
+                logits = self._l2_forward(features, fc_logits, update)
+        if not torch.jit.is_scripting():
+            if not is_fx_tracing():
+                self._after_forward(features, fc_logits, targets)
+            if return_fc:
+                return HPMOutput(logits, fc_logits)
+        return logits
+
+    @torch.jit.unused
+    def _after_forward(self, features: torch.Tensor, fc_logits: torch.Tensor, targets: Optional[torch.Tensor]):
+        """The EMA update (labels, or the FC predictions with ``pseudo_labels``), and the one-time warnings
+        for a head that would otherwise be used wrongly without a word."""
+        if self.training and self.momentum < 1.0:
+            if self.pseudo_labels:
+                if not self._checked_init:  # read once: reading the flag synchronises with the device
+                    self._checked_init = True
+                    if not bool(self.prototypes_initialized):
+                        self.init_prototypes_([(features.detach(), fc_logits.argmax(dim=1))], calibrate_gamma=False)
+                        return
+                targets = fc_logits.argmax(dim=1)
+            if targets is not None:
+                self.update_prototypes_(features.detach(), targets)
+            elif not self._warned:
+                self._warned = True
+                warnings.warn(
+                    'HPMHead: a training forward without labels leaves the dataset prototypes where they are (timm\'s '
+                    'train.py calls model(x)). Pass the labels, model(x, targets=y), as recipes/finetune.py does, or '
+                    'create the model with hpm_cfg=dict(pseudo_labels=True) to update them from the FC head\'s '
+                    'predictions.', stacklevel=4)
+        elif not self.training and self._mode != 'fc' and not self._checked_eval:
+            self._checked_eval = True  # read once: reading the flag synchronises with the device
+            if not bool(self.prototypes_initialized):
+                warnings.warn(
+                    f'HPMHead: the dataset prototypes were never initialised from data, so the {self._mode!r} head '
+                    'classifies with the FC rows as prototypes. Initialise them first: timm_hpm.train.init_prototypes '
+                    '(or model.hpm_head.init_prototypes_), or fine-tune with recipes/finetune.py.', stacklevel=4)
+
+    def _l2_forward(self, features: torch.Tensor, fc_logits: torch.Tensor, update: bool) -> torch.Tensor:
+        feats = features.float()
+        mu = self.dataset_prototypes.float()
         if update:
-            self.update_prototypes_(features.detach(), targets)
-        if context is not None:
-            context.fc_logits = fc_logits
-        return HPMOutput(logits, fc_logits) if return_fc else logits
+            mu = mu.clone()  # the in-place EMA update after this forward must not touch tensors saved for backward
+        return self.l2_logits(feats, self.mixed_prototypes(feats, fc_logits.float(), mu))
 
     # ------------------------------------------------------------------ prototypes
     def _class_sums(self, features: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -270,6 +307,7 @@ class HPMHead(nn.Module):
         counts = torch.bincount(targets, minlength=self.num_classes).to(torch.float32)
         return sums, counts
 
+    @torch.jit.unused
     @torch.no_grad()
     def update_prototypes_(self, features: torch.Tensor, targets: torch.Tensor) -> None:
         """One EMA step ``mu_k <- m mu_k + (1 - m) mean(f_i : y_i = k)`` for the classes in the batch.
@@ -330,24 +368,3 @@ class HPMHead(nn.Module):
             if spreads[1] > 0:
                 self.log_gamma.copy_(torch.log(spreads[0] / spreads[1]).to(self.log_gamma))
         return counts
-
-    # ------------------------------------------------------------------ model integration
-    @contextlib.contextmanager
-    def forward_context(self, targets: Optional[torch.Tensor] = None, bypass: bool = False
-                        ) -> Iterator[_ForwardContext]:
-        """Route labels into (and FC logits out of) the head while a model's own forward runs.
-
-        ``bypass`` makes the head return its input features (a model's ``forward_features`` for plain
-        modules). Exactly one head call must happen inside the context.
-        """
-        if self._context is not None:
-            raise RuntimeError('HPMHead.forward_context is not re-entrant.')
-        context = _ForwardContext(targets=targets, bypass=bypass)
-        self._context = context
-        try:
-            yield context
-        finally:
-            self._context = None
-        if context.calls != 1:
-            raise RuntimeError(f'the HPM head was called {context.calls} times in one model forward; '
-                               'convert_to_hpm supports models that apply their classifier exactly once.')

@@ -1,9 +1,9 @@
 """Shared model-building helpers: timm's ``build_model_with_cfg`` plus the HPM conversion, checkpoint
 filtering and errors that say what to do when pretrained weights cannot be had."""
-from __future__ import annotations
-
 import contextlib
+import json
 import logging
+from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
@@ -15,7 +15,7 @@ from ..layers.hpm_head import HPM_OPTIONS
 from ._hpm import attach_hpm_head, is_hpm_model
 
 __all__ = ['HF_HUB_ORG', 'hub_id', 'PretrainedWeightsUnavailable', 'clean_checkpoint', 'hpm_checkpoint_filter',
-           'build_family']
+           'check_local_dir', 'build_family']
 
 _logger = logging.getLogger(__name__)
 
@@ -57,32 +57,66 @@ def clean_checkpoint(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
     return state_dict
 
 
+_HEAD_STATE = ('log_gamma', 'dataset_prototypes', 'prototypes_initialized')
+_UNINITIALISED_WARNING = ('the dataset prototypes start at the FC weights and must be initialised from data before '
+                          'the HPM head is used (timm_hpm.train.init_prototypes or model.hpm_head.init_prototypes_).')
+
+
 def hpm_checkpoint_filter(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
     """timm ``pretrained_filter_fn``: clean the checkpoint, and let an HPM model load a *base* checkpoint.
 
     A base checkpoint (a plain model's, e.g. RobustBench's) has the FC weights but no HPM entries; those are
     filled with the prototypes set to the FC rows and ``prototypes_initialized`` False, with a warning: the
     prototypes must then be initialised from data (``timm_hpm.train.init_prototypes``) before use.
+
+    The HPM entries belong to the classifier, so they follow timm's rule for a changed head: when the model
+    has another number of classes than the checkpoint (or none), timm drops the classifier's weight and bias,
+    and the prototypes and the l2 scale go with them (same warning). A plain model loading an HPM checkpoint
+    takes everything but the HPM entries.
     """
     state_dict = clean_checkpoint(state_dict)
-    if not is_hpm_model(model) or model.hpm_head is None:
-        return state_dict
+    if not is_hpm_model(model):
+        name = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier')
+        return {k: v for k, v in state_dict.items()
+                if not (isinstance(name, str) and k in {f'{name}.{e}' for e in _HEAD_STATE})}
     name = model.hpm_classifier_name
     head = model.hpm_head
-    missing = [k for k in ('log_gamma', 'dataset_prototypes', 'prototypes_initialized')
-               if f'{name}.{k}' not in state_dict]
-    if missing and f'{name}.weight' in state_dict:
-        _logger.warning(
-            'loading a base (non-HPM) checkpoint into an HPM model: the dataset prototypes start at the FC '
-            'weights and must be initialised from data before the HPM head is used (model.hpm_head.init_prototypes_).')
+    weight = state_dict.get(f'{name}.weight')
+    if weight is None:
+        return state_dict
+    if head is None or weight.shape[0] != head.num_classes:
+        if head is not None:
+            _logger.warning(f'the checkpoint has {weight.shape[0]} classes and the model {head.num_classes}: the '
+                            f'classifier is not loaded, and ' + _UNINITIALISED_WARNING)
+        return {k: v for k, v in state_dict.items() if k not in {f'{name}.{e}' for e in _HEAD_STATE}}
+    missing = [k for k in _HEAD_STATE if f'{name}.{k}' not in state_dict]
+    if missing:
+        _logger.warning('loading a base (non-HPM) checkpoint into an HPM model: ' + _UNINITIALISED_WARNING)
         fill = {
             'log_gamma': head.log_gamma.detach().clone(),
-            'dataset_prototypes': state_dict[f'{name}.weight'].detach().clone(),
+            'dataset_prototypes': weight.detach().clone(),
             'prototypes_initialized': torch.tensor(False),
         }
         for key in missing:
             state_dict[f'{name}.{key}'] = fill[key]
     return state_dict
+
+
+def check_local_dir(name: str) -> None:
+    """A clear error for a ``local-dir:<folder>`` model whose config.json is missing or broken (timm reads it
+    before any of this package's code runs, and would fail with a bare JSONDecodeError or KeyError)."""
+    if not name.startswith('local-dir:'):
+        return
+    config = Path(name[len('local-dir:'):]) / 'config.json'
+    try:
+        architecture = json.loads(config.read_text()).get('architecture')
+    except (OSError, ValueError, AttributeError) as error:
+        raise PretrainedWeightsUnavailable(
+            f'{config}: not a readable model config ({type(error).__name__}: {error}); a local-dir: folder holds '
+            f'the config.json and model.safetensors that timm_hpm.hub.save_for_hub writes.') from None
+    if not architecture:
+        raise PretrainedWeightsUnavailable(f'{config} names no "architecture"; a local-dir: folder holds the '
+                                           'config.json and model.safetensors that timm_hpm.hub.save_for_hub writes.')
 
 
 def _pretrained_source(variant: str, kwargs: Mapping[str, Any]) -> tuple:
@@ -94,11 +128,13 @@ def _pretrained_source(variant: str, kwargs: Mapping[str, Any]) -> tuple:
 def _unavailable_message(variant: str, cfg, error: BaseException) -> str:
     name = f'{variant}.{cfg.tag}' if cfg.tag else variant
     if cfg.source == 'local-dir' or cfg.file:
-        where = f'the file {cfg.file!r}'
+        empty = cfg.file and Path(cfg.file).is_file() and Path(cfg.file).stat().st_size == 0
+        where = f'the file {cfg.file!r}' + (' (it is empty: 0 bytes; copy it again)' if empty else '')
     elif cfg.hf_hub_id:
         where = f'the Hugging Face Hub repository {cfg.hf_hub_id!r} (model.safetensors)'
     else:
-        where = 'no published location (this architecture has no pretrained weights yet)'
+        where = (f'anywhere: they are not published yet (planned: the Hugging Face Hub repository '
+                 f'{hub_id(name)!r}; the README\'s model table says how to build them)')
     return (
         f'Could not load pretrained weights for {name!r} from {where}: {type(error).__name__}: {error}\n'
         f'timm-hpm weights are expected on the Hub under the organisation {HF_HUB_ORG!r}; if they are not '
@@ -130,7 +166,7 @@ def _offline_if_unreachable(cfg):
 
 
 def _hub_errors() -> tuple:
-    errors = [OSError, ValueError, RuntimeError]
+    errors = [OSError, ValueError, RuntimeError, EOFError]
     try:
         from huggingface_hub import errors as hub_errors
         errors += [hub_errors.HfHubHTTPError, hub_errors.LocalEntryNotFoundError]
@@ -163,6 +199,8 @@ def build_family(
         hpm: bool = False,
         hpm_cfg: Optional[Dict[str, Any]] = None,
         tag_model_args: Optional[Mapping[str, Dict[str, Any]]] = None,
+        pretrained_filter_fn: Callable[[Dict[str, torch.Tensor], nn.Module], Dict[str, torch.Tensor]] = (
+            hpm_checkpoint_filter),
         **kwargs,
 ) -> nn.Module:
     """``build_model_with_cfg`` for a family, optionally as an HPM model.
@@ -175,6 +213,8 @@ def build_family(
         tag_model_args: per-pretrained-tag model arguments that a checkpoint cannot carry (e.g. the input
             normalisation held in non-persistent buffers, or the HPM options under ``hpm_cfg``, which are not
             tensors); explicit kwargs win.
+        pretrained_filter_fn: timm's checkpoint filter (a family's own must call :func:`hpm_checkpoint_filter`).
+        kwargs: model arguments and ``build_model_with_cfg`` options (``feature_cfg``, ``features_only`` ...).
     """
     tag, cfg = _pretrained_source(variant, kwargs)
     tag_args = dict((tag_model_args or {}).get(tag, {}))
@@ -195,9 +235,12 @@ def build_family(
         factory = model_cls
     if not pretrained:
         return _record_input_size(build_model_with_cfg(factory, variant, False, **kwargs), kwargs)
+    if not (cfg.has_weights or cfg.state_dict):
+        # timm would warn and go on with random weights; a user who asked for weights gets an error instead
+        raise PretrainedWeightsUnavailable(_unavailable_message(variant, cfg, LookupError('no weight location')))
     try:
         with _offline_if_unreachable(cfg):
-            model = build_model_with_cfg(factory, variant, True, pretrained_filter_fn=hpm_checkpoint_filter,
+            model = build_model_with_cfg(factory, variant, True, pretrained_filter_fn=pretrained_filter_fn,
                                          **kwargs)
     except _hub_errors() as error:
         if 'Error(s) in loading state_dict' in str(error):

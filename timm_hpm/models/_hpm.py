@@ -1,12 +1,11 @@
 """``convert_to_hpm``: put an HPM head on any timm model or plain module with a final ``nn.Linear``."""
-from __future__ import annotations
-
 from typing import Any, Dict, Optional, Type
 
 import torch
 import torch.nn as nn
 
-from ..layers.hpm_head import HPMHead, HPMOutput
+from ..layers.hpm_head import HPMHead
+from ._common import check_image_size, set_submodule
 
 __all__ = ['convert_to_hpm', 'attach_hpm_head', 'HPMModelMixin', 'is_hpm_model', 'get_hpm_head']
 
@@ -15,32 +14,23 @@ class HPMModelMixin:
     """Mixed into a model's class by :func:`convert_to_hpm` (the class becomes ``HPM<Name>``).
 
     The classifier module is replaced in place by an :class:`HPMHead`, so state-dict keys stay those of
-    the base model (plus the head's prototypes and scale) and every timm method keeps working. The mixin
-    adds ``hpm_head``, a ``forward(x, targets=None, return_fc=False)`` that routes labels into the head for
-    the EMA update and can return the FC logits too, input checks, and an HPM-aware ``reset_classifier``.
+    the base model (plus the head's prototypes and scale) and every timm method keeps working: the model's
+    own ``forward_head`` calls the head on the pre-logit features. The mixin adds ``hpm_head``, a
+    ``forward(x, targets=None, return_fc=False)`` that hands labels to the head (for the EMA update) and can
+    return the FC logits too, and an HPM-aware ``reset_classifier``. Under TorchScript, ``forward`` is the
+    model's plain ``forward_head(forward_features(x))``.
     """
     hpm_classifier_name: str
     hpm_in_chans: Optional[int]
-    hpm_check_inputs: bool = True  # shape, channels and finiteness of the input, checked in forward
+    __jit_unused_properties__ = ['hpm_head']  # an eager-mode convenience; TorchScript runs forward_head
 
     @property
     def hpm_head(self) -> Optional[HPMHead]:
         head = self.get_submodule(self.hpm_classifier_name)
         return head if isinstance(head, HPMHead) else None
 
-    def _check_hpm_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f'expected an image tensor, got {type(x).__name__}')
-        if x.ndim != 4:
-            raise ValueError(f'expected a batch of images of shape (B, C, H, W), got shape {tuple(x.shape)}')
-        if self.hpm_in_chans is not None and x.shape[1] != self.hpm_in_chans:
-            raise ValueError(f'this model takes {self.hpm_in_chans}-channel images, got {x.shape[1]} channels '
-                             f'(shape {tuple(x.shape)})')
-        if self.hpm_check_inputs and not torch.isfinite(x).all():
-            raise ValueError('the input holds NaN or inf values; check the data pipeline '
-                             '(set model.hpm_check_inputs = False to skip this check).')
-
-    def forward(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None, return_fc: bool = False):
+    def forward(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                return_fc: bool = False) -> torch.Tensor:
         """Logits of the HPM head in its current mode.
 
         Args:
@@ -48,15 +38,21 @@ class HPMModelMixin:
             targets: labels; in training mode they update the dataset prototypes (EMA).
             return_fc: also return the FC logits of the same forward, as ``HPMOutput(logits, fc_logits)``.
         """
-        self._check_hpm_input(x)
+        if torch.jit.is_scripting():
+            return self.forward_head(self.forward_features(x))
+        return self._forward_hpm(x, targets, return_fc)
+
+    @torch.jit.unused
+    def _forward_hpm(self, x: torch.Tensor, targets: Optional[torch.Tensor], return_fc: bool):
+        # Only the input's metadata is checked (no scan of its values: that belongs where data enters).
+        check_image_size(x, self.hpm_in_chans, None)
         head = self.hpm_head
         if head is None:
             if targets is not None or return_fc:
                 raise RuntimeError('this model has no HPM head (its classifier was reset to num_classes=0).')
-            return super().forward(x)
-        with head.forward_context(targets=targets) as context:
-            logits = super().forward(x)
-        return HPMOutput(logits, context.fc_logits) if return_fc else logits
+            return self.forward_head(self.forward_features(x))
+        features = self.forward_head(self.forward_features(x), pre_logits=True)
+        return head(features, targets=targets, return_fc=return_fc)
 
     def reset_classifier(self, num_classes: int, *args, **kwargs) -> None:
         head = self.hpm_head
@@ -66,12 +62,11 @@ class HPMModelMixin:
         if base_reset is not None:
             base_reset(num_classes, *args, **kwargs)
         else:
-            in_features = self.num_features
-            _set_submodule(self, self.hpm_classifier_name,
-                           nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity())
+            set_submodule(self, self.hpm_classifier_name,
+                          nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity())
         new = self.get_submodule(self.hpm_classifier_name)
         if isinstance(new, nn.Linear):
-            _set_submodule(self, self.hpm_classifier_name, HPMHead.from_linear(new, **options))
+            set_submodule(self, self.hpm_classifier_name, HPMHead.from_linear(new, **options))
         if hasattr(self, 'num_classes'):
             self.num_classes = num_classes
 
@@ -79,17 +74,34 @@ class HPMModelMixin:
         return self.get_submodule(self.hpm_classifier_name)
 
 
+class _ClassifierInput(Exception):
+    """Carries the classifier's input out of a plain module's forward (raised by a pre-hook)."""
+
+    def __init__(self, features: torch.Tensor):
+        super().__init__()
+        self.features = features
+
+
+def _stop_at_classifier(module: nn.Module, args: tuple):
+    raise _ClassifierInput(args[0])
+
+
 class _PlainModuleAPI:
-    """timm's feature API for plain modules (e.g. RobustBench architectures) that lack it."""
+    """timm's feature API for plain modules (e.g. RobustBench architectures) that lack it: the pre-logit
+    features are the classifier's input, taken by a forward pre-hook that stops the forward there (so the head
+    never runs on its way to the features)."""
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-logit (pooled) features: the classifier's input."""
-        self._check_hpm_input(x)
-        head = self.get_submodule(self.hpm_classifier_name)
-        if not isinstance(head, HPMHead):
-            return super().forward(x)
-        with head.forward_context(bypass=True):
-            return super().forward(x)
+        handle = self.get_submodule(self.hpm_classifier_name).register_forward_pre_hook(_stop_at_classifier)
+        try:
+            super().forward(x)
+        except _ClassifierInput as stop:
+            return stop.features
+        finally:
+            handle.remove()
+        raise RuntimeError(f'{type(self).__name__}.forward never called its classifier '
+                           f'{self.hpm_classifier_name!r}: convert_to_hpm needs a model that applies it.')
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return x if pre_logits else self.get_submodule(self.hpm_classifier_name)(x)
@@ -104,12 +116,6 @@ def _hpm_class(cls: Type[nn.Module]) -> Type[nn.Module]:
         _HPM_CLASSES[cls] = type(f'HPM{cls.__name__}', bases, {'__module__': cls.__module__,
                                                               '__doc__': cls.__doc__})
     return _HPM_CLASSES[cls]
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition('.')
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def _find_classifier_name(model: nn.Module) -> str:
@@ -186,7 +192,7 @@ def attach_hpm_head(model: nn.Module, name: str, hpm_options: Dict[str, Any], al
     except AttributeError:
         raise ValueError(f'{type(model).__name__} has no module named {name!r} to use as classifier.') from None
     if isinstance(linear, nn.Linear):
-        _set_submodule(model, name, HPMHead.from_linear(linear, **hpm_options))
+        set_submodule(model, name, HPMHead.from_linear(linear, **hpm_options))
     elif not (allow_headless and isinstance(linear, nn.Identity)):
         raise TypeError(
             f"the classifier {name!r} of {type(model).__name__} is {type(linear).__name__}, not nn.Linear: HPM "

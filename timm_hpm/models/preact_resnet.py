@@ -9,11 +9,11 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import SelectAdaptivePool2d
+from timm.layers import create_classifier
 from timm.models import generate_default_cfgs, register_model
 
-from ._builder import build_family, hub_id
-from ._common import check_image_size, cifar_cfg, FamilyHeadMixin
+from ._builder import build_family
+from ._common import check_image_size, cifar_cfg, FamilyHeadMixin, image_size_or_none
 
 __all__ = ['PreActResNet']
 
@@ -53,6 +53,7 @@ class PreActResNet(FamilyHeadMixin, nn.Module):
         drop_rate: dropout before the classifier.
     """
     classifier_name = 'linear'
+    stage_names = ('layer1', 'layer2', 'layer3', 'layer4')
 
     def __init__(
             self,
@@ -68,7 +69,7 @@ class PreActResNet(FamilyHeadMixin, nn.Module):
         widths = (64, 128, 256, 512)
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.img_size = img_size
+        self.img_size = image_size_or_none(img_size)
         self.drop_rate = drop_rate
         self.num_features = self.head_hidden_size = widths[-1]
         self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -83,18 +84,32 @@ class PreActResNet(FamilyHeadMixin, nn.Module):
             setattr(self, f'layer{i + 1}', nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=planes, reduction=2 ** i, module=f'layer{i + 1}'))
         self.bn = nn.BatchNorm2d(widths[-1]) if bn_before_fc else None
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.linear = nn.Linear(widths[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.global_pool, self.linear = create_classifier(widths[-1], num_classes, pool_type=global_pool)
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_size(x, self.in_chans, self.img_size)
+        return self.conv1(x)
+
+    def forward_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(x)) if self.bn is not None else x
+
+    def prune_norm(self) -> None:
+        self.bn = None
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_size(x, self.in_chans, self.img_size)
-        x = self.conv1(x)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return F.relu(self.bn(x)) if self.bn is not None else x
+        x = self.forward_stem(x)
+        return self.forward_norm(self.layer4(self.layer3(self.layer2(self.layer1(x)))))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate > 0:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.linear(x)
 
 
 def _create(variant: str, pretrained: bool = False, hpm: bool = False, **kwargs) -> PreActResNet:
-    return build_family(PreActResNet, variant, pretrained, classifier='linear', hpm=hpm, **kwargs)
+    return build_family(PreActResNet, variant, pretrained, classifier='linear', hpm=hpm,
+                        feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)), **kwargs)
 
 
 def _cfg(**kwargs):
@@ -105,11 +120,10 @@ _ANDRIUSHCHENKO = dict(paper_ids='arXiv:2007.02617', paper_name='Understanding a
                        'Training', origin_url='https://github.com/tml-epfl/understanding-fast-adv-training',
                        license='unknown')
 
+# Not published yet (no location: timm does not list them as pretrained); loaded through timm_hpm.robustbench.
 default_cfgs = generate_default_cfgs({
-    'preact_resnet18.rb_andriushchenko2020understanding_cifar10': _cfg(
-        hf_hub_id=hub_id('preact_resnet18.rb_andriushchenko2020understanding_cifar10'), **_ANDRIUSHCHENKO),
-    'hpm_preact_resnet18.rb_andriushchenko2020understanding_cifar10': _cfg(
-        hf_hub_id=hub_id('hpm_preact_resnet18.rb_andriushchenko2020understanding_cifar10'), **_ANDRIUSHCHENKO),
+    'preact_resnet18.rb_andriushchenko2020understanding_cifar10': _cfg(**_ANDRIUSHCHENKO),
+    'hpm_preact_resnet18.rb_andriushchenko2020understanding_cifar10': _cfg(**_ANDRIUSHCHENKO),
 })
 
 

@@ -5,14 +5,14 @@ Inputs are 1 x 28 x 28 images in [0, 1] (no normalisation). The pre-logit featur
 the second fully connected layer; ``fc`` is the linear classifier the HPM head replaces.
 """
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 
 from ._builder import build_family, hub_id
-from ._common import check_image_size, cifar_cfg, FamilyHeadMixin
+from ._common import check_image_size, cifar_cfg, FamilyHeadMixin, image_size_or_none
 
 __all__ = ['SmallCNN']
 
@@ -24,13 +24,18 @@ class SmallCNN(FamilyHeadMixin, nn.Module):
         img_size: input size (the fully connected layers are sized for it).
         hidden: width of the two fully connected layers.
         drop_rate: dropout between the fully connected layers (the original uses 0.5).
+        global_pool: ``'flatten'`` (the architecture: the feature map is flattened into the two fully connected
+            layers) or ``''`` (no head at all: the model returns the unpooled feature map; needs
+            ``num_classes=0``), as timm's ``global_pool=''``.
     """
     classifier_name = 'fc'
+    # the feature levels: after the first two convolutions, after the next two, after the last max-pool
+    _stage_ends = (4, 9, 10)
 
     def __init__(self, num_classes: int = 10, in_chans: int = 1, img_size: Union[int, Tuple[int, int]] = 28,
-                 hidden: int = 200, drop_rate: float = 0.5, global_pool: Optional[str] = None):
+                 hidden: int = 200, drop_rate: float = 0.5, global_pool: str = 'flatten'):
         super().__init__()
-        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        size = image_size_or_none(img_size)
         self.num_classes, self.in_chans, self.img_size = num_classes, in_chans, size
         self.drop_rate = drop_rate
         self.features = nn.Sequential(
@@ -49,34 +54,69 @@ class SmallCNN(FamilyHeadMixin, nn.Module):
         self.fc2 = nn.Linear(hidden, hidden)
         self.num_features = 64  # channels of forward_features, as timm counts them
         self.head_hidden_size = hidden  # the pre-logit features
-        self.fc = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
-        self.feature_info = [dict(num_chs=32, reduction=2, module='features.4'),
+        self.global_pool = ''
+        self.fc: nn.Module = nn.Identity()
+        self.reset_classifier(num_classes, global_pool)
+        self.feature_info = [dict(num_chs=32, reduction=1, module='features.3'),
+                             dict(num_chs=64, reduction=2, module='features.8'),
                              dict(num_chs=64, reduction=4, module='features.9')]
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def feature_stages(self) -> List[nn.Module]:
+        bounds = zip((0,) + self._stage_ends[:-1], self._stage_ends)
+        return [self.features[start:end] for start, end in bounds]
+
+    def prune_stages(self, keep: int) -> None:
+        for i in range(self._stage_ends[keep - 1], len(self.features)):
+            self.features[i] = nn.Identity()
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        take_indices = super().prune_intermediate_layers(indices, prune_norm, prune_head)
+        if prune_head:  # the fully connected layers are this model's head: a feature extractor has none
+            self.fc1, self.fc2 = nn.Identity(), nn.Identity()
+        return take_indices
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         check_image_size(x, self.in_chans, self.img_size)
-        return self.features(x)
+        return x
+
+    def forward_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def prune_norm(self) -> None:
+        pass  # no final norm
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(self.forward_stem(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == '':
+            return x  # no head: the unpooled feature map (num_classes is 0)
         x = torch.relu(self.fc1(x.flatten(1)))
         x = nn.functional.dropout(x, p=self.drop_rate, training=self.training)
         x = torch.relu(self.fc2(x))
         return x if pre_logits else self.fc(x)
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            if global_pool not in ('flatten', ''):
+                raise ValueError(f"SmallCNN flattens its feature map into fully connected layers "
+                                 f"(global_pool='flatten') or has no head (global_pool=''), got {global_pool!r}.")
+            if global_pool == '' and num_classes > 0:
+                raise ValueError("global_pool='' returns the unpooled feature map: it needs num_classes=0.")
+            self.global_pool = global_pool
         self.num_classes = num_classes
         self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
 
 def _create(variant: str, pretrained: bool = False, hpm: bool = False, **kwargs) -> SmallCNN:
-    kwargs.pop('global_pool', None)
     return build_family(SmallCNN, variant, pretrained, classifier='fc', hpm=hpm, tag_model_args=_TAG_MODEL_ARGS,
-                        **kwargs)
+                        feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2)), **kwargs)
 
 
 def _cfg(**kwargs):
     return cifar_cfg(input_size=(1, 28, 28), mean=(0.0,), std=(1.0,), first_conv='features.0', classifier='fc',
-                     pool_size=None, **kwargs)
+                     pool_size=(4, 4), **kwargs)
 
 
 #: Weights that ship inside the package (small enough, and the study's results are reproducible offline).

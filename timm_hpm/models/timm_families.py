@@ -3,41 +3,64 @@
 Each is timm's own architecture (same state-dict keys, so RobustBench's ImageNet checkpoints of these
 families load after their ``model.`` wrapper prefix is stripped) with its classifier converted by
 ``convert_to_hpm``. Inputs follow timm's convention: normalised outside the model with the pretrained cfg's
-mean/std (evaluation wraps the normalisation into the attacked model).
+mean/std (evaluation wraps the normalisation into the attacked model). Each pretrained cfg starts from the
+base architecture's own (``fixed_input_size``, ``pool_size``, ``crop_mode`` ... stay true for the hpm_ variant);
+the weights' own facts (preprocessing, licence, paper) override it.
 """
+from typing import NamedTuple, Tuple, Union
+
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, get_pretrained_cfg, register_model
 
-from ._builder import build_family, hub_id
+from ._builder import build_family
 
-__all__ = ['HPM_TIMM_FAMILIES']
+__all__ = ['HPM_TIMM_FAMILIES', 'TimmFamily']
 
-#: hpm_<base> -> (base timm architecture, classifier module, first conv)
+
+class TimmFamily(NamedTuple):
+    hpm_name: str  # the registered HPM model
+    classifier: str  # the linear classifier module
+    first_conv: str
+    out_indices: Union[int, Tuple[int, ...]]  # the feature levels timm's own factory returns
+
+
+#: base timm architecture -> its HPM variant. The ViT's name keeps timm's 'vit_' family prefix: timm's tools (its
+#: model tests among them) recognise token-output models by name, and an 'hpm_' prefix would hide it.
 HPM_TIMM_FAMILIES = {
-    'resnet50': ('fc', 'conv1'),
-    'wide_resnet50_2': ('fc', 'conv1'),
-    'convnext_base': ('head.fc', 'stem.0'),
-    'convnext_large': ('head.fc', 'stem.0'),
-    'swin_base_patch4_window7_224': ('head.fc', 'patch_embed.proj'),
-    'vit_base_patch16_224': ('head', 'patch_embed.proj'),
+    'resnet50': TimmFamily('hpm_resnet50', 'fc', 'conv1', (0, 1, 2, 3, 4)),
+    'wide_resnet50_2': TimmFamily('hpm_wide_resnet50_2', 'fc', 'conv1', (0, 1, 2, 3, 4)),
+    'convnext_base': TimmFamily('hpm_convnext_base', 'head.fc', 'stem.0', (0, 1, 2, 3)),
+    'convnext_large': TimmFamily('hpm_convnext_large', 'head.fc', 'stem.0', (0, 1, 2, 3)),
+    'swin_base_patch4_window7_224': TimmFamily('hpm_swin_base_patch4_window7_224', 'head.fc', 'patch_embed.proj',
+                                               (0, 1, 2, 3)),
+    'vit_base_patch16_224': TimmFamily('vit_base_patch16_hpm_224', 'head', 'patch_embed.proj', 3),  # last 3 blocks
 }
 
 
 def _create(base: str, pretrained: bool = False, **kwargs):
-    classifier, _ = HPM_TIMM_FAMILIES[base]
+    family = HPM_TIMM_FAMILIES[base]
 
     def base_model(**model_kwargs):
         return timm.create_model(base, pretrained=False, **model_kwargs)
 
-    return build_family(base_model, f'hpm_{base}', pretrained, classifier=classifier, hpm=True, **kwargs)
+    # timm's feature extraction through forward_intermediates, which every one of these families has
+    return build_family(base_model, family.hpm_name, pretrained, classifier=family.classifier, hpm=True,
+                        feature_cfg=dict(feature_cls='getter', out_indices=family.out_indices), **kwargs)
+
+
+# Facts of the base's own weights, not of ours.
+_WEIGHT_FACTS = ('url', 'hf_hub_id', 'hf_hub_filename', 'hf_hub_revision', 'file', 'state_dict', 'source',
+                 'architecture', 'tag', 'custom_load', 'license', 'description', 'origin_url', 'paper_name',
+                 'paper_ids', 'notes', 'test_input_size', 'test_crop_pct')
 
 
 def _cfg(base: str, **kwargs):
-    classifier, first_conv = HPM_TIMM_FAMILIES[base]
+    family = HPM_TIMM_FAMILIES[base]
+    base_cfg = {k: v for k, v in get_pretrained_cfg(base).to_dict().items() if k not in _WEIGHT_FACTS}
     return {
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': first_conv, 'classifier': classifier, **kwargs,
+        **base_cfg, 'num_classes': 1000, 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': family.first_conv, 'classifier': family.classifier, **kwargs,
     }
 
 
@@ -53,8 +76,8 @@ _MO = dict(paper_ids='arXiv:2210.07540', paper_name='When Adversarial Training M
 
 
 def _weights(base: str, tag: str, **kwargs):
-    name = f'hpm_{base}.{tag}'
-    return {name: _cfg(base, hf_hub_id=hub_id(name), **kwargs)}
+    # Not published yet (no location: timm does not list them as pretrained); loaded through timm_hpm.robustbench.
+    return {f'{HPM_TIMM_FAMILIES[base].hpm_name}.{tag}': _cfg(base, **kwargs)}
 
 
 default_cfgs = generate_default_cfgs({
@@ -98,6 +121,6 @@ def hpm_swin_base_patch4_window7_224(pretrained: bool = False, **kwargs):
 
 
 @register_model
-def hpm_vit_base_patch16_224(pretrained: bool = False, **kwargs):
+def vit_base_patch16_hpm_224(pretrained: bool = False, **kwargs):
     """timm ViT-B/16 (224) with the HPM l2-reclassifier head."""
     return _create('vit_base_patch16_224', pretrained, **kwargs)

@@ -8,11 +8,11 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import SelectAdaptivePool2d
+from timm.layers import create_classifier
 from timm.models import generate_default_cfgs, register_model
 
-from ._builder import build_family, hub_id
-from ._common import check_image_size, cifar_cfg, FamilyHeadMixin
+from ._builder import build_family, hpm_checkpoint_filter
+from ._common import check_image_size, cifar_cfg, FamilyHeadMixin, image_size_or_none
 
 __all__ = ['TradesWideResNet']
 
@@ -27,14 +27,13 @@ class BasicBlock(nn.Module):
         self.relu2 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(out_planes, out_planes, kernel_size=3, stride=1, padding=1, bias=False)
         self.drop_rate = drop_rate
-        self.equal_in_out = in_planes == out_planes
-        self.convShortcut = None if self.equal_in_out else nn.Conv2d(
+        self.convShortcut = None if in_planes == out_planes else nn.Conv2d(
             in_planes, out_planes, kernel_size=1, stride=stride, padding=0, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu1(self.bn1(x))
         # Without a projection the residual is the raw input; with one, the pre-activated input.
-        shortcut = x if self.equal_in_out else self.convShortcut(out)
+        shortcut = x if self.convShortcut is None else self.convShortcut(out)
         out = self.relu2(self.bn2(self.conv1(out)))
         if self.drop_rate > 0:
             out = F.dropout(out, p=self.drop_rate, training=self.training)
@@ -61,13 +60,10 @@ class TradesWideResNet(FamilyHeadMixin, nn.Module):
         num_classes: classifier size (0 for a feature extractor).
         in_chans: input channels.
         block_drop_rate: dropout inside the residual blocks (the original ``dropRate``).
-        sub_block1: add the unused ``sub_block1`` group that the original TRADES checkpoint carries (so it
-            loads strictly); it takes no part in the forward and is frozen.
         img_size: the input size the model accepts (None accepts any).
         global_pool: timm pooling type.
         drop_rate: dropout before the classifier.
     """
-    classifier_name = 'fc'
 
     def __init__(
             self,
@@ -76,7 +72,6 @@ class TradesWideResNet(FamilyHeadMixin, nn.Module):
             num_classes: int = 10,
             in_chans: int = 3,
             block_drop_rate: float = 0.0,
-            sub_block1: bool = False,
             img_size: Optional[Union[int, Tuple[int, int]]] = 32,
             global_pool: str = 'avg',
             drop_rate: float = 0.0,
@@ -88,20 +83,16 @@ class TradesWideResNet(FamilyHeadMixin, nn.Module):
         channels = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.img_size = img_size
+        self.img_size = image_size_or_none(img_size)
         self.drop_rate = drop_rate
         self.num_features = self.head_hidden_size = channels[3]
         self.conv1 = nn.Conv2d(in_chans, channels[0], kernel_size=3, stride=1, padding=1, bias=False)
         self.block1 = NetworkBlock(n, channels[0], channels[1], 1, block_drop_rate)
-        if sub_block1:
-            self.sub_block1 = NetworkBlock(n, channels[0], channels[1], 1, block_drop_rate)
-            self.sub_block1.requires_grad_(False)  # unused in the forward: frozen, so DDP sees no unused grads
         self.block2 = NetworkBlock(n, channels[1], channels[2], 2, block_drop_rate)
         self.block3 = NetworkBlock(n, channels[2], channels[3], 2, block_drop_rate)
         self.bn1 = nn.BatchNorm2d(channels[3])
         self.relu = nn.ReLU(inplace=True)
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.fc = nn.Linear(channels[3], num_classes) if num_classes > 0 else nn.Identity()
+        self.global_pool, self.fc = create_classifier(channels[3], num_classes, pool_type=global_pool)
         self.feature_info = [
             dict(num_chs=channels[1], reduction=1, module='block1'),
             dict(num_chs=channels[2], reduction=2, module='block2'),
@@ -116,19 +107,39 @@ class TradesWideResNet(FamilyHeadMixin, nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    classifier_name = 'fc'
+    stage_names = ('block1', 'block2', 'block3')
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         check_image_size(x, self.in_chans, self.img_size)
-        x = self.block3(self.block2(self.block1(self.conv1(x))))
+        return self.conv1(x)
+
+    def forward_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.bn1(x))
+
+    def prune_norm(self) -> None:
+        self.bn1, self.relu = nn.Identity(), nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_norm(self.block3(self.block2(self.block1(self.forward_stem(x)))))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate > 0:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.fc(x)
+
+
+def checkpoint_filter_fn(state_dict, model: nn.Module):
+    """The original TRADES checkpoint carries ``sub_block1``, a block group its forward never uses (a leftover
+    of the TRADES code base): dropped on load, so the model has no parameter that never gets a gradient."""
+    state_dict = hpm_checkpoint_filter(state_dict, model)
+    return {k: v for k, v in state_dict.items() if not k.startswith('sub_block1.')}
 
 
 def _create(variant: str, pretrained: bool = False, hpm: bool = False, **kwargs) -> TradesWideResNet:
     return build_family(TradesWideResNet, variant, pretrained, classifier='fc', hpm=hpm,
-                        tag_model_args=_TAG_MODEL_ARGS, **kwargs)
-
-
-# Per-weight model arguments: the original TRADES checkpoint carries an unused sub_block1.
-_TAG_MODEL_ARGS = {'rb_zhang2019theoretically_cifar10': dict(sub_block1=True)}
+                        pretrained_filter_fn=checkpoint_filter_fn, feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2)), **kwargs)
 
 
 def _cfg(**kwargs):
@@ -139,11 +150,10 @@ _TRADES = dict(paper_ids='arXiv:1901.08573', paper_name='Theoretically Principle
                'and Accuracy', origin_url='https://github.com/yaodongyu/TRADES', license='mit')
 
 
+# Not published yet (no location: timm does not list them as pretrained); loaded through timm_hpm.robustbench.
 default_cfgs = generate_default_cfgs({
-    'trades_wrn34_10.rb_zhang2019theoretically_cifar10': _cfg(
-        hf_hub_id=hub_id('trades_wrn34_10.rb_zhang2019theoretically_cifar10'), **_TRADES),
-    'hpm_trades_wrn34_10.rb_zhang2019theoretically_cifar10': _cfg(
-        hf_hub_id=hub_id('hpm_trades_wrn34_10.rb_zhang2019theoretically_cifar10'), **_TRADES),
+    'trades_wrn34_10.rb_zhang2019theoretically_cifar10': _cfg(**_TRADES),
+    'hpm_trades_wrn34_10.rb_zhang2019theoretically_cifar10': _cfg(**_TRADES),
     'trades_wrn34_20': _cfg(),
     'hpm_trades_wrn34_20': _cfg(),
 })

@@ -11,12 +11,12 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import SelectAdaptivePool2d, get_act_layer
+from timm.layers import create_classifier, get_act_layer
 from timm.models import generate_default_cfgs, register_model
 
-from ._builder import build_family, hub_id
+from ._builder import build_family
 from ._common import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, check_image_size, cifar_cfg,
-                      FamilyHeadMixin)
+                      FamilyHeadMixin, image_size_or_none)
 
 __all__ = ['DMWideResNet']
 
@@ -34,15 +34,15 @@ class _Block(nn.Module):
         self.batchnorm_1 = nn.BatchNorm2d(out_planes)
         self.relu_1 = act_layer()
         self.conv_1 = nn.Conv2d(out_planes, out_planes, kernel_size=3, stride=1, padding=1, bias=False)
-        self.has_shortcut = in_planes != out_planes
-        self.shortcut = nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False) if self.has_shortcut else None
+        self.shortcut = nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False) \
+            if in_planes != out_planes else None
         # 'SAME' padding as in the original JAX models: symmetric for stride 1, bottom/right for stride 2.
-        self._pad = (1, 1, 1, 1) if stride == 1 else (0, 1, 0, 1)
+        self._pad = [1, 1, 1, 1] if stride == 1 else [0, 1, 0, 1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu_0(self.batchnorm_0(x))
         # With a projection shortcut, the shortcut sees the pre-activated input (as in the reference models).
-        shortcut = self.shortcut(out) if self.has_shortcut else x
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
         out = self.conv_0(F.pad(out, self._pad))
         out = self.conv_1(self.relu_1(self.batchnorm_1(out)))
         return shortcut + out
@@ -97,7 +97,7 @@ class DMWideResNet(FamilyHeadMixin, nn.Module):
         channels = [16, 16 * width, 32 * width, 64 * width]
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.img_size = img_size
+        self.img_size = image_size_or_none(img_size)
         self.padding = padding
         self.drop_rate = drop_rate
         self.num_features = self.head_hidden_size = channels[3]
@@ -113,8 +113,7 @@ class DMWideResNet(FamilyHeadMixin, nn.Module):
         )
         self.batchnorm = nn.BatchNorm2d(channels[3])
         self.relu = act_layer()
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.logits = nn.Linear(channels[3], num_classes) if num_classes > 0 else nn.Identity()
+        self.global_pool, self.logits = create_classifier(channels[3], num_classes, pool_type=global_pool)
         self.feature_info = [
             dict(num_chs=channels[1], reduction=1, module='layer.0'),
             dict(num_chs=channels[2], reduction=2, module='layer.1'),
@@ -122,19 +121,33 @@ class DMWideResNet(FamilyHeadMixin, nn.Module):
         ]
 
     classifier_name = 'logits'
+    stage_names = ('layer.0', 'layer.1', 'layer.2')
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         check_image_size(x, self.in_chans, self.img_size)
         if self.padding > 0:
-            x = F.pad(x, (self.padding,) * 4)
-        x = (x - self.mean) / self.std
-        x = self.layer(self.init_conv(x))
+            x = F.pad(x, (self.padding, self.padding, self.padding, self.padding))
+        return self.init_conv((x - self.mean) / self.std)
+
+    def forward_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.batchnorm(x))
+
+    def prune_norm(self) -> None:
+        self.batchnorm, self.relu = nn.Identity(), nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_norm(self.layer(self.forward_stem(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate > 0:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.logits(x)
 
 
 def _create_dm_wrn(variant: str, pretrained: bool = False, hpm: bool = False, **kwargs) -> DMWideResNet:
     return build_family(DMWideResNet, variant, pretrained, classifier='logits', hpm=hpm,
-                        tag_model_args=_TAG_MODEL_ARGS, **kwargs)
+                        tag_model_args=_TAG_MODEL_ARGS, feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2)), **kwargs)
 
 
 def _cfg(**kwargs):
@@ -152,11 +165,11 @@ _WANG2023 = dict(paper_ids='arXiv:2302.04638', paper_name='Better Diffusion Mode
 
 
 def _weights(arch: str):
+    # RobustBench's weights, converted when a session with the data and a GPU builds the tag (not published yet:
+    # no location here, so timm does not list them as pretrained; loading goes through timm_hpm.robustbench).
     return {
-        f'{arch}.rb_wang2023better_cifar10': _cfg(
-            hf_hub_id=hub_id(f'{arch}.rb_wang2023better_cifar10'), num_classes=10, **_WANG2023),
-        f'{arch}.rb_wang2023better_cifar100': _cfg(
-            hf_hub_id=hub_id(f'{arch}.rb_wang2023better_cifar100'), num_classes=100, **_WANG2023),
+        f'{arch}.rb_wang2023better_cifar10': _cfg(num_classes=10, **_WANG2023),
+        f'{arch}.rb_wang2023better_cifar100': _cfg(num_classes=100, **_WANG2023),
     }
 
 
