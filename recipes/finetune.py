@@ -1,15 +1,19 @@
 """HPM adversarial fine-tuning with accelerate.
 
     accelerate launch recipes/finetune.py --config recipes/configs/hpm_wrn28_10_cifar10.yaml
-    accelerate launch recipes/finetune.py --config ... --resume runs/<run>/      # after a crash or kill
+    accelerate launch recipes/finetune.py --resume runs/<run>/      # after a crash or kill; the budget may grow
     python recipes/finetune.py --config ... --epochs 1 --device cpu              # without accelerate launch
     accelerate launch --multi_gpu --num_processes 2 recipes/finetune.py ... --device cpu   # 2 CPU processes (gloo)
 
-The run folder gets: ``config.yaml`` (resolved), ``log.jsonl`` (metrics), ``checkpoints/step_<k>/`` (accelerate
-state: weights with prototypes, optimiser, scheduler, RNG), and ``final/`` (model.safetensors + timm
-config.json, loadable with ``timm.create_model('local-dir:<run>/final', pretrained=True)``).
+The run folder gets: ``config.yaml`` (resolved), ``log.jsonl`` (metrics), ``checkpoints/step_<k>/`` (weights with
+prototypes, optimiser, RNG states, trainer state; nothing in it is ever unpickled: see timm_hpm/train/checkpoint.py),
+``final/`` (model.safetensors + timm config.json, loadable with
+``timm.create_model('local-dir:<run>/final', pretrained=True)``) and ``run.lock`` (held while a process runs in it).
+A fresh run refuses a folder that holds a run unless ``--overwrite``; ``--resume`` refuses changed settings except the
+step budget.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -17,12 +21,13 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch.utils.data import DataLoader
@@ -33,8 +38,12 @@ from timm_hpm.data import build_train_val, unaugmented
 from timm_hpm.hub import save_for_hub
 from timm_hpm.train import (adversarial_examples, build_model, evaluate_heads, hpm_loss, init_prototypes, load_config,
                             select_trainable, set_frozen_eval, step_generator)
-from timm_hpm.train.config import ConfigError
+from timm_hpm.train.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint,
+                                       write_text_atomic)
+from timm_hpm.train.config import BUDGET_KEYS, ConfigError, config_changes
 from timm_hpm.train.engine import broadcast_buffers, input_normalizer, read_jsonl, trades_loss
+from timm_hpm.runlock import FolderInUse, run_lock
+from timm_hpm.train.runs import RunFolderError, prepare_fresh_run
 
 logger = logging.getLogger('finetune')
 
@@ -42,33 +51,61 @@ logger = logging.getLogger('finetune')
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--config', type=Path, help='YAML config (recipes/configs/)')
-    p.add_argument('--resume', type=Path, help='a run folder to continue from its last checkpoint')
+    start = p.add_mutually_exclusive_group()
+    start.add_argument('--resume', type=Path, help='a run folder to continue from its last checkpoint, with its '
+                                                   'settings (only --max-steps/--epochs may change)')
+    start.add_argument('--overwrite', action='store_true',
+                       help='replace the run already in the output folder (its config.yaml, log, checkpoints and '
+                            'final weights are deleted)')
     p.add_argument('--output-dir', type=Path, help='run folder (default: output_dir of the config)')
     p.add_argument('--epochs', type=int)
     p.add_argument('--max-steps', type=int)
     p.add_argument('--device', choices=['cpu', 'auto'], default='auto')
-    p.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE',
-                   help='override config entries, e.g. train.lr=0.01 attack.eps=4/255 (values parsed as YAML)')
+    p.add_argument('--set', nargs='+', action='extend', default=[], metavar='KEY=VALUE',
+                   help='override config entries, e.g. train.lr=0.01 attack.eps=4/255 (values parsed as YAML); '
+                        'may be given more than once')
     return p.parse_args(argv)
 
 
-def resolve_config(args):
-    overrides = {k: yaml.safe_load(v) for k, v in (item.split('=', 1) for item in args.set)}
+def parse_overrides(args) -> dict:
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition('=')
+        if not sep or not key:
+            raise ConfigError(f'--set {item!r}: expected KEY=VALUE, e.g. train.lr=0.01')
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ConfigError(f'--set {item!r}: the value is not valid YAML ({error})') from None
     if args.epochs is not None:
         overrides['train.epochs'] = args.epochs
     if args.max_steps is not None:
         overrides['train.max_steps'] = args.max_steps
-    if args.resume is not None:
-        saved = args.resume / 'config.yaml'
-        if not saved.is_file():
-            raise ConfigError(f'--resume {args.resume}: no config.yaml there; is it a run folder?')
-        cfg = load_config(saved, overrides)
-        cfg.output_dir = str(args.resume)
-        return cfg
-    cfg = load_config(args.config, overrides)
-    if args.output_dir is not None:
-        cfg.output_dir = str(args.output_dir)
-    return cfg
+    return overrides
+
+
+def resolve_config(args):
+    """The run's configuration, and on --resume the step-budget settings that change (``{key: (old, new)}``)."""
+    overrides = parse_overrides(args)
+    if args.resume is None:
+        cfg = load_config(args.config, overrides)
+        if args.output_dir is not None:
+            cfg.output_dir = str(args.output_dir)
+        return cfg, {}
+    saved_path = args.resume / 'config.yaml'
+    if not saved_path.is_file():
+        raise ConfigError(f'--resume {args.resume}: no config.yaml there; is it a run folder?')
+    saved = load_config(saved_path)
+    cfg = load_config(args.config or saved_path, overrides)
+    changes = config_changes(saved, cfg)
+    refused = {k: v for k, v in changes.items() if k not in BUDGET_KEYS}
+    if refused:
+        raise ConfigError(
+            f'--resume {args.resume}: ' + '; '.join(f'{k} {old!r} -> {new!r}' for k, (old, new) in refused.items()) +
+            f" differ from the run's {saved_path}. A resumed run keeps its settings; only its step budget "
+            f"({', '.join(BUDGET_KEYS)}) may change. Start a new run (another --output-dir) to change the others.")
+    cfg.output_dir = str(args.resume)
+    return cfg, changes
 
 
 def base_loss(model, x, x_adv, y, cfg):
@@ -87,21 +124,70 @@ def state_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def latest_checkpoint(run_dir: Path):
-    steps = sorted((run_dir / 'checkpoints').glob('step_*'), key=lambda p: int(p.name.split('_')[1]))
-    complete = [p for p in steps if (p / 'trainer_state.json').exists()]
-    return complete[-1] if complete else None
+def raise_on_every_process(accelerator, error: Optional[Exception]) -> None:
+    """Raise ``error`` here, and on every other process when one of them failed (instead of waiting forever for
+    the failed one at the next collective operation)."""
+    failed = [message for message in gather_object([None if error is None else str(error)]) if message]
+    if error is not None:
+        raise error
+    if failed:
+        raise RunFolderError(f'another process of this run failed: {failed[0]}')
+
+
+@contextlib.contextmanager
+def claim_run_folder(accelerator, run_dir: Path, fresh: bool, overwrite: bool):
+    """The main process holds the folder's lock for the run's lifetime and refuses (or, with ``overwrite``,
+    clears) a folder that holds another run; every process learns the outcome before any work."""
+    with contextlib.ExitStack() as held:
+        error = None
+        if accelerator.is_main_process:
+            try:
+                held.enter_context(run_lock(run_dir, '--output-dir'))
+                if fresh:
+                    prepare_fresh_run(run_dir, overwrite)
+            except (RunFolderError, FolderInUse) as refused:
+                error = refused
+        raise_on_every_process(accelerator, error)
+        yield
+
+
+def restore(accelerator, run_dir: Path, model, optimizer) -> Optional[dict]:
+    """The trainer state of the run's latest complete checkpoint, restored into model, optimiser and random
+    generators (None when there is none); log lines written after it are dropped."""
+    state, error = None, None
+    try:
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is not None:
+            state = load_checkpoint(accelerator, checkpoint, model, optimizer)
+            logger.info('resumed from %s (step %d)', checkpoint, state['global_step'])
+        if accelerator.is_main_process:
+            step = state['global_step'] if state else 0
+            log_path = run_dir / 'log.jsonl'
+            kept = [r for r in read_jsonl(log_path) if r.get('step', 0) <= step]
+            write_text_atomic(log_path, ''.join(json.dumps(r) + '\n' for r in kept))
+    except CheckpointError as unreadable:
+        error = unreadable
+    raise_on_every_process(accelerator, error)
+    if state is None:
+        logger.warning('no checkpoint in %s: starting from scratch', run_dir)
+    return state
 
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = resolve_config(args)
+    cfg, budget_changes = resolve_config(args)
     t = cfg.train
     run_dir = Path(cfg.output_dir)
     accelerator = Accelerator(
         cpu=args.device == 'cpu', mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
         log_with=t.trackers or None, project_dir=str(run_dir))
+    with claim_run_folder(accelerator, run_dir, fresh=args.resume is None, overwrite=args.overwrite):
+        return train(accelerator, cfg, run_dir, resume=args.resume is not None, budget_changes=budget_changes)
+
+
+def train(accelerator, cfg, run_dir: Path, resume: bool, budget_changes: dict) -> Path:
+    t = cfg.train
     set_seed(t.seed)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format='%(asctime)s %(levelname)s %(message)s')
@@ -133,11 +219,7 @@ def main(argv=None):
                                        warmup_epochs=t.warmup_epochs * updates_per_epoch / budget,
                                        min_lr=t.min_lr, step_on_epochs=False, updates_per_epoch=budget)
 
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / 'config.yaml').write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     model, optimizer, train_loader, init_loader = accelerator.prepare(model, optimizer, train_loader, init_loader)
-    accelerator.register_for_checkpointing(scheduler)
     raw = accelerator.unwrap_model(model)
     hpm = t.objective == 'hpm'
     head = timm_hpm.get_hpm_head(raw) if hpm else None
@@ -146,24 +228,20 @@ def main(argv=None):
         accelerator.init_trackers(run_dir.name, config={k: str(v) for k, v in cfg.to_dict().items()})
 
     # Resume, or initialise the dataset prototypes from the base model's features.
-    state = {'global_step': 0, 'epoch': 0, 'batches_done': 0}
-    checkpoint = latest_checkpoint(run_dir) if args.resume else None
-    if args.resume and checkpoint is None:
-        logger.warning('no checkpoint in %s: starting from scratch', run_dir)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / 'trainer_state.json').read_text())
-        logger.info('resumed from %s (step %d)', checkpoint, state['global_step'])
-    elif hpm:
-        bar = tqdm(total=len(init_loader), desc='init prototypes', disable=not accelerator.is_local_main_process)
-        info = init_prototypes(raw, init_loader, t.init_prototype_batches, progress=bar)
-        bar.close()
-        logger.info('prototypes initialised (gamma %.4g)', info['gamma'])
+    state = restore(accelerator, run_dir, raw, optimizer) if resume else None
+    if state is not None:
+        scheduler.step_update(state['global_step'])  # the rate is a function of the step (and of the budget)
+    else:
+        state = {'global_step': 0, 'epoch': 0, 'batches_done': 0}
+        if hpm:
+            bar = tqdm(total=len(init_loader), desc='init prototypes', disable=not accelerator.is_local_main_process)
+            info = init_prototypes(raw, init_loader, t.init_prototype_batches, progress=bar)
+            bar.close()
+            logger.info('prototypes initialised (gamma %.4g)', info['gamma'])
+    if accelerator.is_main_process:
+        write_text_atomic(run_dir / 'config.yaml', yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     log_path = run_dir / 'log.jsonl'
-    if accelerator.is_main_process:  # drop log lines written after the checkpoint we resumed from
-        kept = [r for r in read_jsonl(log_path) if r.get('step', 0) <= state['global_step']]
-        log_path.write_text(''.join(json.dumps(r) + '\n' for r in kept))
 
     def log(record):
         if accelerator.is_main_process:
@@ -172,13 +250,16 @@ def main(argv=None):
         if t.trackers:
             accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record['step'])
 
-    def save_checkpoint(epoch, batches_done):
-        accelerator.wait_for_everyone()
+    if budget_changes:
+        log({'step': state['global_step'], 'budget_change': {k: list(v) for k, v in budget_changes.items()}})
+        logger.info('step budget changed at step %d: %s', state['global_step'],
+                    ', '.join(f'{k} {old} -> {new}' for k, (old, new) in budget_changes.items()))
+
+    def checkpoint(epoch, batches_done):
         folder = run_dir / 'checkpoints' / f"step_{state['global_step']:07d}"
-        accelerator.save_state(str(folder))
+        save_checkpoint(accelerator, folder, raw, optimizer,
+                        {'global_step': state['global_step'], 'epoch': epoch, 'batches_done': batches_done})
         if accelerator.is_main_process:
-            (folder / 'trainer_state.json').write_text(json.dumps(
-                {'global_step': state['global_step'], 'epoch': epoch, 'batches_done': batches_done}))
             for old in sorted((run_dir / 'checkpoints').glob('step_*'))[:-t.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
@@ -234,7 +315,7 @@ def main(argv=None):
                      'lr': optimizer.param_groups[0]['lr'],
                      'images_per_s': images / max(time.perf_counter() - tic, 1e-9)})
             if state['global_step'] % t.checkpoint_every == 0:
-                save_checkpoint(epoch, batches_done)
+                checkpoint(epoch, batches_done)
             if state['global_step'] >= total_steps:
                 done = True
                 break
@@ -247,7 +328,7 @@ def main(argv=None):
         if metrics:
             logger.info('epoch %d: %s', epoch, ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
         state['epoch'], state['batches_done'] = (epoch + 1, 0) if finished_epoch else (epoch, batches_done)
-        save_checkpoint(state['epoch'], state['batches_done'])
+        checkpoint(state['epoch'], state['batches_done'])
 
     accelerator.wait_for_everyone()
     # Every rank records fingerprints of its prototypes (before any buffer broadcast: their all-reduced EMA
@@ -270,4 +351,7 @@ if __name__ == '__main__':
         main()
     except ConfigError as error:
         print(f'configuration error: {error}', file=sys.stderr)
+        sys.exit(2)
+    except (RunFolderError, FolderInUse, CheckpointError, timm_hpm.PretrainedWeightsUnavailable) as error:
+        print(f'error: {error}', file=sys.stderr)
         sys.exit(2)

@@ -5,8 +5,11 @@
 
 Builds the upload folder (model.safetensors, config.json, README.md card generated from the results JSON,
 the results, the training config), writes the card to ``hub_cards/<name>.md`` too, and uploads with
-huggingface_hub unless ``--dry-run``. Refuses to replace a card already on the Hub without
-``--overwrite-card``. The token comes from HF_TOKEN or ``hf auth login`` and is never printed.
+huggingface_hub unless ``--dry-run``. Refuses results measured on other weights (the fingerprint that
+recipes/evaluate.py records next to eval.json must be that of the weights pushed) unless
+``--allow-mismatched-results``, which the card then states; refuses an invalid repo id, in dry runs too; refuses
+to replace a card already on the Hub without ``--overwrite-card``. The token comes from HF_TOKEN or
+``hf auth login`` and is never printed.
 """
 import argparse
 import shutil
@@ -22,7 +25,10 @@ def parse_args(argv=None):
     source.add_argument('--run', type=Path, help='Hub-ready folder (model.safetensors + config.json)')
     source.add_argument('--model', help="a registered model with its tag (e.g. hpm_small_cnn.fmnist_hpm): its "
                                         "pretrained weights are exported with timm_hpm.hub.save_for_hub")
-    p.add_argument('--results', type=Path, required=True, help='eval.json of the HPM model (--protocol msa)')
+    p.add_argument('--results', type=Path, required=True, help='eval.json of the HPM model (--protocol msa), in '
+                                                               'its evaluation run folder')
+    p.add_argument('--allow-mismatched-results', action='store_true',
+                   help='publish results that cannot be matched to these weights; the card says so')
     p.add_argument('--base-results', type=Path, help='eval.json of the base model (--protocol autoattack)')
     p.add_argument('--training-config', type=Path, help='default: config.yaml next to the run folder')
     p.add_argument('--base-model', help="the base model's Hub id or RobustBench name (card metadata)")
@@ -37,24 +43,57 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise SystemExit(f'--repo-id: {error}') from None
+    if '/' not in repo_id:
+        raise SystemExit(f"--repo-id {repo_id!r}: give it as '<user or organisation>/<name>' (the card's loading "
+                         'command names the repo).')
+
+
+def load_weights(args):
+    """The model being published: --model's registered weights or the --run folder's."""
+    import timm
+    if args.model:
+        return timm.create_model(args.model, pretrained=True).eval()
+    for filename in ('model.safetensors', 'config.json'):
+        if not (args.run / filename).is_file():
+            raise SystemExit(f'{args.run} has no {filename}: point --run at a folder written by recipes/finetune.py '
+                             '(runs/<run>/final) or timm_hpm.hub.save_for_hub.')
+    return timm.create_model(f'local-dir:{args.run}', pretrained=True).eval()
+
+
+def check_results(args, model):
+    """Refuse results measured on other weights unless --allow-mismatched-results; returns what the card must say
+    (None: the results are these weights')."""
+    from timm_hpm.hub import unverified_results
+    reason = unverified_results(args.results, model)
+    if reason and not args.allow_mismatched_results:
+        raise SystemExit(f"refusing to make the card: {reason} It would show another model's figures. Evaluate the "
+                         'weights being pushed with recipes/evaluate.py and pass that eval.json, or pass '
+                         '--allow-mismatched-results to publish anyway (the card then says so).')
+    if reason:
+        print(f'warning: {reason} The card says so (--allow-mismatched-results).', file=sys.stderr)
+    return reason
+
+
 def assemble(args) -> Path:
     from timm_hpm.cards import load_json, render_card
+    from timm_hpm.hub import save_for_hub
+    check_repo_id(args.repo_id)
+    model = load_weights(args)
+    unverified = check_results(args, model)
     name = args.repo_id.split('/')[-1]
     out = args.out or ROOT / 'runs' / 'hub' / name
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    run = args.run
-    if args.model:
-        import timm
-        from timm_hpm.hub import save_for_hub
-        run = save_for_hub(timm.create_model(args.model, pretrained=True).eval(), out / '.export')
+    run = save_for_hub(model, out / '.export') if args.model else args.run
     for filename in ('model.safetensors', 'config.json'):
-        source = run / filename
-        if not source.is_file():
-            raise SystemExit(f'{run} has no {filename}: point --run at a folder written by recipes/finetune.py '
-                             '(runs/<run>/final) or timm_hpm.hub.save_for_hub.')
-        shutil.copy2(source, out / filename)
+        shutil.copy2(run / filename, out / filename)
     result = load_json(args.results)
     base_result = load_json(args.base_results) if args.base_results else None
     if args.model:
@@ -64,7 +103,7 @@ def assemble(args) -> Path:
         else None
     card = render_card(result, args.repo_id, load_json(out / 'config.json'), base_result=base_result,
                        training_config=training_config, base_model=args.base_model, license=args.license,
-                       license_name=args.license_name)
+                       license_name=args.license_name, unverified_results=unverified)
     (out / 'README.md').write_text(card)
     shutil.copy2(args.results, out / 'eval_hpm.json')
     if args.base_results:

@@ -80,11 +80,14 @@ def test_killed_run_resumes_to_identical_weights(reference_run, tmp_path):
 def test_two_processes_keep_identical_prototypes_and_weights(tmp_path):
     out = tmp_path / 'ddp'
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    result = subprocess.run(
-        [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2', '--num_machines',
-         '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', '29541', str(RECIPE),
-         '--config', str(CONFIG), '--device', 'cpu', '--output-dir', str(out), '--set', 'data.batch_size=8'],
-        capture_output=True, text=True, timeout=900, env=env)
+
+    def launch(*args):
+        return subprocess.run(
+            [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+             '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port',
+             '29541', str(RECIPE), '--device', 'cpu', *args], capture_output=True, text=True, timeout=900, env=env)
+
+    result = launch('--config', str(CONFIG), '--output-dir', str(out), '--set', 'data.batch_size=8')
     assert result.returncode == 0, result.stderr[-3000:]
     fingerprints = {p.read_text() for p in out.glob('fingerprint_rank*.txt')}
     assert len(list(out.glob('fingerprint_rank*.txt'))) == 2 and len(fingerprints) == 1
@@ -93,6 +96,15 @@ def test_two_processes_keep_identical_prototypes_and_weights(tmp_path):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     model = timm.create_model(f"local-dir:{out / 'final'}", pretrained=True)
     assert bool(model.hpm_head.prototypes_initialized)
+    # Both processes resume from the checkpoint (each its own RNG state) and go on in step.
+    resumed = launch('--resume', str(out), '--epochs', '3')
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = {p.read_text() for p in out.glob('fingerprint_rank*.txt')}
+    assert len(after) == 1 and after != fingerprints
+    log = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
+    per_epoch = next(r['step'] for r in log if r.get('epoch_end'))
+    assert {'step': 2 * per_epoch, 'budget_change': {'train.epochs': [2, 3]}} in log
+    assert [r['step'] for r in log if r.get('epoch_end')] == [per_epoch, 2 * per_epoch, 3 * per_epoch]
 
 
 @pytest.mark.parametrize('override, message', [

@@ -1,5 +1,6 @@
 """Publishing: the card generated from results JSON parses with huggingface_hub's ModelCard and carries the
-numbers; the push goes through a recording stand-in for HfApi; --dry-run touches no network; an existing
+numbers; results measured on other weights are refused (or, when allowed, stated in the card); the repo id is
+validated; the push goes through a recording stand-in for HfApi; --dry-run touches no network; an existing
 card is not overwritten unless asked; the token is never printed; an offline Hub is a clear error."""
 import json
 import socket
@@ -17,6 +18,8 @@ from timm_hpm.cards import render_card
 from timm_hpm.hub import CardExistsError, push_folder, save_for_hub
 
 ROOT = Path(__file__).resolve().parents[1]
+# A real evaluation run folder (recipes/evaluate.py --protocol msa on the shipped hpm_small_cnn.fmnist_hpm).
+SHIPPED_RESULTS = ROOT / 'results' / 'fashion_mnist' / 'eval_hpm_1000' / 'eval.json'
 
 
 def _result(protocol='msa', **extra):
@@ -32,6 +35,15 @@ def _result(protocol='msa', **extra):
     return base
 
 
+def _fingerprint_as_evaluate_does(folder: Path, run: Path) -> None:
+    """The fingerprint.json that recipes/evaluate.py --model local-dir:<folder> --out <run> writes."""
+    from timm_hpm.attacks import normalized_view
+    from timm_hpm.eval.runner import model_fingerprint
+    model = normalized_view(timm.create_model(f'local-dir:{folder}', pretrained=True)).eval()
+    (run / 'attack').mkdir(parents=True)
+    (run / 'attack' / 'fingerprint.json').write_text(json.dumps({'model': model_fingerprint(model), 'data': '0'}))
+
+
 @pytest.fixture()
 def run_folder(tmp_path):
     model = timm.create_model('hpm_small_cnn').eval()
@@ -39,6 +51,7 @@ def run_folder(tmp_path):
     folder = save_for_hub(model, tmp_path / 'run' / 'final')
     (tmp_path / 'run' / 'config.yaml').write_text('model:\n  name: hpm_small_cnn\n')
     (tmp_path / 'eval.json').write_text(json.dumps(_result()))
+    _fingerprint_as_evaluate_does(folder, tmp_path)
     (tmp_path / 'base_eval.json').write_text(json.dumps(_result('autoattack', name='small_cnn', clean_acc=0.83,
                                                                 autoattack_acc=0.62)))
     return folder
@@ -86,17 +99,62 @@ class RecordingApi:
         return 'https://huggingface.co/fake/commit'
 
 
-def _assemble(run_folder, tmp_path, extra=()):
+def _push_to_hub():
     sys.path.insert(0, str(ROOT / 'recipes'))
     try:
         import push_to_hub
     finally:
         sys.path.pop(0)
-    args = push_to_hub.parse_args(['--run', str(run_folder), '--results', str(tmp_path / 'eval.json'),
+    return push_to_hub
+
+
+def _assemble(run_folder, tmp_path, extra=(), results=None, source=None):
+    push_to_hub = _push_to_hub()
+    args = push_to_hub.parse_args([*(source or ['--run', str(run_folder)]), '--results',
+                                   str(results or tmp_path / 'eval.json'),
                                    '--base-results', str(tmp_path / 'base_eval.json'), '--repo-id',
                                    'timm-hpm/hpm_small_cnn.test', '--out', str(tmp_path / 'upload'),
                                    '--cards-dir', str(tmp_path / 'cards'), *extra])
     return push_to_hub.assemble(args)
+
+
+def test_results_of_other_weights_are_refused_unless_allowed(run_folder, tmp_path):
+    """The shipped model's real results with a run folder of other weights: refused, nothing written; allowed
+    explicitly, the card says the figures are not verified to be this model's."""
+    with pytest.raises(SystemExit, match='measured on another model.*--allow-mismatched-results'):
+        _assemble(run_folder, tmp_path, results=SHIPPED_RESULTS)
+    assert not (tmp_path / 'upload').exists() and not (tmp_path / 'cards').exists()
+    folder = _assemble(run_folder, tmp_path, results=SHIPPED_RESULTS, extra=['--allow-mismatched-results'])
+    card = (folder / 'README.md').read_text()
+    assert 'not verified to be of this model' in card and 'measured on another model' in card
+    assert ModelCard(card).data.to_dict()['model-index'][0]['results'][0]['metrics']  # still a valid card
+
+
+def test_results_of_these_weights_are_accepted(tmp_path):
+    """The shipped model with its own evaluation run: matched through the fingerprint evaluate.py recorded."""
+    (tmp_path / 'base_eval.json').write_text(json.dumps(_result('autoattack', name='small_cnn', clean_acc=0.83,
+                                                                autoattack_acc=0.62)))
+    folder = _assemble(None, tmp_path, results=SHIPPED_RESULTS, source=['--model', 'hpm_small_cnn.fmnist_hpm'])
+    card = (folder / 'README.md').read_text()
+    assert 'not verified' not in card and '69.00%' in card  # the shipped model's MSA accuracy
+
+
+def test_results_without_their_run_folder_are_refused(run_folder, tmp_path):
+    copied = tmp_path / 'elsewhere' / 'eval.json'
+    copied.parent.mkdir()
+    copied.write_text((tmp_path / 'eval.json').read_text())
+    with pytest.raises(SystemExit, match=r'cannot be matched.*fingerprint\.json.*missing'):
+        _assemble(run_folder, tmp_path, results=copied)
+
+
+@pytest.mark.parametrize('repo_id, message', [('bad repo!!', 'alphanumeric'), ('a/b/c', 'namespace'),
+                                              ('noslash', "'<user or organisation>/<name>'")])
+def test_repo_id_is_validated_in_dry_runs(run_folder, tmp_path, repo_id, message):
+    push_to_hub = _push_to_hub()
+    with pytest.raises(SystemExit, match=message):
+        push_to_hub.main(['--run', str(run_folder), '--results', str(tmp_path / 'eval.json'), '--repo-id', repo_id,
+                          '--out', str(tmp_path / 'upload'), '--cards-dir', str(tmp_path / 'cards'), '--dry-run'])
+    assert not (tmp_path / 'upload').exists()
 
 
 def test_push_uploads_the_right_files(run_folder, tmp_path):

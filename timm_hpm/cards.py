@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 __all__ = ['render_card', 'TEMPLATE', 'HUB_DATASETS']
 
-TEMPLATE = Path(__file__).resolve().parents[1] / 'hub_cards' / 'template.md.j2'
+#: The card template ships inside the package (package data), so cards render from a regular install too.
+TEMPLATE = files('timm_hpm') / 'templates' / 'model_card.md.j2'
 HUB_DATASETS = {
     'fashion_mnist': ('zalando-datasets/fashion_mnist', 'Fashion-MNIST'),
     'cifar10': ('uoft-cs/cifar10', 'CIFAR-10'),
@@ -30,9 +32,12 @@ def _eps_text(eps: float, norm: str) -> str:
 def render_card(result: Dict[str, Any], repo_id: str, model_config: Dict[str, Any],
                 base_result: Optional[Dict[str, Any]] = None, training_config: Optional[str] = None,
                 base_model: Optional[str] = None, license: str = 'other', license_name: str = 'unknown',
-                template: Optional[Path] = None) -> str:
+                template: Optional[Path] = None, unverified_results: Optional[str] = None) -> str:
     """The README.md of a Hub repo: YAML metadata (library_name, license, tags, datasets, base_model,
-    model-index with clean, AutoAttack-of-the-base and MSA accuracies) and the human-readable card."""
+    model-index with clean, AutoAttack-of-the-base and MSA accuracies) and the human-readable card.
+
+    ``unverified_results``: why ``result`` may not have been measured on these weights; the card then says so
+    above its figures."""
     import jinja2
     if result.get('protocol') != 'msa' or result.get('msa_acc') is None:
         raise ValueError('the card needs the HPM model\'s MSA result (recipes/evaluate.py --protocol msa).')
@@ -68,7 +73,8 @@ def render_card(result: Dict[str, Any], repo_id: str, model_config: Dict[str, An
                 f"{', '.join(f'{k}={v}' for k, v in hpm_cfg.items()) or 'defaults'}); the resolved config follows."
                 if training_config else 'Training configuration: unknown.')
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-    text = env.from_string(Path(template or TEMPLATE).read_text()).render(
+    source = Path(template).read_text() if template is not None else TEMPLATE.read_text()
+    text = env.from_string(source).render(
         license=license, license_name=license_name, dataset=dict(hub_id=hub_id, name=dataset_name),
         base_model=base_model, name=name, metrics=metrics, repo_id=repo_id,
         base_description=f'`{base_model}`' if base_model else f"a `{model_config.get('architecture')}` model",
@@ -78,7 +84,8 @@ def render_card(result: Dict[str, Any], repo_id: str, model_config: Dict[str, An
         surrogates=', '.join(result['settings']['msa']['surrogates']),
         batchings=', '.join(result.get('batchings', {})), batch_size=result.get('batch_size'),
         per_batching=per_batching, warnings=result.get('warnings', []), input_size=f"(B, {', '.join(map(str, input_size))})",
-        training_description=training, training_config=(training_config or '').strip())
+        training_description=training, training_config=(training_config or '').strip(),
+        unverified_results=unverified_results)
     return text
 
 

@@ -5,15 +5,18 @@ the same weights, prototypes and HPM options.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import torch.nn as nn
 from timm.models._hub import save_for_hf
 
+from .models import hpm_variant, is_hpm_variant
 from .models._hpm import is_hpm_model
 
-__all__ = ['save_for_hub', 'reconstruction_args', 'push_folder', 'hub_reachable', 'CardExistsError']
+__all__ = ['save_for_hub', 'reconstruction_args', 'push_folder', 'hub_reachable', 'CardExistsError',
+           'unverified_results']
 
 
 def reconstruction_args(model: nn.Module) -> Dict[str, Any]:
@@ -45,15 +48,41 @@ def save_for_hub(model: nn.Module, folder: Union[str, Path], model_args: Optiona
     args.update(model_args or {})
     model_config = None
     arch = cfg['architecture']
-    if is_hpm_model(model) and not arch.startswith('hpm_'):
+    if is_hpm_model(model) and not is_hpm_variant(arch):
         # A timm model converted with convert_to_hpm: reload it as the registered hpm_ variant.
         import timm
-        if not timm.is_model(f'hpm_{arch}'):
-            raise ValueError(f'{arch} has no registered hpm_{arch} variant, so a local-dir/hf-hub load could not '
+        if not timm.is_model(hpm_variant(arch)):
+            raise ValueError(f'{arch} has no registered HPM variant ({hpm_variant(arch)}), so a local-dir/hf-hub load could not '
                              'rebuild the HPM head; register one (see timm_hpm/models/timm_families.py).')
-        model_config = {'architecture': f'hpm_{arch}'}
+        model_config = {'architecture': hpm_variant(arch)}
     save_for_hf(model, str(folder), model_config=model_config, model_args=args, safe_serialization=True)
     return folder
+
+
+def unverified_results(results: Union[str, Path], model: nn.Module) -> Optional[str]:
+    """None when ``results`` (the eval.json of a recipes/evaluate.py run) were measured on ``model``, else why they
+    cannot be said to be.
+
+    evaluate.py records the SHA-256 of the model it evaluated (weights, buffers and head options) in
+    ``<run>/attack/fingerprint.json`` next to ``<run>/eval.json``; it is compared with the same fingerprint of
+    ``model``, taken as evaluate.py takes it (on its [0, 1]-input view).
+    """
+    from .attacks import normalized_view
+    from .eval.runner import model_fingerprint
+    results = Path(results)
+    path = results.parent / 'attack' / 'fingerprint.json'
+    if not path.is_file():
+        return (f'{results} cannot be matched to these weights: {path}, which recipes/evaluate.py writes with '
+                'eval.json, is missing.')
+    try:
+        recorded = json.loads(path.read_text())['model']
+    except (ValueError, KeyError, TypeError) as error:
+        return f'{results} cannot be matched to these weights: {path} is unreadable ({type(error).__name__}: {error}).'
+    actual = model_fingerprint(normalized_view(model).eval())
+    if recorded != actual:
+        return (f'{results} were measured on another model: its fingerprint in {path} is {recorded[:16]}..., that of '
+                f'these weights and head options {actual[:16]}...')
+    return None
 
 
 class CardExistsError(RuntimeError):

@@ -7,15 +7,19 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import yaml
 
 from ..attacks import parse_eps
 from ..layers.hpm_head import HPM_MODES, HPM_OPTIONS
+from ..models import is_hpm_variant
 
 __all__ = ['FinetuneConfig', 'ModelSection', 'DataSection', 'AttackSection', 'TrainSection', 'load_config',
-           'ConfigError']
+           'ConfigError', 'config_changes', 'BUDGET_KEYS']
+
+#: The settings a resumed run may change: its step budget.
+BUDGET_KEYS = ('train.epochs', 'train.max_steps')
 
 
 class ConfigError(ValueError):
@@ -148,7 +152,7 @@ class FinetuneConfig:
             raise ConfigError(f'attack.target_mode must be one of {HPM_MODES} or null')
         if self.train.objective not in ('hpm', 'base'):
             raise ConfigError("train.objective must be 'hpm' or 'base'")
-        if self.train.objective == 'base' and (name.startswith('hpm_') or self.model.hpm):
+        if self.train.objective == 'base' and (is_hpm_variant(name) or self.model.hpm):
             raise ConfigError("train.objective 'base' trains a plain model: use model.name without the hpm_ prefix "
                               "and no model.hpm options")
         if self.train.trainable not in ('head', 'head+last_stage', 'all'):
@@ -160,6 +164,10 @@ class FinetuneConfig:
         for key in ('epochs', 'grad_accum', 'checkpoint_every', 'keep_checkpoints', 'log_every'):
             if getattr(self.train, key) < 1:
                 raise ConfigError(f'train.{key} must be >= 1')
+        steps = self.train.max_steps
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+            raise ConfigError(f'train.max_steps (--max-steps) must be an integer >= 1, got {steps!r}; leave it out '
+                              '(null) to train for train.epochs.')
         if self.data.batch_size < 1 or self.data.val_examples < 0:
             raise ConfigError('data.batch_size must be >= 1 and data.val_examples >= 0')
         if not self.train.lr > 0:
@@ -189,15 +197,42 @@ def _set_dotted(tree: Dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def _read_yaml(path: Path) -> Dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f'config file not found: {path}')
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f'{path} is not valid YAML: {error}') from None
+    if tree is None:
+        raise ConfigError(f'{path} is empty; a config file holds at least one section (model, data, attack, train).')
+    if not isinstance(tree, dict):
+        raise ConfigError(f'{path}: expected a mapping of sections, got {type(tree).__name__}')
+    return tree
+
+
+def _flatten(tree: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
+    flat: Dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key in _SECTIONS and not prefix:
+            flat.update(_flatten(value, f'{key}.'))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def config_changes(old: FinetuneConfig, new: FinetuneConfig) -> Dict[str, Tuple[Any, Any]]:
+    """``{'train.lr': (old, new), ...}`` for every setting that differs (output_dir aside: where a run lives)."""
+    a, b = _flatten(old.to_dict()), _flatten(new.to_dict())
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k != 'output_dir' and a.get(k) != b.get(k)}
+
+
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[Dict[str, Any]] = None
                 ) -> FinetuneConfig:
     """Read a YAML config (or the defaults), apply ``{'train.epochs': 1, ...}`` overrides, validate."""
     tree: Dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f'config file not found: {path}')
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = _read_yaml(Path(path))
     for dotted, value in (overrides or {}).items():
         _set_dotted(tree, dotted, value)
     return _build(FinetuneConfig, tree, '').validate()

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..attacks import normalized_view, pgd
+from ..models import check_local_dir, is_hpm_variant
 from ..models._hpm import convert_to_hpm, get_hpm_head, is_hpm_model
+from .checkpoint import CheckpointError
 from .config import ConfigError, FinetuneConfig
 
 __all__ = ['build_model', 'select_trainable', 'set_frozen_eval', 'init_prototypes', 'adversarial_examples',
@@ -34,6 +36,7 @@ def build_model(cfg: FinetuneConfig) -> nn.Module:
     hpm_options = dict(m.hpm)
     base = m.base
     if base and base.startswith(('hf-hub:', 'local-dir:')):
+        check_local_dir(base)
         model = timm.create_model(base, pretrained=True, **m.model_args)
     else:
         kwargs = dict(m.model_args)
@@ -55,9 +58,11 @@ def build_model(cfg: FinetuneConfig) -> nn.Module:
         elif base:
             if not Path(base).is_file():
                 raise ConfigError(f'model.base: checkpoint file not found: {base}')
+            if Path(base).stat().st_size == 0:
+                raise ConfigError(f'model.base: {base} is empty (0 bytes): the file was cut short; copy it again.')
             kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(base)))
         name = m.name
-        if name.startswith('hpm_'):
+        if is_hpm_variant(name):
             kwargs['hpm_cfg'] = hpm_options
             hpm_options = {}
         model = timm.create_model(name, **kwargs)
@@ -96,7 +101,7 @@ def select_trainable(model: nn.Module, how: str) -> Tuple[List[str], List[nn.Mod
         after = set(modules[modules.index(_last_stage_name(model)):])
         keep = {n for n in names if n.rpartition('.')[0] in after} | {n for n in names if n.startswith(head_prefix)}
     for n, p in model.named_parameters():
-        p.requires_grad_(n in keep and not (n.startswith('sub_block1.')))
+        p.requires_grad_(n in keep)
     frozen = [m for name, m in model.named_modules()
               if list(m.parameters(recurse=False)) and not any(p.requires_grad for p in m.parameters(recurse=False))]
     return sorted(n for n, p in model.named_parameters() if p.requires_grad), frozen
@@ -232,6 +237,15 @@ def broadcast_buffers(model: nn.Module) -> None:
 
 
 def read_jsonl(path: Path) -> List[dict]:
+    """The records of a JSON-lines file ([] when there is none); a broken line is an error naming file and line."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(errors='replace').splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError as error:
+                raise CheckpointError(f'{path}, line {number}: not valid JSON ({error}); fix or delete that line.') \
+                    from None
+    return records

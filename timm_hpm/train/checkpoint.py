@@ -1,0 +1,189 @@
+"""Checkpoint folders that are never unpickled.
+
+``<run>/checkpoints/step_<k>/`` holds:
+
+- ``model.safetensors``: the weights and buffers (HPM prototypes, batch-norm statistics), read with safetensors;
+- ``optimizer.pt``: the optimiser's state dict, read with ``torch.load(weights_only=True)``;
+- ``rng_state_<rank>.pt``: each process's Python, NumPy and torch random states as tensors and numbers, read with
+  ``torch.load(weights_only=True)``;
+- ``trainer_state.json``: the step, epoch and batches done in it, accelerate's step counter and the gradient
+  scaler's state. Written last, by rename: a folder without it is incomplete (the run was killed while saving) and
+  is skipped.
+
+The learning-rate scheduler is not saved: timm's schedulers compute the rate from the step (``step_update``).
+
+Written here rather than with ``Accelerator.save_state``/``load_state``: accelerate pickles registered objects
+(``custom_checkpoint_<i>.pkl``, loaded with ``weights_only=False``, so a checkpoint folder from someone else runs
+code on resume) and skips an unreadable RNG file without a word. Here a file that cannot be read safely is an
+error naming it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import random
+import re
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+__all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'latest_checkpoint', 'write_atomic',
+           'write_text_atomic', 'read_json']
+
+_logger = logging.getLogger(__name__)
+
+MODEL, OPTIMIZER, TRAINER_STATE = 'model.safetensors', 'optimizer.pt', 'trainer_state.json'
+STATE_KEYS = ('global_step', 'epoch', 'batches_done')
+# What accelerate's save_state writes: its pickles are never read, but their presence explains a missing file.
+_ACCELERATE_FILES = ('custom_checkpoint_0.pkl', 'optimizer.bin', 'random_states_0.pkl')
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or run file that cannot be read safely; the message names the file and what is wrong."""
+
+
+def _rng_file(rank: int) -> str:
+    return f'rng_state_{rank}.pt'
+
+
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` to a temporary file next to ``path``, then rename it over ``path``: a reader (or a resume
+    after ``kill -9``) sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f'{path.name}.tmp{os.getpid()}')
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _unreadable(path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(f'{path} {problem}. Delete the folder {path.parent} to resume from the checkpoint before '
+                           'it (or from the start when there is none).')
+
+
+def _read(path: Path, what: str, read: Callable[[Path], Any]) -> Any:
+    """``read(path)``, with every failure turned into a :class:`CheckpointError` that names the file."""
+    if not path.is_file():
+        if any((path.parent / name).exists() for name in _ACCELERATE_FILES):
+            raise CheckpointError(f"{path} is missing: {path.parent} was written by accelerate's save_state (an older "
+                                  'timm-hpm), whose pickles are never loaded, as unpickling can run code. Start the '
+                                  'run again (--overwrite).')
+        raise _unreadable(path, f'is missing ({what} expected)')
+    if path.stat().st_size == 0:
+        raise _unreadable(path, f'is empty (0 bytes; {what} expected): it was cut short')
+    try:
+        return read(path)
+    except pickle.UnpicklingError as error:
+        # torch's message suggests loading with weights_only=False: keep only why the safe loader refused the file
+        detail = str(error).partition('WeightsUnpickler error:')[2].strip()
+        reason = detail.splitlines()[0].split('. ')[0] if detail else _first_line(error)
+        raise _unreadable(path, f'is not a weights-only torch file ({reason}); it is refused, as nothing in a '
+                                'checkpoint folder is unpickled (that can run code from the file)') from None
+    except Exception as error:  # noqa: BLE001  (any failure of a reader is about this file)
+        raise _unreadable(path, f'cannot be read as {what}: {_first_line(error)}') from None
+
+
+def read_json(path: Path, what: str = 'a JSON file') -> Any:
+    def parse(p: Path) -> Any:
+        return json.loads(p.read_bytes())
+    return _read(path, what, parse)
+
+
+def _torch_load(path: Path) -> Any:
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def _rng_state() -> Dict[str, Any]:
+    """The process's random states as tensors and plain numbers (what ``weights_only`` loading accepts)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {'python': [version, torch.tensor(internal, dtype=torch.int64), gauss],
+             'numpy': [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+             'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal.tolist()), gauss))
+    kind, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def save_checkpoint(accelerator, folder: Path, model: torch.nn.Module, optimizer, state: Dict[str, int]) -> None:
+    """Write the checkpoint folder (every process calls this). ``state``: global_step, epoch, batches_done."""
+    folder = Path(folder)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / TRAINER_STATE).unlink(missing_ok=True)  # incomplete until written again, last
+        write_atomic(folder / MODEL, lambda tmp: save_model(accelerator.unwrap_model(model), str(tmp)))
+        write_atomic(folder / OPTIMIZER, lambda tmp: torch.save(optimizer.state_dict(), tmp))
+    accelerator.wait_for_everyone()
+    write_atomic(folder / _rng_file(accelerator.process_index), lambda tmp: torch.save(_rng_state(), tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        trainer_state = {**{k: state[k] for k in STATE_KEYS}, 'accelerator_step': accelerator.step}
+        if accelerator.scaler is not None:
+            trainer_state['grad_scaler'] = accelerator.scaler.state_dict()
+        write_text_atomic(folder / TRAINER_STATE, json.dumps(trainer_state))
+    accelerator.wait_for_everyone()
+
+
+def _trainer_state(path: Path) -> Dict[str, Any]:
+    state = read_json(path, 'the trainer state (JSON)')
+    missing = [k for k in (*STATE_KEYS, 'accelerator_step')
+               if not isinstance(state, dict) or not isinstance(state.get(k), int)]
+    if missing:
+        raise _unreadable(path, f'has no integer {", ".join(missing)}: it is damaged')
+    return state
+
+
+def load_checkpoint(accelerator, folder: Path, model: torch.nn.Module, optimizer) -> Dict[str, Any]:
+    """Restore what :func:`save_checkpoint` wrote into ``model``, ``optimizer``, the random generators and
+    ``accelerator``; returns the trainer state (global_step, epoch, batches_done)."""
+    folder = Path(folder)
+    state = _trainer_state(folder / TRAINER_STATE)
+    _read(folder / MODEL, 'the model weights (safetensors)',  # read on the CPU, copied into the model's tensors
+          lambda p: load_model(accelerator.unwrap_model(model), str(p)))
+    _read(folder / OPTIMIZER, "the optimiser's state (a weights-only torch file)",
+          lambda p: optimizer.load_state_dict(_torch_load(p)))
+    _read(folder / _rng_file(accelerator.process_index), 'random states (a weights-only torch file)',
+          lambda p: _set_rng_state(_torch_load(p)))
+    accelerator.step = state['accelerator_step']
+    if accelerator.scaler is not None and state.get('grad_scaler'):
+        accelerator.scaler.load_state_dict(state['grad_scaler'])
+    return state
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint folder of a run (incomplete ones, killed while saving, are skipped with a
+    warning)."""
+    folders: List[Path] = sorted((p for p in (Path(run_dir) / 'checkpoints').glob('step_*')
+                                  if re.fullmatch(r'step_\d+', p.name)), key=lambda p: int(p.name.split('_')[1]))
+    for folder in reversed(folders):
+        if (folder / TRAINER_STATE).exists():
+            return folder
+        _logger.warning('%s is incomplete (no %s: the run was stopped while saving it); skipping it', folder,
+                        TRAINER_STATE)
+    return None
