@@ -8,24 +8,38 @@
 Writes ``<out>/eval.json`` (RobustBench model_info fields plus MSA's), ``<out>/eval.md`` (the table) and, with
 ``--save-adv``, the realised adversarial batches as safetensors. Interrupted runs resume from ``<out>``;
 batches are sharded over the processes of ``accelerate launch``; ``--extend-from`` grows a finished run to more
-examples or batchings without recomputing its batches.
+examples or batchings without recomputing its batches. ``<out>`` is locked while a run uses it (a second run into
+it fails at once, naming the holder), and a folder holding another run's results (other settings, model or images,
+or an eval.json without its attack/ folder) is refused, never overwritten.
+
+``--batchings class_sorted`` scores the images in label order (stable within a class), batched as a class-folder
+dataset is batched by timm's ``validate.py``: a batch-dependent model's figure depends on it
+(``recipes/batch_order_table.py`` measures clean accuracy by order and batch size).
 """
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 import timm
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 import timm_hpm
 from timm_hpm.attacks import normalized_view, parse_eps
 from timm_hpm.data import DATASETS, load_eval_tensors
 from timm_hpm.eval import MSAConfig, aggregate, evaluate, format_table
-from timm_hpm.eval.runner import BATCHINGS, sanity_checks
+from timm_hpm.models import check_local_dir
+from timm_hpm.eval.runner import BATCHINGS, FolderInUse, hpm_mode, protocol_warnings, run_lock, sanity_checks
 from timm_hpm.robustbench import model_info
+
+#: MSA's batchings when --batchings is not given (unchanged when class_sorted was added, so that earlier runs
+#: resume with the same settings).
+MSA_BATCHINGS = ('default', 'single', 'shuffled')
 
 
 def parse_args(argv=None):
@@ -43,7 +57,8 @@ def parse_args(argv=None):
     p.add_argument('--n-examples', type=int, default=1000)
     p.add_argument('--batch-size', type=int, default=128, help='B_eval: the fixed batch size that is scored')
     p.add_argument('--batchings', nargs='+', default=None, choices=BATCHINGS,
-                   help='default: all three for msa, default only for autoattack')
+                   help=f"default: {' '.join(MSA_BATCHINGS)} for msa, default only for autoattack; class_sorted: "
+                        "label order, as a class-folder dataset (timm's validate.py on an ImageFolder) batches")
     p.add_argument('--surrogates', nargs='+', default=['fc', 'static', 'soft', 'dynamic'])
     p.add_argument('--apgd-iters', type=int, default=100)
     p.add_argument('--n-target-classes', type=int, default=3,
@@ -70,17 +85,55 @@ def load_model(args):
     kwargs = {}
     if args.checkpoint:
         kwargs['pretrained_cfg_overlay'] = dict(file=args.checkpoint)
+    check_local_dir(args.model)
     model = timm.create_model(args.model, pretrained=not args.no_pretrained, **kwargs)
     return normalized_view(model).eval()  # attacks work on [0, 1] images
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f'.tmp{os.getpid()}')
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse a folder whose results this run could not have made: results without their work files (a copied
+    results folder, or one whose attack/ was deleted) would be overwritten by another run's. A folder with work
+    files is checked against them by the runner (same settings, model and images, or refused)."""
+    if (out / 'eval.json').exists() and not (out / 'attack' / 'settings.json').exists():
+        raise ValueError(f"{out} holds results (eval.json) without the run that made them ({out / 'attack'}/"
+                         "settings.json is missing); they would be overwritten. Use a new --out folder.")
+
+
+def lock_out_folder(out: Path, accelerator: Accelerator) -> contextlib.ExitStack:
+    """The main process locks ``out`` for the run (a second run into it fails at once, naming the holder); every
+    process of this run learns the outcome before any work, so none of them starts on a folder in use."""
+    lock, error = contextlib.ExitStack(), None
+    if accelerator.is_main_process:
+        try:
+            lock.enter_context(run_lock(out, '--out'))
+            check_out_folder(out)
+        except (FolderInUse, ValueError) as refused:
+            lock.close()
+            error = str(refused)
+    error = broadcast_object_list([error])[0]
+    if error:
+        raise SystemExit(error)
+    return lock
 
 
 def main(argv=None):
     args = parse_args(argv)
     eps = parse_eps(args.eps, args.norm)
-    batchings = args.batchings or (list(BATCHINGS) if args.protocol == 'msa' else ['default'])
+    batchings = args.batchings or (list(MSA_BATCHINGS) if args.protocol == 'msa' else ['default'])
     accelerator = Accelerator(cpu=args.device == 'cpu')
     out = args.out or Path('runs/eval') / f"{args.model.replace('/', '_').replace(':', '_')}_{args.protocol}"
     out.mkdir(parents=True, exist_ok=True)
+    with lock_out_folder(out, accelerator):
+        return run(args, eps, batchings, accelerator, out, argv)
+
+
+def run(args, eps, batchings, accelerator, out, argv):
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s',
                         handlers=[logging.FileHandler(out / f'log_rank{accelerator.process_index}.txt'),
                                   logging.StreamHandler(sys.stderr)] if accelerator.is_main_process else
@@ -99,7 +152,8 @@ def main(argv=None):
                     n_target_classes=args.n_target_classes, autoattack_iters=args.autoattack_iters,
                     square_queries=args.square_queries, surrogate_autoattack=args.surrogate_autoattack,
                     cascade=not args.no_cascade, seed=args.seed)
-    metadata = dict(name=args.model, dataset=args.dataset, hpm_mode=args.hpm_mode,
+    # hpm_mode: the head's mode evaluated (given or the model's own), null for a model without an HPM head
+    metadata = dict(name=args.model, dataset=args.dataset, hpm_mode=hpm_mode(model),
                     architecture=base.pretrained_cfg.get('architecture'),
                     command='python recipes/evaluate.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
                     autoattack_backend=timm_hpm.eval.autoattack_backend(), timm_hpm_version=timm_hpm.__version__)
@@ -114,15 +168,18 @@ def main(argv=None):
     result = aggregate(out / 'attack', metadata)
     result['wall_seconds'] = round(time.time() - start, 1)
     result['num_processes'] = accelerator.num_processes
+    result['warnings'] = protocol_warnings(model, args.protocol)
     if args.sanity:
         n = min(args.sanity_examples, len(y))
         result['sanity'] = sanity_checks(model, x[:n], y[:n], cfg, out / 'sanity', protocol=args.protocol,
                                          batch_size=args.batch_size, amp=args.amp == 'bf16')
-        result['warnings'] = result['sanity']['warnings']
-    (out / 'eval.json').write_text(json.dumps(result, indent=2))
-    (out / 'model_info.json').write_text(json.dumps(model_info(result, args.model), indent=2))  # RobustBench format
+        result['warnings'] += result['sanity']['warnings']
+    if not result['warnings']:
+        del result['warnings']
+    _write_atomic(out / 'eval.json', json.dumps(result, indent=2))
+    _write_atomic(out / 'model_info.json', json.dumps(model_info(result, args.model), indent=2))  # RobustBench
     table = format_table(result)
-    (out / 'eval.md').write_text(table + '\n')
+    _write_atomic(out / 'eval.md', table + '\n')
     print(table)
     print(f"wrote {out / 'eval.json'}")
     return result

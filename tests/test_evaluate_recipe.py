@@ -110,6 +110,7 @@ def test_hpm_mode_selects_the_attacked_head(model_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((out / 'eval.json').read_text())
     assert record['hpm_mode'] == 'static' and record['protocol'] == 'autoattack'
+    assert 'warnings' not in record  # a batch-independent head: a valid figure
     from timm_hpm.data import load_eval_tensors
     model = timm.create_model(f'local-dir:{model_dir}', pretrained=True).eval()
     x, y = load_eval_tensors('synthetic', 16, pretrained_cfg=model.pretrained_cfg, num_classes=4,
@@ -118,3 +119,60 @@ def test_hpm_mode_selects_the_attacked_head(model_dir, tmp_path):
         expected = (model(x).argmax(1) == y).float().mean().item()
     assert record['clean_acc'] == pytest.approx(expected)
     assert record['autoattack_acc'] <= record['clean_acc']
+
+
+# ---------------------------------------------------------------- safe runs (issue #12)
+def _evaluate(model_dir, out, *extra, timeout=600):
+    return subprocess.run([sys.executable, str(ROOT / 'recipes' / 'evaluate.py'), '--model', f'local-dir:{model_dir}',
+                           *ARGS, *extra, '--out', str(out)], capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, OMP_NUM_THREADS='1'))
+
+
+def test_a_second_run_into_a_busy_out_folder_fails_at_once_naming_the_holder(model_dir, tmp_path):
+    from timm_hpm.eval.runner import run_lock
+    out = tmp_path / 'busy'
+    with run_lock(out):  # this test process plays the first run
+        result = _evaluate(model_dir, out, timeout=120)
+    assert result.returncode != 0
+    assert f'in use by another run (pid {os.getpid()} ' in result.stderr, result.stderr[-2000:]
+    assert not (out / 'attack').exists()  # refused before any work
+
+
+def test_results_of_another_run_are_never_overwritten(model_dir, reference, tmp_path):
+    before = reference.read_bytes()
+    refused = _evaluate(model_dir, reference.parent, '--protocol', 'autoattack', '--eps', '0.1')
+    assert refused.returncode != 0 and 'other settings' in refused.stderr, refused.stderr[-2000:]
+    assert reference.read_bytes() == before
+    copied = tmp_path / 'copied'  # results without the run that made them (attack/ not copied)
+    copied.mkdir()
+    (copied / 'eval.json').write_bytes(before)
+    refused = _evaluate(model_dir, copied)
+    assert refused.returncode != 0 and 'without the run that made them' in refused.stderr, refused.stderr[-2000:]
+    assert (copied / 'eval.json').read_bytes() == before and not (copied / 'attack').exists()
+
+
+def test_autoattack_on_a_dynamic_head_warns_and_records_the_mode(model_dir, tmp_path):
+    out = tmp_path / 'dynamic'
+    result = _evaluate(model_dir, out, '--protocol', 'autoattack')
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mode 'dynamic') is not a valid robustness figure" in result.stderr
+    record = json.loads((out / 'eval.json').read_text())
+    assert record['hpm_mode'] == 'dynamic'
+    assert any('not a valid robustness figure' in w for w in record['warnings'])
+    assert 'WARNING: AutoAttack on a batch-dependent HPM head' in (out / 'eval.md').read_text()
+
+
+@pytest.mark.slow
+def test_a_sharded_run_into_a_busy_out_folder_stops_every_process(model_dir, tmp_path):
+    """The main process holds the lock for the whole sharded run; when it cannot, no process starts work."""
+    from timm_hpm.eval.runner import run_lock
+    out = tmp_path / 'busy'
+    with run_lock(out):
+        result = subprocess.run(
+            [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+             '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port',
+             '29534', str(ROOT / 'recipes' / 'evaluate.py'), '--model', f'local-dir:{model_dir}', *ARGS, '--out',
+             str(out)], capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert result.returncode != 0
+    assert result.stderr.count(f'in use by another run (pid {os.getpid()} ') >= 2, result.stderr[-3000:]  # both ranks
+    assert not (out / 'attack').exists()

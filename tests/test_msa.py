@@ -2,6 +2,7 @@
 a gradient-masking toy, a batch-dependent toy that fools AutoAttack's own bookkeeping, the ordering of the
 figures, resume after a failure, and bad input."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -294,3 +295,103 @@ def test_sanity_checks_pass_on_an_honest_model_and_flag_gradient_masking(tmp_pat
     flagged = sanity_checks(masked.eval(), x, y, MSAConfig(eps=eps, **{**FAST, 'square_queries': 300}),
                             tmp_path / 'masked', batch_size=20, progress=False)
     assert any('gradient masking suspected' in w for w in flagged['warnings'])
+
+
+# ---------------------------------------------------------------- safe runs (issue #12): lock, corrupt units, modes
+_HOLDER = '''
+import sys, time
+sys.path.insert(0, {tests!r})
+from test_msa import FAST, MSAConfig, evaluate, runner_module, small_hpm
+real = runner_module.attack_batch
+runner_module.attack_batch = lambda *a, **k: time.sleep(120) or real(*a, **k)  # holds the folder for a while
+model, x, y = small_hpm()
+evaluate(model, x, y, MSAConfig(eps=0.05, **FAST), {run!r}, batch_size=16, progress=False)
+'''
+
+
+def test_a_second_run_into_a_busy_folder_fails_at_once_naming_the_holder(tmp_path):
+    """Two independent runs into one folder would both compute every batch: the second is refused at once; once
+    the first is killed (kill -9), its lock is gone and the folder resumes."""
+    import subprocess
+    import sys
+    import time
+    run = tmp_path / 'run'
+    holder = subprocess.Popen([sys.executable, '-c', _HOLDER.format(tests=str(Path(__file__).parent), run=str(run))],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (run / 'settings.json').exists():  # written under the lock
+            assert holder.poll() is None and time.time() < deadline, holder.stderr.read() if holder.poll() else ''
+            time.sleep(0.1)
+        model, x, y = small_hpm()
+        calls = []
+        real = runner_module.attack_batch
+        runner_module.attack_batch = lambda *a, **k: calls.append(1) or real(*a, **k)
+        try:
+            start = time.time()
+            with pytest.raises(runner_module.FolderInUse, match=f'in use by another run \\(pid {holder.pid} '):
+                evaluate(model, x, y, MSAConfig(eps=0.05, **FAST), run, batch_size=16, progress=False)
+            assert time.time() - start < 10 and calls == []  # at once, before any batch
+        finally:
+            runner_module.attack_batch = real
+    finally:
+        holder.kill()
+        holder.wait()
+    result = evaluate(model, x, y, MSAConfig(eps=0.05, **FAST), run, batch_size=16, progress=False)
+    assert 0 <= result['msa_acc'] <= result['clean_acc']
+
+
+def test_an_unreadable_unit_is_recomputed_with_a_warning(tmp_path, monkeypatch, caplog):
+    model, x, y = small_hpm(n=32)
+    cfg = MSAConfig(eps=0.05, **FAST)
+    reference = evaluate(model, x, y, cfg, tmp_path, batch_size=16, progress=False)
+    first, second = sorted((tmp_path / 'units').glob('*.json'))
+    first.write_text(first.read_text()[:40])  # a torn write (or a damaged disk)
+    second.write_text(json.dumps({'indices': [0]}))  # valid JSON, not a unit of this batch
+    real, calls = runner_module.attack_batch, []
+    monkeypatch.setattr(runner_module, 'attack_batch', lambda *a, **k: calls.append(1) or real(*a, **k))
+    with caplog.at_level('WARNING', logger=runner_module.__name__):
+        resumed = evaluate(model, x, y, cfg, tmp_path, batch_size=16, progress=False)
+    assert len(calls) == 2
+    for path in (first, second):
+        assert any(str(path) in r.getMessage() and 'recomputing' in r.getMessage() for r in caplog.records)
+    assert json.dumps(_strip(resumed), sort_keys=True) == json.dumps(_strip(reference), sort_keys=True)
+
+
+def test_a_unit_file_is_never_seen_half_written(tmp_path, monkeypatch):
+    """A unit's JSON appears whole or not at all (write, then rename): a run killed while writing leaves no unit
+    that counts as done."""
+    model, x, y = small_hpm(n=16)
+    cfg = MSAConfig(eps=0.05, **FAST)
+
+    real_replace = runner_module.os.replace
+
+    def killed(src, dst):
+        if Path(dst).parent.name == 'units':
+            raise KeyboardInterrupt('killed before the rename')
+        real_replace(src, dst)
+
+    monkeypatch.setattr(runner_module.os, 'replace', killed)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, x, y, cfg, tmp_path, batch_size=16, progress=False)
+    monkeypatch.undo()
+    assert list((tmp_path / 'units').glob('*.json')) == [] and list((tmp_path / 'units').glob('*.tmp*'))
+    assert evaluate(model, x, y, cfg, tmp_path, batch_size=16, progress=False)['batchings']['default']['batches'] == 1
+
+
+def test_autoattack_on_a_batch_dependent_head_warns(tmp_path, caplog):
+    model, x, y = small_hpm(n=16)
+    cfg = MSAConfig(eps=0.05, **FAST)
+    with caplog.at_level('WARNING', logger=runner_module.__name__):
+        result = evaluate(model, x, y, cfg, tmp_path / 'dynamic', protocol='autoattack', batch_size=16,
+                          progress=False)
+    assert any("mode 'dynamic') is not a valid robustness figure" in r.getMessage() for r in caplog.records)
+    assert any('not a valid robustness figure' in w for w in result['warnings'])
+    assert runner_module.hpm_mode(model) == 'dynamic'
+    caplog.clear()
+    with timm_hpm.get_hpm_head(model).using_mode('static'):  # batch-independent: a valid figure, no warning
+        assert runner_module.hpm_mode(model) == 'static'
+        result = evaluate(model, x, y, cfg, tmp_path / 'static', protocol='autoattack', batch_size=16,
+                          progress=False)
+    assert 'warnings' not in result and not caplog.records
+    assert runner_module.hpm_mode(nn.Linear(2, 2)) is None

@@ -1,9 +1,11 @@
 """Batch-aware, resumable, shardable evaluation: MSA for HPM models, AutoAttack for any model.
 
 Work is cut into units (one fixed batch of one batching). Each unit's result is written as its own JSON
-file in ``<run_dir>/units/`` (atomically), so a killed run resumes without recomputing finished units and
-processes share units round-robin; the final result is aggregated from the unit files alone, so it does
-not depend on how many processes ran or how often the run was interrupted.
+file in ``<run_dir>/units/`` (atomically: write, then rename), so a killed run resumes without recomputing finished
+units and the processes of one run share units round-robin; an unreadable unit file is recomputed with a warning.
+The final result is aggregated from the unit files alone, so it does not depend on how many processes ran or how
+often the run was interrupted. The main process holds ``<run_dir>/run.lock`` for the run: a second, independent
+run into the folder fails at once, naming the holder.
 
 A run on more examples or batchings can start from the finished units of other runs (``extend_from``): a unit is
 reused when it covers exactly the same examples in the same batching with the same settings, model and images (both
@@ -11,6 +13,7 @@ fingerprinted in ``<run_dir>/fingerprint.json``), which makes the result identic
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,31 +29,45 @@ from tqdm import tqdm
 
 from ..attacks import check_images
 from ..models._hpm import is_hpm_model
-from .msa import MSAConfig, ModelView, PassCounter, attack_batch, hpm_views
+from ..runlock import FolderInUse, run_lock
+from .msa import BATCH_DEPENDENT_MODES, MSAConfig, ModelView, PassCounter, attack_batch, hpm_views
 
-__all__ = ['BATCHINGS', 'make_batchings', 'evaluate', 'aggregate', 'format_table', 'check_eval_ready',
-           'sanity_checks', 'model_fingerprint', 'data_fingerprint']
+__all__ = ['BATCHINGS', 'batch_order', 'make_batchings', 'evaluate', 'aggregate', 'format_table', 'check_eval_ready',
+           'sanity_checks', 'model_fingerprint', 'data_fingerprint', 'FolderInUse', 'run_lock', 'hpm_mode',
+           'protocol_warnings']
 
 _logger = logging.getLogger(__name__)
 
-BATCHINGS = ('default', 'single', 'shuffled')
+#: The batchings an evaluation can score. Appended to, never reordered: a unit's attack seed uses the position.
+BATCHINGS = ('default', 'single', 'shuffled', 'class_sorted')
 
 
-def make_batchings(n: int, batch_size: int, names: Sequence[str], seed: int) -> Dict[str, List[List[int]]]:
-    """Fixed batchings of the first ``n`` examples: ``default`` (consecutive batches of ``batch_size``),
-    ``single`` (batch size 1) and ``shuffled`` (a seeded permutation cut into batches of ``batch_size``)."""
+def batch_order(name: str, n: int, seed: int, labels: Optional[torch.Tensor] = None) -> List[int]:
+    """The order in which a batching visits the first ``n`` examples (before it is cut into batches).
+
+    ``class_sorted`` is the order a class-folder dataset yields (timm's and torchvision's folder datasets sort by
+    class): label order, stable within a class, so a batch holds only a few classes."""
+    if name in ('default', 'single'):
+        return list(range(n))
+    if name == 'shuffled':
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    if name == 'class_sorted':
+        if labels is None or len(labels) != n:
+            raise ValueError(f"the 'class_sorted' batching needs the {n} labels")
+        return torch.sort(labels.detach().cpu(), stable=True).indices.tolist()
+    raise ValueError(f'unknown batching {name!r}; choose from {BATCHINGS}')
+
+
+def make_batchings(n: int, batch_size: int, names: Sequence[str], seed: int,
+                   labels: Optional[torch.Tensor] = None) -> Dict[str, List[List[int]]]:
+    """Fixed batchings of the first ``n`` examples, each its order cut into consecutive batches of ``batch_size``
+    (``single``: of 1), the last one smaller, nothing dropped (as timm's ``validate.py`` batches a loader):
+    ``default`` (the dataset's order), ``single``, ``shuffled`` (a seeded permutation) and ``class_sorted`` (label
+    order, stable within a class; needs ``labels``)."""
     out = {}
     for name in names:
-        if name == 'default':
-            order = list(range(n))
-            size = batch_size
-        elif name == 'single':
-            order, size = list(range(n)), 1
-        elif name == 'shuffled':
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919)).tolist()
-            size = batch_size
-        else:
-            raise ValueError(f'unknown batching {name!r}; choose from {BATCHINGS}')
+        order = batch_order(name, n, seed, labels)
+        size = 1 if name == 'single' else batch_size
         out[name] = [order[i:i + size] for i in range(0, n, size)]
     return out
 
@@ -75,9 +92,56 @@ def _unit_path(run_dir: Path, batching: str, index: int) -> Path:
 
 
 def _write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_suffix(path.suffix + f'.tmp{os.getpid()}')
+    """Write, then rename: a reader (or a resumed run) sees the old file or the whole new one, never a part."""
+    tmp = path.with_suffix(path.suffix + f'.tmp{os.getpid()}')  # not *.json: never taken for a unit
     tmp.write_text(json.dumps(data))
     os.replace(tmp, path)
+
+
+def _copy_atomic(source: Path, dest: Path) -> None:
+    tmp = dest.with_suffix(dest.suffix + f'.tmp{os.getpid()}')
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, dest)
+
+
+#: What every unit file holds (the aggregate reads all of it).
+_UNIT_KEYS = ('clean', 'realised', 'union', 'candidates', 'passes', 'seconds', 'indices')
+
+
+def _load_unit(path: Path, indices: Optional[Sequence[int]] = None) -> Optional[dict]:
+    """A finished unit's result; ``None`` when there is none, or (with a warning) when its file cannot be read or
+    does not hold the batch ``indices`` it should: such a unit is recomputed, never trusted or fatal."""
+    if not path.exists():
+        return None
+    try:
+        unit = json.loads(path.read_text())
+        problem = None if isinstance(unit, dict) and all(k in unit for k in _UNIT_KEYS) else 'fields missing'
+        if problem is None and indices is not None and list(unit['indices']) != list(indices):
+            problem = 'it holds another batch'
+    except (OSError, UnicodeDecodeError, ValueError) as error:  # json.JSONDecodeError is a ValueError
+        problem = f'{type(error).__name__}: {error}'
+    if problem is not None:
+        _logger.warning('unit file %s is unreadable (%s); recomputing that batch', path, problem)
+        return None
+    return unit
+
+
+def hpm_mode(model: nn.Module) -> Optional[str]:
+    """The mode of the model's HPM head (what an evaluation measures), ``None`` for a plain model."""
+    model = _unwrap(model)
+    head = model.hpm_head if is_hpm_model(model) else None
+    return None if head is None else head.mode
+
+
+def protocol_warnings(model: nn.Module, protocol: str) -> List[str]:
+    """Why a protocol's figure would not be a robustness figure for this model."""
+    mode = hpm_mode(model)
+    if protocol == 'autoattack' and mode in BATCH_DEPENDENT_MODES:
+        return [f"AutoAttack on a batch-dependent HPM head (mode {mode!r}) is not a valid robustness figure for that "
+                "head: its images are scored on fixed batches, but each attack treats the other images of the batch "
+                "as if they did not move, so the figure can overstate the head's robustness. Use protocol 'msa' for "
+                "this head, or evaluate a batch-independent mode ('static' or 'fc')."]
+    return []
 
 
 def _hash_tensor(h, t: torch.Tensor) -> None:
@@ -152,7 +216,9 @@ def _reusable_units(sources: Sequence[Path], settings: dict, model_fp: str, x: t
             raise ValueError(f'cannot extend {source}: its first {n} images differ from these.')
         for f in sorted((source / 'units').glob('*.json')):
             batching, index = f.stem.rsplit('_', 1)
-            unit = json.loads(f.read_text())
+            unit = _load_unit(f)
+            if unit is None:
+                continue  # computed here instead
             idx = unit['indices']
             if not prefix_checked and (max(idx) >= len(y) or unit.get('data_sha256') !=
                                        data_fingerprint(x[idx], y[idx])):
@@ -194,9 +260,39 @@ def evaluate(
     if protocol == 'msa' and not is_hpm_model(_unwrap(model)):
         raise ValueError("protocol 'msa' needs an HPM model (its surrogates are views of the HPM head); use "
                          "protocol 'autoattack' for a plain model.")
+    for warning in protocol_warnings(model, protocol):
+        _logger.warning(warning)
     run_dir = Path(run_dir)
     (run_dir / 'units').mkdir(parents=True, exist_ok=True)
-    settings = dict(protocol=protocol, batch_size=batch_size, batchings=list(batchings), n_examples=len(y), amp=amp,
+    # The main process holds the folder: a second, independent run fails at once instead of redoing its batches.
+    # The other processes of this run share it (the caller starts them together; the recipe checks the lock first).
+    with run_lock(run_dir, '--out') if process_index == 0 else contextlib.nullcontext():
+        settings = _check_settings(run_dir, protocol, batch_size, batchings, len(y), amp, cfg, process_index)
+        fingerprint = _check_fingerprint(run_dir, model, x, y, write=process_index == 0)
+        reusable = _reusable_units(extend_from, settings, fingerprint['model'], x, y) if extend_from else {}
+        plan = make_batchings(len(y), batch_size, batchings, cfg.seed, labels=y)
+        units = [(b, i, idx) for b in batchings for i, idx in enumerate(plan[b])]
+        mine = units[process_index::num_processes]  # round-robin: the processes of one run share the work
+        todo = [u for u in mine if _load_unit(_unit_path(run_dir, u[0], u[1]), u[2]) is None]
+        if len(todo) < len(mine):
+            _logger.info('resuming: %d of %d units already done', len(mine) - len(todo), len(mine))
+        todo = _copy_reusable(todo, reusable, run_dir, save_adversarial, extend_from)
+        _compute_units(todo, model, x, y, cfg, run_dir, protocol, amp, save_adversarial, num_classes, progress)
+        if process_index != 0:
+            return None
+        if any(not _unit_path(run_dir, b, i).exists() for b, i, _ in units):
+            return None  # other processes still at work; the recipe aggregates after they finish
+        result = aggregate(run_dir, metadata)
+    for warning in protocol_warnings(model, protocol):
+        if warning not in result.setdefault('warnings', []):
+            result['warnings'].append(warning)
+    return result
+
+
+def _check_settings(run_dir: Path, protocol: str, batch_size: int, batchings: Sequence[str], n: int, amp: bool,
+                    cfg: MSAConfig, process_index: int) -> dict:
+    """The run's settings; a folder that holds a run with other settings is refused, never overwritten."""
+    settings = dict(protocol=protocol, batch_size=batch_size, batchings=list(batchings), n_examples=n, amp=amp,
                     msa=cfg.to_dict())
     settings_path = run_dir / 'settings.json'
     if settings_path.exists():
@@ -206,9 +302,30 @@ def evaluate(
                              'the same settings to resume.')
     elif process_index == 0:
         _write_json_atomic(settings_path, settings)
-    fingerprint = _check_fingerprint(run_dir, model, x, y, write=process_index == 0)
-    reusable = _reusable_units(extend_from, settings, fingerprint['model'], x, y) if extend_from else {}
+    return settings
 
+
+def _copy_reusable(todo: list, reusable: Dict[tuple, Path], run_dir: Path, save_adversarial: bool,
+                   extend_from: Sequence[Path]) -> list:
+    """Copy the finished units of other runs that cover the same batches; returns the units still to compute."""
+    left = []
+    for batching, index, idx in todo:
+        source, dest = reusable.get((batching, index, tuple(idx))), _unit_path(run_dir, batching, index)
+        if source is None or (save_adversarial and not source.with_suffix('.safetensors').exists()):
+            left.append((batching, index, idx))  # not there, or this run keeps adversarial images and that one did not
+            continue
+        if save_adversarial:
+            _copy_atomic(source.with_suffix('.safetensors'), dest.with_suffix('.safetensors'))
+        _copy_atomic(source, dest)  # the JSON last: its presence marks the unit done
+    if len(left) < len(todo):
+        _logger.info('reused %d finished units of %s', len(todo) - len(left), ', '.join(str(s) for s in extend_from))
+    return left
+
+
+def _compute_units(todo: list, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: MSAConfig, run_dir: Path,
+                   protocol: str, amp: bool, save_adversarial: bool, num_classes: Optional[int],
+                   progress: bool) -> None:
+    """Attack each unit's batch and write its result file (atomically, the adversarial images first)."""
     counter = PassCounter()
     if protocol == 'msa':
         target, surrogates = hpm_views(model, cfg.surrogates, counter, amp)
@@ -217,25 +334,6 @@ def evaluate(
     if num_classes is None:
         with torch.no_grad():
             num_classes = target(x[:1]).shape[1]
-    plan = make_batchings(len(y), batch_size, batchings, cfg.seed)
-    units = [(b, i, idx) for b in batchings for i, idx in enumerate(plan[b])]
-    mine = units[process_index::num_processes]
-    reused = 0
-    for batching, index, idx in mine:
-        source, dest = reusable.get((batching, index, tuple(idx))), _unit_path(run_dir, batching, index)
-        if source is None or dest.exists():
-            continue
-        if save_adversarial:
-            if not source.with_suffix('.safetensors').exists():
-                continue  # this run keeps the adversarial images, that one did not: recompute
-            shutil.copyfile(source.with_suffix('.safetensors'), dest.with_suffix('.safetensors'))
-        shutil.copyfile(source, dest)  # the JSON last: its presence marks the unit done
-        reused += 1
-    if reused:
-        _logger.info('reused %d finished units of %s', reused, ', '.join(str(s) for s in extend_from))
-    todo = [u for u in mine if not _unit_path(run_dir, u[0], u[1]).exists()]
-    if len(todo) < len(mine):
-        _logger.info('resuming: %d of %d units already done', len(mine) - len(todo), len(mine))
     for batching, index, idx in tqdm(todo, desc=f'{protocol} units', disable=not progress):
         before = counter.as_dict()
         xb, yb = x[idx], y[idx]
@@ -251,17 +349,13 @@ def evaluate(
         result['passes'] = {k: after[k] - before[k] for k in after}
         result['indices'] = idx
         result['data_sha256'] = data_fingerprint(xb, yb)
+        path = _unit_path(run_dir, batching, index)
         if save_adversarial:
             from safetensors.torch import save_file
-            save_file({'x_adv': x_adv.contiguous(), 'indices': torch.tensor(idx)},
-                      str(_unit_path(run_dir, batching, index).with_suffix('.safetensors')))
-        _write_json_atomic(_unit_path(run_dir, batching, index), result)
-    if process_index != 0:
-        return None
-    missing = [u for u in units if not _unit_path(run_dir, u[0], u[1]).exists()]
-    if missing:
-        return None  # other processes still at work; the recipe aggregates after they finish
-    return aggregate(run_dir, metadata)
+            tmp = path.with_suffix(f'.safetensors.tmp{os.getpid()}')
+            save_file({'x_adv': x_adv.contiguous(), 'indices': torch.tensor(idx)}, str(tmp))
+            os.replace(tmp, path.with_suffix('.safetensors'))
+        _write_json_atomic(path, result)
 
 
 def aggregate(run_dir: Path, metadata: Optional[dict] = None) -> dict:
@@ -275,7 +369,10 @@ def aggregate(run_dir: Path, metadata: Optional[dict] = None) -> dict:
     seconds = 0.0
     for batching in settings['batchings']:
         files = sorted((run_dir / 'units').glob(f'{batching}_*.json'))
-        units = [json.loads(f.read_text()) for f in files]
+        units = [_load_unit(f) for f in files]
+        unreadable = [str(f) for f, u in zip(files, units) if u is None]
+        if unreadable:
+            raise ValueError(f'{run_dir}: unreadable unit files {unreadable}; resume the run to recompute them.')
         covered = sorted(i for u in units for i in u['indices'])
         if covered != list(range(n)):
             raise ValueError(f'{run_dir}: batching {batching!r} is incomplete ({len(covered)} of {n} examples); '
