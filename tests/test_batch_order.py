@@ -2,32 +2,25 @@
 yields, for clean accuracy and for MSA's realised batch; a batch-independent model gives one figure in every
 batching; the batch-order table recipe measures what a batch-dependent model gives in each order and batch size."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import timm
 import torch
 import torch.nn as nn
+from _recipes import load_recipe
 from conftest import needs_fashion_mnist
 
 import timm_hpm
 from timm_hpm.eval import MSAConfig, evaluate
 from timm_hpm.eval.runner import BATCHINGS, make_batchings
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(apgd_iters=5, autoattack_iters=5, square_queries=20, n_target_classes=1)
 K = 4
 
 
 @pytest.fixture(scope='module')
 def table_recipe():
-    sys.path.insert(0, str(ROOT / 'recipes'))
-    try:
-        import batch_order_table
-    finally:
-        sys.path.pop(0)
-    return batch_order_table
+    return load_recipe('batch_order_table')
 
 
 def folder_order(y):

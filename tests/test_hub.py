@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from _recipes import load_recipe
 from huggingface_hub import ModelCard
 
 import timm_hpm
@@ -100,12 +101,7 @@ class RecordingApi:
 
 
 def _push_to_hub():
-    sys.path.insert(0, str(ROOT / 'recipes'))
-    try:
-        import push_to_hub
-    finally:
-        sys.path.pop(0)
-    return push_to_hub
+    return load_recipe('push_to_hub')
 
 
 def _assemble(run_folder, tmp_path, extra=(), results=None, source=None):

@@ -1,22 +1,15 @@
 """The README's generated parts are in sync with what generates them."""
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
+from _recipes import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_model_table_matches_registry():
-    table = _load(ROOT / 'recipes' / 'model_table.py').model_table()
+    table = load_recipe('model_table').model_table()
     readme = (ROOT / 'README.md').read_text()
     section = re.search(r'<!-- model-table:start -->\n(.*?)\n<!-- model-table:end -->', readme, re.S).group(1)
     assert section == table, 'run: python recipes/model_table.py --update README.md'
@@ -38,7 +31,7 @@ def test_study_tables_match_the_committed_results():
     n_sens = int(re.search(r'static l2 head, same weights; first (\d+) test images', section).group(1))
     n_batchings = re.search(r'MSA per batching .*?: the first (\d+) test images', section)
     n_batchings = n_batchings and int(n_batchings.group(1))
-    tables = _load(ROOT / 'recipes' / 'study_table.py').study_tables(ROOT / 'results' / 'fashion_mnist', n_test, n_sens,
+    tables = load_recipe('study_table').study_tables(ROOT / 'results' / 'fashion_mnist', n_test, n_sens,
                                                                      n_batchings)
     assert section == tables, (f'run: python recipes/study_table.py --n-test {n_test} --n-sensitivity {n_sens} '
                                f'--n-batchings {n_batchings} --update README.md')
@@ -48,7 +41,7 @@ def test_study_tables_match_the_committed_results():
 
 
 def test_paired_comparison_against_the_exact_sign_test():
-    paired = _load(ROOT / 'recipes' / 'study_table.py').paired
+    paired = load_recipe('study_table').paired
     c = paired({0: True, 1: True, 2: False, 3: True}, {0: False, 1: True, 2: True, 3: True})
     assert (c['only_a'], c['only_b'], c['difference'], c['p']) == (1, 1, 0.0, 1.0)
     a = {i: True for i in range(10)}

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _recipes import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / 'recipes' / 'configs' / 'test_synthetic.yaml'
@@ -31,12 +32,7 @@ def _cli(args, timeout=300):
 
 @pytest.fixture(scope='module')
 def finetune():
-    sys.path.insert(0, str(ROOT / 'recipes'))
-    try:
-        import finetune
-    finally:
-        sys.path.pop(0)
-    return finetune
+    return load_recipe('finetune')
 
 
 @pytest.fixture(scope='module')
