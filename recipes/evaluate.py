@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from timm_hpm.attacks import normalized_view, parse_eps
 from timm_hpm.data import DATASETS, load_eval_tensors
 from timm_hpm.eval import MSAConfig, aggregate, evaluate, format_table
 from timm_hpm.models import check_local_dir
+from timm_hpm.runfiles import write_text_atomic
 from timm_hpm.eval.runner import BATCHINGS, FolderInUse, hpm_mode, protocol_warnings, run_lock, sanity_checks
 from timm_hpm.robustbench import model_info
 
@@ -88,12 +88,6 @@ def load_model(args):
     check_local_dir(args.model)
     model = timm.create_model(args.model, pretrained=not args.no_pretrained, **kwargs)
     return normalized_view(model).eval()  # attacks work on [0, 1] images
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f'.tmp{os.getpid()}')
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def check_out_folder(out: Path) -> None:
@@ -176,10 +170,10 @@ def run(args, eps, batchings, accelerator, out, argv):
         result['warnings'] += result['sanity']['warnings']
     if not result['warnings']:
         del result['warnings']
-    _write_atomic(out / 'eval.json', json.dumps(result, indent=2))
-    _write_atomic(out / 'model_info.json', json.dumps(model_info(result, args.model), indent=2))  # RobustBench
+    write_text_atomic(out / 'eval.json', json.dumps(result, indent=2))
+    write_text_atomic(out / 'model_info.json', json.dumps(model_info(result, args.model), indent=2))  # RobustBench
     table = format_table(result)
-    _write_atomic(out / 'eval.md', table + '\n')
+    write_text_atomic(out / 'eval.md', table + '\n')
     print(table)
     print(f"wrote {out / 'eval.json'}")
     return result

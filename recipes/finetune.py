@@ -42,7 +42,7 @@ from timm_hpm.train.checkpoint import (CheckpointError, latest_checkpoint, load_
                                        write_text_atomic)
 from timm_hpm.train.config import BUDGET_KEYS, ConfigError, config_changes
 from timm_hpm.train.engine import broadcast_buffers, input_normalizer, read_jsonl, trades_loss
-from timm_hpm.runlock import FolderInUse, run_lock
+from timm_hpm.runfiles import FolderInUse, run_lock
 from timm_hpm.train.runs import RunFolderError, prepare_fresh_run
 
 logger = logging.getLogger('finetune')

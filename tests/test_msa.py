@@ -364,18 +364,21 @@ def test_a_unit_file_is_never_seen_half_written(tmp_path, monkeypatch):
     model, x, y = small_hpm(n=16)
     cfg = MSAConfig(eps=0.05, **FAST)
 
-    real_replace = runner_module.os.replace
+    import timm_hpm.runfiles
+    real_replace = timm_hpm.runfiles.os.replace
+    written = []
 
     def killed(src, dst):
         if Path(dst).parent.name == 'units':
+            written.append(Path(src).read_text())  # the whole unit was written, under a temporary name
             raise KeyboardInterrupt('killed before the rename')
         real_replace(src, dst)
 
-    monkeypatch.setattr(runner_module.os, 'replace', killed)
+    monkeypatch.setattr(timm_hpm.runfiles.os, 'replace', killed)
     with pytest.raises(KeyboardInterrupt):
         evaluate(model, x, y, cfg, tmp_path, batch_size=16, progress=False)
     monkeypatch.undo()
-    assert list((tmp_path / 'units').glob('*.json')) == [] and list((tmp_path / 'units').glob('*.tmp*'))
+    assert list((tmp_path / 'units').glob('*.json')) == [] and json.loads(written[0])['indices']
     assert evaluate(model, x, y, cfg, tmp_path, batch_size=16, progress=False)['batchings']['default']['batches'] == 1
 
 

@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import platform
 import shutil
 from pathlib import Path
@@ -29,7 +28,7 @@ from tqdm import tqdm
 
 from ..attacks import check_images
 from ..models._hpm import is_hpm_model
-from ..runlock import FolderInUse, run_lock
+from ..runfiles import FolderInUse, run_lock, write_atomic, write_text_atomic
 from .msa import BATCH_DEPENDENT_MODES, MSAConfig, ModelView, PassCounter, attack_batch, hpm_views
 
 __all__ = ['BATCHINGS', 'batch_order', 'make_batchings', 'evaluate', 'aggregate', 'format_table', 'check_eval_ready',
@@ -92,16 +91,7 @@ def _unit_path(run_dir: Path, batching: str, index: int) -> Path:
 
 
 def _write_json_atomic(path: Path, data) -> None:
-    """Write, then rename: a reader (or a resumed run) sees the old file or the whole new one, never a part."""
-    tmp = path.with_suffix(path.suffix + f'.tmp{os.getpid()}')  # not *.json: never taken for a unit
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
-def _copy_atomic(source: Path, dest: Path) -> None:
-    tmp = dest.with_suffix(dest.suffix + f'.tmp{os.getpid()}')
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, dest)
+    write_text_atomic(path, json.dumps(data))
 
 
 #: What every unit file holds (the aggregate reads all of it).
@@ -315,8 +305,9 @@ def _copy_reusable(todo: list, reusable: Dict[tuple, Path], run_dir: Path, save_
             left.append((batching, index, idx))  # not there, or this run keeps adversarial images and that one did not
             continue
         if save_adversarial:
-            _copy_atomic(source.with_suffix('.safetensors'), dest.with_suffix('.safetensors'))
-        _copy_atomic(source, dest)  # the JSON last: its presence marks the unit done
+            adv = source.with_suffix('.safetensors')
+            write_atomic(dest.with_suffix('.safetensors'), lambda tmp: shutil.copyfile(adv, tmp))
+        write_atomic(dest, lambda tmp: shutil.copyfile(source, tmp))  # the JSON last: its presence marks the unit done
     if len(left) < len(todo):
         _logger.info('reused %d finished units of %s', len(todo) - len(left), ', '.join(str(s) for s in extend_from))
     return left
@@ -352,9 +343,8 @@ def _compute_units(todo: list, model: nn.Module, x: torch.Tensor, y: torch.Tenso
         path = _unit_path(run_dir, batching, index)
         if save_adversarial:
             from safetensors.torch import save_file
-            tmp = path.with_suffix(f'.safetensors.tmp{os.getpid()}')
-            save_file({'x_adv': x_adv.contiguous(), 'indices': torch.tensor(idx)}, str(tmp))
-            os.replace(tmp, path.with_suffix('.safetensors'))
+            write_atomic(path.with_suffix('.safetensors'), lambda tmp: save_file(
+                {'x_adv': x_adv.contiguous(), 'indices': torch.tensor(idx)}, str(tmp)))
         _write_json_atomic(path, result)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import random
 import re
@@ -31,6 +30,8 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
+
+from ..runfiles import write_atomic, write_text_atomic
 
 __all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'latest_checkpoint', 'write_atomic',
            'write_text_atomic', 'read_json']
@@ -49,21 +50,6 @@ class CheckpointError(RuntimeError):
 
 def _rng_file(rank: int) -> str:
     return f'rng_state_{rank}.pt'
-
-
-def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write(tmp)`` to a temporary file next to ``path``, then rename it over ``path``: a reader (or a resume
-    after ``kill -9``) sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f'{path.name}.tmp{os.getpid()}')
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def _first_line(error: Exception) -> str:

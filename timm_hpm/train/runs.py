@@ -1,7 +1,7 @@
 """Run folders of recipes/finetune.py: one run per folder, held by one process at a time.
 
 A fresh run refuses a folder that already holds a run (unless told to overwrite it), and a run holds
-``<run>/run.lock`` for its lifetime (:func:`timm_hpm.runlock.run_lock`), so that a second process started into
+``<run>/run.lock`` for its lifetime (:func:`timm_hpm.runfiles.run_lock`), so that a second process started into
 the same folder fails at once, naming the holder, instead of mixing its files with the first run's.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import List
 
-from ..runlock import LOCK_NAME, FolderInUse, run_lock
+from ..runfiles import LOCK_NAME, FolderInUse, run_lock
 
 __all__ = ['RunFolderError', 'run_lock', 'run_files', 'prepare_fresh_run', 'LOCK_NAME', 'FolderInUse']
 

@@ -1,6 +1,9 @@
-"""One process per run folder: fine-tuning runs and evaluation runs hold ``<folder>/run.lock`` for their
-lifetime, so a second process started into the same folder fails at once, naming the holder, instead of mixing
-its files with the first run's (or computing the same batches again)."""
+"""Run folders (fine-tuning and evaluation): one process per folder, and files written whole or not at all.
+
+Runs hold ``<folder>/run.lock`` for their lifetime, so a second process started into the same folder fails at
+once, naming the holder, instead of mixing its files with the first run's (or computing the same batches again).
+Every file a resume reads is written to a temporary file and renamed over its name.
+"""
 import contextlib
 import logging
 import os
@@ -8,14 +11,14 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 try:
     import fcntl
 except ImportError:  # not POSIX (Windows): folders are not locked
     fcntl = None
 
-__all__ = ['FolderInUse', 'run_lock', 'LOCK_NAME']
+__all__ = ['FolderInUse', 'run_lock', 'LOCK_NAME', 'write_atomic', 'write_text_atomic']
 
 _logger = logging.getLogger(__name__)
 
@@ -65,3 +68,19 @@ def run_lock(folder: Path, option: str = 'folder') -> Iterator[None]:
         finally:
             handle.seek(0)
             handle.truncate()  # released cleanly: no trace left; closing the file drops the lock
+
+
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` to a temporary file next to ``path`` (``<name>.tmp<pid>``: never taken for a result file),
+    then rename it over ``path``: a reader, or a resume after ``kill -9``, sees the old file or the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(f'{path.name}.tmp{os.getpid()}')
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
