@@ -30,6 +30,10 @@ def parse_args(argv=None):
     p.add_argument('--allow-mismatched-results', action='store_true',
                    help='publish results that cannot be matched to these weights; the card says so')
     p.add_argument('--base-results', type=Path, help='eval.json of the base model (--protocol autoattack)')
+    p.add_argument('--batch-order', type=Path, help="table.json of recipes/batch_order_table.py with this model's "
+                   'clean accuracy by batch order and size (the card then says what validate.py gives)')
+    p.add_argument('--natural-results', type=Path, help='eval.json of MSA on the worst natural batching '
+                   '(recipes/evaluate.py --batchings class_sorted), in its run folder')
     p.add_argument('--training-config', type=Path, help='default: config.yaml next to the run folder')
     p.add_argument('--base-model', help="the base model's Hub id or RobustBench name (card metadata)")
     p.add_argument('--repo-id', required=True)
@@ -70,7 +74,8 @@ def check_results(args, model):
     """Refuse results measured on other weights unless --allow-mismatched-results; returns what the card must say
     (None: the results are these weights')."""
     from timm_hpm.hub import unverified_results
-    reason = unverified_results(args.results, model)
+    reasons = [unverified_results(path, model) for path in (args.results, args.natural_results) if path]
+    reason = ' '.join(r for r in reasons if r) or None
     if reason and not args.allow_mismatched_results:
         raise SystemExit(f"refusing to make the card: {reason} It would show another model's figures. Evaluate the "
                          'weights being pushed with recipes/evaluate.py and pass that eval.json, or pass '
@@ -78,6 +83,20 @@ def check_results(args, model):
     if reason:
         print(f'warning: {reason} The card says so (--allow-mismatched-results).', file=sys.stderr)
     return reason
+
+
+def batch_order_row(path: Path, model) -> dict:
+    """This model's row of a batch-order table, found by its fingerprint (never another model's figures)."""
+    from timm_hpm.attacks import normalized_view
+    from timm_hpm.cards import load_json
+    from timm_hpm.eval.runner import model_fingerprint
+    table = load_json(path)
+    fingerprint = model_fingerprint(normalized_view(model).eval())
+    rows = [row for row in table['models'].values() if row.get('model_sha256') == fingerprint]
+    if not rows:
+        raise SystemExit(f'{path} has no row measured on these weights (no model_sha256 equals {fingerprint[:16]}...); '
+                         'run recipes/batch_order_table.py on the model being pushed.')
+    return dict(rows[0], n_test=table['n_test'], batch_sizes=table['batch_sizes'], command=table['command'])
 
 
 def assemble(args) -> Path:
@@ -103,11 +122,17 @@ def assemble(args) -> Path:
         else None
     card = render_card(result, args.repo_id, load_json(out / 'config.json'), base_result=base_result,
                        training_config=training_config, base_model=args.base_model, license=args.license,
-                       license_name=args.license_name, unverified_results=unverified)
+                       license_name=args.license_name, unverified_results=unverified,
+                       batch_order=batch_order_row(args.batch_order, model) if args.batch_order else None,
+                       natural_result=load_json(args.natural_results) if args.natural_results else None)
     (out / 'README.md').write_text(card)
     shutil.copy2(args.results, out / 'eval_hpm.json')
     if args.base_results:
         shutil.copy2(args.base_results, out / 'eval_base.json')
+    if args.natural_results:
+        shutil.copy2(args.natural_results, out / 'eval_hpm_class_sorted.json')
+    if args.batch_order:
+        shutil.copy2(args.batch_order, out / 'batch_order.json')
     if training_config:
         (out / 'training_config.yaml').write_text(training_config)
     args.cards_dir.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,13 @@ $PY recipes/evaluate.py --model hpm_small_cnn.fmnist_hpm --protocol msa "${EVAL[
 reuse eval_hpm "$OUT/eval_hpm_batchings_$N_BATCHINGS"
 $PY recipes/evaluate.py --model hpm_small_cnn.fmnist_hpm --protocol msa "${COMMON[@]}" --n-examples "$N_BATCHINGS" \
     --batchings default shuffled single --out "$OUT/eval_hpm_batchings_$N_BATCHINGS" "${EXTEND[@]}"
+# 3c. the batch order a class-folder dataset gives (timm's validate.py): clean accuracy by order and batch size,
+#     and MSA on the worst natural batching (class-sorted, batches of 32) of the first N_BATCHINGS images
+$PY recipes/batch_order_table.py --model hpm_small_cnn.fmnist_hpm small_cnn.fmnist_pgdat --n-test "$N_TEST" \
+    --out "$OUT/batch_order_$N_TEST" || true  # refuses to overwrite a finished table
+$PY recipes/evaluate.py --model hpm_small_cnn.fmnist_hpm --protocol msa --dataset fashion_mnist --eps 0.1 \
+    --batch-size 32 --device cpu --n-examples "$N_BATCHINGS" --batchings class_sorted \
+    --out "$OUT/eval_hpm_class_sorted_b32_$N_BATCHINGS"
 # 4. sensitivity analysis (FC head vs l2 head of the HPM model)
 $PY recipes/sensitivity.py --model hpm_small_cnn.fmnist_hpm --dataset fashion_mnist --eps-max 0.2 \
     --n-examples "$N_SENS" --out "$OUT/sensitivity_$N_SENS"
@@ -59,4 +66,6 @@ $PY recipes/sensitivity.py --model hpm_small_cnn.fmnist_hpm --dataset fashion_mn
 BEST=$($PY -c "import json; print(json.load(open('$OUT/tuning/tuning.json'))['best'])")
 $PY recipes/push_to_hub.py --model hpm_small_cnn.fmnist_hpm --training-config "$OUT/tuning/configs/$BEST.yaml" \
     --results "$OUT/eval_hpm_$N_TEST/eval.json" --base-results "$OUT/eval_base_$N_TEST/eval.json" \
+    --batch-order "$OUT/batch_order_$N_TEST/table.json" \
+    --natural-results "$OUT/eval_hpm_class_sorted_b32_$N_BATCHINGS/eval.json" \
     --base-model timm-hpm/small_cnn.fmnist_pgdat --repo-id timm-hpm/hpm_small_cnn.fmnist_hpm --license apache-2.0 --dry-run

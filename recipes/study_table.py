@@ -49,8 +49,9 @@ def paired(a: dict, b: dict) -> dict:
     return dict(n=len(a), only_a=only_a, only_b=only_b, difference=(only_b - only_a) / len(a), p=min(1.0, 2 * tail))
 
 
-def batchings_table(run: dict, rel: Path, name: str) -> list:
-    """MSA per batching of one run: every stage, the realised worst case, the worst batching and the union."""
+def batchings_table(run: dict, rel: Path, name: str, natural: dict = None, natural_name: str = None) -> list:
+    """MSA per batching of one run: every stage, the realised worst case, the worst batching and the union; with
+    ``natural``, the run on the worst natural batching (class-sorted, as a class-folder dataset gives) as a row."""
     n = run['n_examples']
     order = ['autoattack'] + list(run['settings']['msa']['surrogates'])
     stages = [s for s in order if s in next(iter(run['batchings'].values()))['per_surrogate_acc']]
@@ -67,6 +68,11 @@ def batchings_table(run: dict, rel: Path, name: str) -> list:
     for batching, b in run['batchings'].items():
         out.append(f"| {batching} | {_pct(b['clean_acc'])} | "
                    + ' | '.join(_pct(b['per_surrogate_acc'][s]) for s in stages) + f" | {_pct(b['realised_acc'])} |")
+    if natural is not None:
+        b = natural['batchings']['class_sorted']
+        out.append(f"| class_sorted, batches of {natural['batch_size']} (a class-folder dataset's order; "
+                   f"`{rel}/{natural_name}`) | {_pct(b['clean_acc'])} | "
+                   + ' | '.join(_pct(b['per_surrogate_acc'].get(s)) for s in stages) + f" | {_pct(b['realised_acc'])} |")
     out.append(f"| **worst batching ({run['worst_batching']})** | {_pct(run['clean_acc'])} | "
                + ' | '.join('' for _ in stages) + f" | **{_pct(run['msa_acc'])}** |")
     out.append("| per-sample union over the batchings | | " + ' | '.join('' for _ in stages)
@@ -120,7 +126,15 @@ def study_tables(results: Path, n_test: int, n_sensitivity: int = None, n_batchi
         out += ['', f'Paired on the same {n_test} images (per-image results in `{rel}/eval_*_{n_test}/attack/units/`): '
                 + '; '.join(lines) + '.']
     if batchings:
-        out += [''] + batchings_table(batchings, rel, f'eval_hpm_batchings_{n_batchings}')
+        natural_name = f'eval_hpm_class_sorted_b32_{n_batchings}'
+        natural = _load(results / natural_name / 'eval.json') if (results / natural_name / 'eval.json').is_file() \
+            else None
+        out += [''] + batchings_table(batchings, rel, f'eval_hpm_batchings_{n_batchings}', natural, natural_name)
+        if natural is not None:
+            out += ['', f"The worst natural batching (class-sorted, batches of {natural['batch_size']}: what timm's "
+                    f"`validate.py` on class folders gives) is not in the worst case above, which covers the three "
+                    f"batchings of that run: MSA there gives {_pct(natural['msa_acc'])} robust at "
+                    f"{_pct(natural['clean_acc'])} clean (`{natural['command']}`)."]
     if tuning:
         sc = tuning['scoring']
         out += ['', f"Tuning on held-out training images (the first {sc['n_val']} of the 5,000 the fine-tuning never "

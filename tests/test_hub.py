@@ -135,6 +135,23 @@ def test_results_of_these_weights_are_accepted(tmp_path):
     assert 'not verified' not in card and '69.00%' in card  # the shipped model's MSA accuracy
 
 
+def test_card_gives_the_batch_order_figures_of_these_weights_only(run_folder, tmp_path):
+    """The shipped model's row of the committed batch-order table (found by its fingerprint) goes into the card:
+    the class-sorted figure is what timm's validate.py gives on a class-folder dataset. Another model's table is
+    refused."""
+    (tmp_path / 'base_eval.json').write_text(json.dumps(_result('autoattack', name='small_cnn', clean_acc=0.83,
+                                                                autoattack_acc=0.62)))
+    table = ROOT / 'results' / 'fashion_mnist' / 'batch_order_1000' / 'table.json'
+    folder = _assemble(None, tmp_path, results=SHIPPED_RESULTS, source=['--model', 'hpm_small_cnn.fmnist_hpm'],
+                       extra=['--batch-order', str(table)])
+    card = (folder / 'README.md').read_text()
+    assert "what timm's `validate.py` gives" in card
+    assert '| class_sorted | 79.40% | 72.30% | 75.40% |' in card and '| default | 79.40% | 78.00% | 78.20% |' in card
+    assert (folder / 'batch_order.json').is_file()
+    with pytest.raises(SystemExit, match='no row measured on these weights'):
+        _assemble(run_folder, tmp_path, extra=['--batch-order', str(table)])
+
+
 def test_results_without_their_run_folder_are_refused(run_folder, tmp_path):
     copied = tmp_path / 'elsewhere' / 'eval.json'
     copied.parent.mkdir()

@@ -32,12 +32,15 @@ def _eps_text(eps: float, norm: str) -> str:
 def render_card(result: Dict[str, Any], repo_id: str, model_config: Dict[str, Any],
                 base_result: Optional[Dict[str, Any]] = None, training_config: Optional[str] = None,
                 base_model: Optional[str] = None, license: str = 'other', license_name: str = 'unknown',
-                template: Optional[Path] = None, unverified_results: Optional[str] = None) -> str:
+                template: Optional[Path] = None, unverified_results: Optional[str] = None,
+                batch_order: Optional[Dict[str, Any]] = None, natural_result: Optional[Dict[str, Any]] = None) -> str:
     """The README.md of a Hub repo: YAML metadata (library_name, license, tags, datasets, base_model,
     model-index with clean, AutoAttack-of-the-base and MSA accuracies) and the human-readable card.
 
     ``unverified_results``: why ``result`` may not have been measured on these weights; the card then says so
-    above its figures."""
+    above its figures. ``batch_order``: this model's row of ``recipes/batch_order_table.py``'s table.json (its
+    ``accuracy`` by order and batch size, plus the table's ``n_test``, ``batch_sizes`` and ``command``);
+    ``natural_result``: the eval.json of MSA on the worst natural batching (``--batchings class_sorted``)."""
     import jinja2
     if result.get('protocol') != 'msa' or result.get('msa_acc') is None:
         raise ValueError('the card needs the HPM model\'s MSA result (recipes/evaluate.py --protocol msa).')
@@ -72,6 +75,17 @@ def render_card(result: Dict[str, Any], repo_id: str, model_config: Dict[str, An
     training = (f"Fine-tuned from {base_model or 'its base model'} with `recipes/finetune.py` (HPM options: "
                 f"{', '.join(f'{k}={v}' for k, v in hpm_cfg.items()) or 'defaults'}); the resolved config follows."
                 if training_config else 'Training configuration: unknown.')
+    order = None
+    if batch_order is not None:
+        order = dict(n_test=batch_order['n_test'], command=batch_order['command'],
+                     batch_sizes=[str(b) for b in batch_order['batch_sizes']],
+                     rows={name: {str(b): _pct(acc) for b, acc in row.items()}
+                           for name, row in batch_order['accuracy'].items()})
+    natural = None
+    if natural_result is not None:
+        natural = dict(batch_size=natural_result.get('batch_size'), n_examples=natural_result['n_examples'],
+                       msa=_pct(natural_result.get('msa_acc')), clean=_pct(natural_result.get('clean_acc')),
+                       command=natural_result.get('command', 'unknown'))
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     source = Path(template).read_text() if template is not None else TEMPLATE.read_text()
     text = env.from_string(source).render(
@@ -85,7 +99,7 @@ def render_card(result: Dict[str, Any], repo_id: str, model_config: Dict[str, An
         batchings=', '.join(result.get('batchings', {})), batch_size=result.get('batch_size'),
         per_batching=per_batching, warnings=result.get('warnings', []), input_size=f"(B, {', '.join(map(str, input_size))})",
         training_description=training, training_config=(training_config or '').strip(),
-        unverified_results=unverified_results)
+        unverified_results=unverified_results, batch_order=order, natural=natural)
     return text
 
 
