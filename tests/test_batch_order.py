@@ -132,3 +132,23 @@ def test_shipped_models_by_order_and_batch_size(table_recipe):
     hpm = tables['hpm_small_cnn.fmnist_hpm']
     assert hpm['default']['1'] == hpm['class_sorted']['1']  # one image per batch: the order cannot matter
     assert hpm['class_sorted']['250'] < hpm['default']['250']
+
+
+@needs_fashion_mnist
+def test_the_folder_recipe_gives_timms_folder_dataset_the_class_sorted_order_and_exact_pixels(tmp_path):
+    """recipes/fashion_mnist_folder.py writes what timm's validate.py reads: timm's folder dataset yields the images
+    in the class_sorted order, and timm's eval transform gives back the original pixels."""
+    from timm.data import create_dataset, create_transform, resolve_data_config
+    from timm_hpm.data import load_fashion_mnist
+    folder = load_recipe('fashion_mnist_folder').write_folder('test', 40, tmp_path / 'f')
+    images, labels = load_fashion_mnist('test').tensors
+    model = timm.create_model('hpm_small_cnn.fmnist_hpm', pretrained=True)
+    # as validate.py creates it for a 1-channel model
+    dataset = create_dataset('', root=str(folder), input_img_mode='L',
+                             transform=create_transform(**resolve_data_config({}, model=model)))
+    order = make_batchings(40, 40, ['class_sorted'], seed=0, labels=labels[:40])['class_sorted'][0]
+    for position, index in enumerate(order):
+        x, y = dataset[position]
+        assert y == int(labels[index]) and torch.equal(x, images[index])
+    with pytest.raises(FileExistsError, match='not empty'):
+        load_recipe('fashion_mnist_folder').write_folder('test', 5, folder)
