@@ -64,7 +64,10 @@ def parse_args(argv=None):
     p.add_argument('--set', nargs='+', action='extend', default=[], metavar='KEY=VALUE',
                    help='override config entries, e.g. train.lr=0.01 attack.eps=4/255 (values parsed as YAML); '
                         'may be given more than once')
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.config is None and args.resume is None:
+        p.error('give --config <recipes/configs/*.yaml> to start a run, or --resume <run folder> to continue one')
+    return args
 
 
 def parse_overrides(args) -> dict:

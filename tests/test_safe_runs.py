@@ -244,3 +244,10 @@ def test_budget_must_be_at_least_one_step(finetune, value, tmp_path):
     result = _cli(['--config', CONFIG, '--output-dir', tmp_path / 'r', '--max-steps', value])
     assert result.returncode == 2 and '>= 1' in result.stderr and 'Traceback' not in result.stderr
     assert not (tmp_path / 'r' / 'log.jsonl').exists()
+
+
+def test_no_arguments_print_usage_instead_of_training(tmp_path):
+    """A recipe needs --config or --resume: with neither it says so (exit 2), it does not start a default run."""
+    result = subprocess.run([sys.executable, str(RECIPE)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2 and 'give --config' in result.stderr and 'usage:' in result.stderr
+    assert not any(tmp_path.iterdir())
