@@ -4,16 +4,14 @@
     python recipes/model_table.py --update README.md
 """
 import argparse
-import sys
 from pathlib import Path
 
 import timm
 import torch
 
 import timm_hpm
+from timm_hpm.report import update_section
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / 'benchmarks'))
-from readme_sections import update_section  # noqa: E402
 
 
 def model_table() -> str:

@@ -111,9 +111,9 @@ def main(argv=None):
     (out / 'quickstart.md').write_text(table + '\n')
     print('\n' + table)
     if args.readme:
-        sys.path.insert(0, str(REPO / 'recipes' / 'benchmarks'))
-        from readme_sections import update_section
         import torch
+
+        from timm_hpm.report import update_section
         update_section(args.readme, 'quickstart-run', f"Measured here with `{record['command']}` "
                        f"({torch.get_num_threads()} threads): {record['seconds']:.0f} s in all "
                        f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}).\n\n{table}")

@@ -5,16 +5,12 @@
 """
 import argparse
 import json
-import math
-import sys
 from pathlib import Path
 
 from timm_hpm.analysis import format_summary
+from timm_hpm.report import paired, tuning_table, update_section
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / 'recipes'), str(ROOT / 'recipes' / 'benchmarks')]
-from readme_sections import update_section  # noqa: E402
-from tune_hpm import format_table as tuning_table  # noqa: E402
 
 
 def _pct(v) -> str:
@@ -35,18 +31,6 @@ def robust_flags(run_dir: Path, batching: str = 'default'):
         unit = json.loads(f.read_text())
         flags.update(zip(unit['indices'], map(bool, unit['realised'])))
     return flags
-
-
-def paired(a: dict, b: dict) -> dict:
-    """Paired comparison of two evaluations of the same images: the images only one of them keeps, and the exact
-    two-sided sign-test (McNemar) p-value of the difference."""
-    if sorted(a) != sorted(b):
-        raise ValueError('the two runs cover different images')
-    only_a = sum(a[i] and not b[i] for i in a)
-    only_b = sum(b[i] and not a[i] for i in a)
-    n = only_a + only_b
-    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2 ** n if n else 1.0
-    return dict(n=len(a), only_a=only_a, only_b=only_b, difference=(only_b - only_a) / len(a), p=min(1.0, 2 * tail))
 
 
 def batchings_table(run: dict, rel: Path, name: str, natural: dict = None, natural_name: str = None) -> list:

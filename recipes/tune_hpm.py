@@ -32,6 +32,7 @@ from timm_hpm.attacks import normalized_view
 from timm_hpm.data import build_train_val
 from timm_hpm.eval import MSAConfig, evaluate
 from timm_hpm.eval.msa import ModelView
+from timm_hpm.report import tuning_table
 from timm_hpm.train import load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -149,25 +150,8 @@ def main(argv=None):
     if results['candidates']:
         results['best'] = max(results['candidates'], key=lambda k: results['candidates'][k]['msa_val'])
     results_path.write_text(json.dumps(results, indent=2))
-    print(format_table(results))
+    print(tuning_table(results))
     return results
-
-
-def format_table(results: dict) -> str:
-    """The sweep's Markdown table (printed here, and in the README by recipes/study_table.py)."""
-    def pct(v):
-        return f'{100 * v:.1f}%'
-    lines = ['| candidate | change | clean (dynamic) | MSA-surrogates (dynamic) | APGD (static) | APGD (fc) |',
-             '|---|---|---:|---:|---:|---:|']
-    if 'base' in results:
-        b = results['base']
-        lines.append(f"| base `{b['model']}` | no HPM | {pct(b['fc_clean'])} (fc) | - | - | {pct(b['fc_val'])} |")
-    for name, r in results['candidates'].items():
-        change = ', '.join(f'{k.split(".")[-1]}={v}' for k, v in r['overrides'].items()) or '(defaults)'
-        star = ' **best**' if name == results.get('best') else ''
-        lines.append(f"| {name}{star} | {change} | {pct(r['dynamic_clean'])} | {pct(r['msa_val'])} | "
-                     f"{pct(r['static_val'])} | {pct(r['fc_val'])} |")
-    return '\n'.join(lines)
 
 
 if __name__ == '__main__':

@@ -41,7 +41,7 @@ def test_study_tables_match_the_committed_results():
 
 
 def test_paired_comparison_against_the_exact_sign_test():
-    paired = load_recipe('study_table').paired
+    from timm_hpm.report import paired
     c = paired({0: True, 1: True, 2: False, 3: True}, {0: False, 1: True, 2: True, 3: True})
     assert (c['only_a'], c['only_b'], c['difference'], c['p']) == (1, 1, 0.0, 1.0)
     a = {i: True for i in range(10)}

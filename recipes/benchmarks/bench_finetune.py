@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 import timm_hpm
-from readme_sections import update_section
 from timm_hpm.attacks import pgd
 from timm_hpm.data import FASHION_MNIST_DIRS, load_fashion_mnist
+from timm_hpm.report import update_section
 
 ARCHS = {'preact_resnet18': dict(), 'small_cnn': dict()}
 

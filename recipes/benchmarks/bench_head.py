@@ -16,7 +16,7 @@ import timm
 import torch
 
 import timm_hpm
-from readme_sections import update_section
+from timm_hpm.report import update_section
 
 
 def _time(fn, repeats, warmup=1):
@@ -96,12 +96,14 @@ def head_only(batch, dim, classes, repeats):
 
 def markdown(result) -> str:
     lines = [f"Measured with `{result['command']}` on {result['machine']['processor'] or result['machine']['platform']}, "
-             f"{result['machine']['threads']} threads, torch {result['machine']['torch']}, batch {result['batch']}.", '',
-             '| model | pass | base (img/s) | HPM (img/s) | HPM / base time |', '|---|---|---:|---:|---:|']
+             f"{result['machine']['threads']} threads, torch {result['machine']['torch']}.", '',
+             '| model | pass | batch | base (img/s) | HPM (img/s) | HPM / base time |', '|---|---|---:|---:|---:|---:|']
     for name, rows in result['models'].items():
-        for what, r in rows.items():
-            lines.append(f"| {name} | {what.replace('_', '+')} | {r['base_img_s']:.1f} | {r['hpm_img_s']:.1f} | "
-                         f"{r['ratio']:.3f} |")
+        batch = rows.get('batch', result['batch'])
+        for what in ('forward', 'forward_backward'):
+            r = rows[what]
+            lines.append(f"| {name} | {what.replace('_', '+')} | {batch} | {r['base_img_s']:.1f} | "
+                         f"{r['hpm_img_s']:.1f} | {r['ratio']:.3f} |")
     lines += ['', 'Head alone, K=1000, D=2048, B=256 (HPM head vs the FC layer it replaces):', '',
               '| mode | forward: HPM / FC time | forward+backward: HPM / FC time |', '|---|---:|---:|']
     for mode, r in result['head_imagenet_scale'].items():
@@ -113,7 +115,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--batch', type=int, default=128)
     parser.add_argument('--repeats', type=int, default=5)
-    parser.add_argument('--models', nargs='+', default=['preact_resnet18', 'wrn28_10'])
+    parser.add_argument('--models', nargs='+', default=['small_cnn', 'preact_resnet18', 'wrn28_10:32'],
+                        help='base models (the HPM variant is timed against each), NAME or NAME:BATCH to time a big '
+                             'model at a smaller batch than --batch')
     parser.add_argument('--threads', type=int, default=None)
     parser.add_argument('--out', type=Path, default=Path('recipes/benchmarks/results/bench_head_cpu.json'))
     parser.add_argument('--readme', type=Path, help='rewrite the bench-head section of this README from --out '
@@ -132,8 +136,10 @@ def main():
                      torch=torch.__version__, timm=timm.__version__),
         batch=args.batch, repeats=args.repeats, models={},
     )
-    for name in args.models:
-        result['models'][name] = compare(name, timm_hpm.hpm_variant(name), args.batch, args.repeats, {})
+    for spec in args.models:
+        name, _, batch = spec.partition(':')
+        batch = int(batch or args.batch)
+        result['models'][name] = dict(batch=batch, **compare(name, timm_hpm.hpm_variant(name), batch, args.repeats, {}))
     result['head_imagenet_scale'] = head_only(256, 2048, 1000, max(args.repeats, 20))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -20,10 +20,10 @@ import timm
 import torch
 
 import timm_hpm
-from readme_sections import update_section
 from timm_hpm.attacks import parse_eps
 from timm_hpm.data import load_eval_tensors
 from timm_hpm.eval import MSAConfig, evaluate
+from timm_hpm.report import update_section
 
 
 def run(model, x, y, cfg, protocol, amp, batch_size):
