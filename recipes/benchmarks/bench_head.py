@@ -98,8 +98,8 @@ def markdown(result) -> str:
     lines = [f"Measured with `{result['command']}` on {result['machine']['processor'] or result['machine']['platform']}, "
              f"{result['machine']['threads']} threads, torch {result['machine']['torch']}.", '',
              '| model | pass | batch | base (img/s) | HPM (img/s) | HPM / base time |', '|---|---|---:|---:|---:|---:|']
-    for name, rows in result['models'].items():
-        batch = rows.get('batch', result['batch'])
+    for spec, rows in result['models'].items():
+        name, batch = spec.partition(':')[0], rows.get('batch', result['batch'])
         for what in ('forward', 'forward_backward'):
             r = rows[what]
             lines.append(f"| {name} | {what.replace('_', '+')} | {batch} | {r['base_img_s']:.1f} | "
@@ -139,7 +139,7 @@ def main():
     for spec in args.models:
         name, _, batch = spec.partition(':')
         batch = int(batch or args.batch)
-        result['models'][name] = dict(batch=batch, **compare(name, timm_hpm.hpm_variant(name), batch, args.repeats, {}))
+        result['models'][spec] = dict(batch=batch, **compare(name, timm_hpm.hpm_variant(name), batch, args.repeats, {}))
     result['head_imagenet_scale'] = head_only(256, 2048, 1000, max(args.repeats, 20))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
