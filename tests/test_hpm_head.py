@@ -1,4 +1,4 @@
-"""HPMHead against hand-computed truth (DESIGN.md section 2)."""
+"""HPMHead against hand-computed truth (docs/method.md section 2)."""
 import math
 
 import pytest

@@ -1,6 +1,6 @@
 """One small adapter over AutoAttack: the PyPI fork ``pyautoattack`` (a dependency) or upstream ``autoattack``
-(git-only) when that is installed. Both run the same attack code (DESIGN.md section 5); they differ in
-their interface only.
+(git-only) when that is installed. The fork's attack code is upstream's (commit a392200) but for its imports; the two
+differ in their interface only.
 """
 from __future__ import annotations
 

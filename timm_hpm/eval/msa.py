@@ -1,4 +1,4 @@
-"""The Mixed Surrogate Attack (MSA) on one fixed batch (DESIGN.md section 3).
+"""The Mixed Surrogate Attack (MSA) on one fixed batch (docs/method.md section 3).
 
 Every figure is the target's accuracy on a *realised* batch: a whole batch of images, each within eps of
 its clean image, scored by one forward of the target. Candidates come from:

@@ -2,7 +2,7 @@
 
 An l2-distance "reclassifier" on top of a trained linear (FC) classifier, after
 "Sensitivity as a Double-Edged Sword" (Kai Wang, 2026, arXiv:2606.01746). Only the paper's abstract is
-public; the head follows the reconstruction in DESIGN.md section 2, and every choice the abstract does not
+public; the head follows the reconstruction in docs/method.md section 2, and every choice the abstract does not
 fix is an argument here.
 
 Given pre-logit features ``f`` (B x D) and the FC layer (``weight`` K x D, ``bias`` K):

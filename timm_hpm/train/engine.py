@@ -1,4 +1,4 @@
-"""The pieces of HPM fine-tuning that the recipe composes (DESIGN.md section 2, items 4 and 7).
+"""The pieces of HPM fine-tuning that the recipe composes (docs/method.md section 2, steps 4 and 7).
 
 Randomness that must survive a resume is drawn from generators seeded by (seed, step, rank), never from the
 global RNG, so a run killed after step k and resumed from its checkpoint ends bitwise identical to an
