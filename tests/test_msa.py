@@ -398,3 +398,13 @@ def test_autoattack_on_a_batch_dependent_head_warns(tmp_path, caplog):
                           progress=False)
     assert 'warnings' not in result and not caplog.records
     assert runner_module.hpm_mode(nn.Linear(2, 2)) is None
+
+
+def test_stages_are_reported_in_the_order_they_ran():
+    """eval.md's cumulative stage table follows the run (AutoAttack on the target, then fc, static, soft, dynamic),
+    re-aggregated from a committed run's unit files."""
+    run = Path(__file__).resolve().parents[1] / 'results' / 'fashion_mnist' / 'eval_hpm_class_sorted_b32_250' / 'attack'
+    result = runner_module.aggregate(run)
+    assert list(result['per_surrogate_acc']) == ['autoattack', 'fc', 'static', 'soft', 'dynamic']
+    table = runner_module.format_table(result)
+    assert table.index('| autoattack |') < table.index('| fc |') < table.index('| dynamic |')

@@ -116,6 +116,12 @@ def _load_unit(path: Path, indices: Optional[Sequence[int]] = None) -> Optional[
     return unit
 
 
+def _stage_order(settings: dict, stages) -> List[str]:
+    """MSA's stages in the order they run: AutoAttack on the target, then the surrogates as configured."""
+    ran = ['autoattack'] + list(settings.get('msa', {}).get('surrogates', []))
+    return [s for s in ran if s in stages] + sorted(s for s in stages if s not in ran)
+
+
 def hpm_mode(model: nn.Module) -> Optional[str]:
     """The mode of the model's HPM head (what an evaluation measures), ``None`` for a plain model."""
     model = _unwrap(model)
@@ -391,7 +397,7 @@ def aggregate(run_dir: Path, metadata: Optional[dict] = None) -> dict:
             'clean_acc': clean / n,
             'realised_acc': realised / n,
             'union_acc': union / n,
-            'per_surrogate_acc': {s: v / n for s, v in sorted(surrogate_realised.items())},
+            'per_surrogate_acc': {s: surrogate_realised[s] / n for s in _stage_order(settings, surrogate_realised)},
         }
         if 'autoattack' in candidate_totals:
             per_batching[batching]['autoattack_acc'] = candidate_totals['autoattack'] / n
