@@ -49,3 +49,12 @@ def test_paired_comparison_against_the_exact_sign_test():
     assert (c['only_a'], c['only_b'], c['difference']) == (5, 0, -0.5) and c['p'] == pytest.approx(2 / 32)
     with pytest.raises(ValueError, match='different images'):
         paired(a, {i: True for i in range(9)})
+
+
+def test_the_use_snippet_runs_as_written():
+    readme = (ROOT / 'README.md').read_text()
+    snippet = re.search(r'## Use\n\n```python\n(.*?)```', readme, re.S).group(1)
+    namespace = {}
+    exec(compile(snippet, 'README.md (## Use)', 'exec'), namespace)
+    assert namespace['logits'].shape == (8, 10) and namespace['out'].fc_logits.shape == (16, 10)
+    assert bool(namespace['h'].hpm_head.prototypes_initialized)

@@ -9,7 +9,12 @@ from .version import __version__
 
 
 def list_models(pretrained: bool = False) -> list:
-    """Every model timm-hpm registers (plain families and ``hpm_*``), sorted."""
+    """Every model timm-hpm registers (the plain families and their HPM variants), sorted: those of every family
+    file in ``timm_hpm/models/`` (a new family file needs no other edit)."""
+    import pkgutil
+
     import timm
-    return sorted(set(timm.list_models(module=['wide_resnet', 'trades_wide_resnet', 'preact_resnet', 'small_cnn',
-                                              'timm_families'], pretrained=pretrained)))
+
+    from . import models
+    families = [m.name for m in pkgutil.iter_modules(models.__path__) if not m.name.startswith('_')]
+    return sorted(set(timm.list_models(module=families, pretrained=pretrained)))
