@@ -40,6 +40,18 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def display_name(model: str) -> str:
+    """The model as a figure names it: a local-dir: folder relative to the working directory when it is under it,
+    else by its last two path components (never a machine's absolute path)."""
+    if not model.startswith('local-dir:'):
+        return model
+    path = Path(model[len('local-dir:'):]).resolve()
+    try:
+        return f'local-dir:{path.relative_to(Path.cwd())}'
+    except ValueError:
+        return f'local-dir:.../{Path(*path.parts[-2:])}'
+
+
 def main(argv=None):
     args = parse_args(argv)
     start = time.time()
@@ -88,7 +100,7 @@ def main(argv=None):
     }
     (args.out / 'sensitivity.json').write_text(json.dumps(result, indent=1))
     plot_sensitivity(result, args.out / 'sensitivity.png',
-                     title=f'{args.model} on {args.dataset} ({len(y)} test images)')
+                     title=f'{display_name(args.model)} on {args.dataset} ({len(y)} test images)')
     print(format_summary(result))
     print(f"wrote {args.out / 'sensitivity.json'} and {args.out / 'sensitivity.png'}")
     return result

@@ -172,3 +172,12 @@ def test_robust_accuracy_curve_is_monotone_and_starts_clean(tiny_hpm, tmp_path):
     assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     json.dumps(result)  # serialisable (inf distances become Infinity, which json writes)
     assert not math.isnan(summarize(result['per_sample'])['static']['clean_acc'])
+
+
+def test_figure_titles_never_show_an_absolute_path(tmp_path, monkeypatch):
+    from _recipes import load_recipe
+    display_name = load_recipe('sensitivity').display_name
+    monkeypatch.chdir(tmp_path)
+    assert display_name('hpm_small_cnn.fmnist_hpm') == 'hpm_small_cnn.fmnist_hpm'
+    assert display_name(f'local-dir:{tmp_path}/runs/x/final') == 'local-dir:runs/x/final'
+    assert display_name('local-dir:/elsewhere/runs/y/final') == 'local-dir:.../y/final'

@@ -41,4 +41,7 @@ def test_quickstart_tiny_budget(tmp_path):
     # a second run finds every step done and only reprints the table
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert again.returncode == 0 and '===' not in again.stdout
-    assert json.loads((out / 'quickstart.json').read_text())['rows'] == record['rows']
+    again_record = json.loads((out / 'quickstart.json').read_text())
+    assert again_record['rows'] == record['rows']
+    assert again_record['timings_s'] == record['timings_s'] and set(record['timings_s']) == {
+        'finetune', 'eval_base', 'eval_hpm', 'sensitivity'}  # a step already done keeps its measured time
