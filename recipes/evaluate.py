@@ -43,24 +43,27 @@ MSA_BATCHINGS = ('default', 'single', 'shuffled')
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--model', required=True, help="timm name (with tag), 'local-dir:<folder>' or 'hf-hub:<repo>'")
     p.add_argument('--checkpoint', help='weights file (safetensors or weights-only .pt) to load into --model')
     p.add_argument('--no-pretrained', action='store_true', help='random weights (for smoke tests only)')
-    p.add_argument('--dataset', required=True, choices=DATASETS)
+    p.add_argument('--dataset', required=True, choices=DATASETS, help='the test split of this dataset')
     p.add_argument('--data-dir', help='dataset folder (CIFAR: torchvision layout; ImageNet: ImageFolder root)')
     p.add_argument('--eps', required=True, help="'8/255', 0.031, ...")
-    p.add_argument('--norm', default='Linf', choices=['Linf', 'L2'])
-    p.add_argument('--protocol', default='msa', choices=['msa', 'autoattack'])
+    p.add_argument('--norm', default='Linf', choices=['Linf', 'L2'], help='threat model')
+    p.add_argument('--protocol', default='msa', choices=['msa', 'autoattack'],
+                   help='msa for a batch-dependent (HPM dynamic) head, autoattack for a batch-independent model')
     p.add_argument('--hpm-mode', choices=timm_hpm.HPM_MODES,
                    help="with --protocol autoattack: the HPM head's mode attacked (e.g. 'static': the l2 head alone)")
-    p.add_argument('--n-examples', type=int, default=1000)
+    p.add_argument('--n-examples', type=int, default=1000, help='the first N test images')
     p.add_argument('--batch-size', type=int, default=128, help='B_eval: the fixed batch size that is scored')
     p.add_argument('--batchings', nargs='+', default=None, choices=BATCHINGS,
                    help=f"default: {' '.join(MSA_BATCHINGS)} for msa, default only for autoattack; class_sorted: "
                         "label order, as a class-folder dataset (timm's validate.py on an ImageFolder) batches")
-    p.add_argument('--surrogates', nargs='+', default=['fc', 'static', 'soft', 'dynamic'])
-    p.add_argument('--apgd-iters', type=int, default=100)
+    p.add_argument('--surrogates', nargs='+', default=['fc', 'static', 'soft', 'dynamic'],
+                   help="MSA's surrogate views of the HPM head, attacked with whole-batch APGD-CE/APGD-T")
+    p.add_argument('--apgd-iters', type=int, default=100, help="iterations of MSA's whole-batch APGD")
     p.add_argument('--n-target-classes', type=int, default=3,
                    help='APGD-T targets per surrogate (AutoAttack on the target keeps its 9)')
     p.add_argument('--autoattack-iters', type=int, default=None, help="default: AutoAttack's own (100)")
@@ -69,9 +72,9 @@ def parse_args(argv=None):
     p.add_argument('--no-cascade', action='store_true', help='attack every clean-correct sample at every stage')
     p.add_argument('--amp', choices=['none', 'bf16'], default='none', help='bf16 autocast (measure its effect first)')
     p.add_argument('--sanity', action='store_true', help='run the adaptive-attack sanity checks on a subset')
-    p.add_argument('--sanity-examples', type=int, default=64)
-    p.add_argument('--save-adv', action='store_true')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--sanity-examples', type=int, default=64, help='images the --sanity checks use')
+    p.add_argument('--save-adv', action='store_true', help='keep the realised adversarial batches (safetensors)')
+    p.add_argument('--seed', type=int, default=0, help='attack seeds (each batch derives its own)')
     p.add_argument('--device', default=None, help="'cpu' forces the CPU (also under accelerate launch)")
     p.add_argument('--out', type=Path, default=None, help='run folder (default runs/eval/<model>_<protocol>)')
     p.add_argument('--extend-from', type=Path, nargs='+', default=[], metavar='RUN',

@@ -49,7 +49,8 @@ logger = logging.getLogger('finetune')
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--config', type=Path, help='YAML config (recipes/configs/)')
     start = p.add_mutually_exclusive_group()
     start.add_argument('--resume', type=Path, help='a run folder to continue from its last checkpoint, with its '
@@ -58,9 +59,10 @@ def parse_args(argv=None):
                        help='replace the run already in the output folder (its config.yaml, log, checkpoints and '
                             'final weights are deleted)')
     p.add_argument('--output-dir', type=Path, help='run folder (default: output_dir of the config)')
-    p.add_argument('--epochs', type=int)
-    p.add_argument('--max-steps', type=int)
-    p.add_argument('--device', choices=['cpu', 'auto'], default='auto')
+    p.add_argument('--epochs', type=int, help='override train.epochs')
+    p.add_argument('--max-steps', type=int, help='override train.max_steps (the step budget, >= 1)')
+    p.add_argument('--device', choices=['cpu', 'auto'], default='auto',
+                   help="'cpu' forces the CPU; 'auto': what accelerate finds")
     p.add_argument('--set', nargs='+', action='extend', default=[], metavar='KEY=VALUE',
                    help='override config entries, e.g. train.lr=0.01 attack.eps=4/255 (values parsed as YAML); '
                         'may be given more than once')

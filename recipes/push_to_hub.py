@@ -20,7 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog='The Hub token comes from huggingface_hub: $HF_TOKEN, or the token saved by `hf auth login` '
+               '(~/.cache/huggingface/token). It is never printed. --dry-run needs none.')
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument('--run', type=Path, help='Hub-ready folder (model.safetensors + config.json)')
     source.add_argument('--model', help="a registered model with its tag (e.g. hpm_small_cnn.fmnist_hpm): its "

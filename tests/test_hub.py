@@ -242,3 +242,11 @@ def test_converted_timm_model_saves_as_its_hpm_variant(tmp_path):
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+def test_help_says_where_the_token_comes_from_and_shows_defaults(capsys):
+    with pytest.raises(SystemExit) as done:
+        _push_to_hub().parse_args(['--help'])
+    assert done.value.code == 0
+    text = ' '.join(capsys.readouterr().out.split())
+    assert '$HF_TOKEN' in text and 'hf auth login' in text and '(default: ' in text
