@@ -205,3 +205,12 @@ def test_empty_weight_file_and_broken_local_dir_config_are_named(tmp_path):
     (tmp_path / 'config.json').write_text('{"num_classes": 10}')
     with pytest.raises(timm_hpm.PretrainedWeightsUnavailable, match='names no "architecture"'):
         timm_hpm.models.check_local_dir(f'local-dir:{tmp_path}')
+
+
+def test_plain_model_takes_an_hpm_checkpoint_without_its_hpm_entries():
+    hpm = timm.create_model('hpm_small_cnn.fmnist_hpm', pretrained=True)
+    plain = timm.create_model('small_cnn', pretrained=True,
+                              pretrained_cfg_overlay=dict(file=hpm.pretrained_cfg['file']))
+    assert set(plain.state_dict()) == {k for k in hpm.state_dict() if k.split('.')[-1] not in (
+        'log_gamma', 'dataset_prototypes', 'prototypes_initialized')}
+    assert all(torch.equal(v, hpm.state_dict()[k]) for k, v in plain.state_dict().items())
