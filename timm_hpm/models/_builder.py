@@ -62,6 +62,14 @@ _UNINITIALISED_WARNING = ('the dataset prototypes start at the FC weights and mu
                           'the HPM head is used (timm_hpm.train.init_prototypes or model.hpm_head.init_prototypes_).')
 
 
+def _without_head_state(state_dict: Dict[str, torch.Tensor], classifier: Any) -> Dict[str, torch.Tensor]:
+    """The state dict less the HPM entries of ``classifier`` (prototypes, their flag and the l2 scale)."""
+    if not isinstance(classifier, str):
+        return state_dict
+    head_keys = {f'{classifier}.{entry}' for entry in _HEAD_STATE}
+    return {k: v for k, v in state_dict.items() if k not in head_keys}
+
+
 def hpm_checkpoint_filter(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
     """timm ``pretrained_filter_fn``: clean the checkpoint, and let an HPM model load a *base* checkpoint.
 
@@ -76,9 +84,7 @@ def hpm_checkpoint_filter(state_dict: Mapping[str, Any], model: nn.Module) -> Di
     """
     state_dict = clean_checkpoint(state_dict)
     if not is_hpm_model(model):
-        name = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier')
-        return {k: v for k, v in state_dict.items()
-                if not (isinstance(name, str) and k in {f'{name}.{e}' for e in _HEAD_STATE})}
+        return _without_head_state(state_dict, (getattr(model, 'pretrained_cfg', None) or {}).get('classifier'))
     name = model.hpm_classifier_name
     head = model.hpm_head
     weight = state_dict.get(f'{name}.weight')
@@ -88,7 +94,7 @@ def hpm_checkpoint_filter(state_dict: Mapping[str, Any], model: nn.Module) -> Di
         if head is not None:
             _logger.warning(f'the checkpoint has {weight.shape[0]} classes and the model {head.num_classes}: the '
                             f'classifier is not loaded, and ' + _UNINITIALISED_WARNING)
-        return {k: v for k, v in state_dict.items() if k not in {f'{name}.{e}' for e in _HEAD_STATE}}
+        return _without_head_state(state_dict, name)
     missing = [k for k in _HEAD_STATE if f'{name}.{k}' not in state_dict]
     if missing:
         _logger.warning('loading a base (non-HPM) checkpoint into an HPM model: ' + _UNINITIALISED_WARNING)
