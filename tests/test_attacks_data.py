@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from conftest import needs_fashion_mnist
 
-from timm_hpm.attacks import NormalizedInput, accuracy, check_images, normalized_view, parse_eps, pgd
+from timm_hpm.attacks import NormalizedInput, accuracy, apgd, check_images, normalized_view, parse_eps, pgd
 from timm_hpm.data import DatasetUnavailable, load_fashion_mnist, read_idx, synthetic_dataset
 
 
@@ -147,3 +147,49 @@ def test_normalized_view_only_for_models_that_normalise_outside():
     with torch.no_grad():
         torch.testing.assert_close(view(x), imagenet((x - mean) / std))
     assert timm_hpm.get_hpm_head(view) is imagenet.hpm_head
+
+
+class _Unbreakable(nn.Module):
+    """Always predicts class 0 with a loss that still has a gradient: APGD never fools it, so it returns its start."""
+
+    def forward(self, x):
+        s = x.flatten(1).sum(1, keepdim=True)
+        return torch.cat([s + 1e3, s, s], dim=1)
+
+
+@pytest.mark.parametrize('norm, eps', [('Linf', 0.1), ('L2', 0.5)])
+def test_apgd_random_start_is_autoattacks_on_the_ball_surface(norm, eps):
+    """AutoAttack's APGD starts at full eps (Linf: the largest coordinate of the offset is eps; L2: its length is
+    eps); a start at half the radius explores less of the ball."""
+    x = torch.full((6, 1, 8, 8), 0.5)  # interior: the [0, 1] box does not cut the start
+    y = torch.zeros(6, dtype=torch.long)
+    start = apgd(_Unbreakable(), x, y, eps, norm, n_iter=0, generator=torch.Generator().manual_seed(0))
+    delta = (start - x).flatten(1)
+    size = delta.abs().amax(1) if norm == 'Linf' else delta.norm(dim=1)
+    assert torch.allclose(size, torch.full_like(size, eps), atol=1e-6)
+    if norm == 'Linf':  # the other coordinates spread uniformly over the cube, as AutoAttack's do
+        assert 0.4 * eps < float(delta.abs().mean()) < 0.6 * eps
+
+
+class _Centre(nn.Module):
+    def forward(self, x):
+        return x - 0.5
+
+
+def test_apgd_is_not_weaker_than_autoattacks_own_apgd():
+    """Our whole-batch APGD-CE against AutoAttack's (pyautoattack) on the same small CNN, same iterations, one
+    restart: it breaks at least as many images, up to one image of seed noise."""
+    from timm_hpm.eval import make_autoattack, run_autoattack
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(128, 10))
+    model = nn.Sequential(_Centre(), cnn).eval()
+    x = torch.rand(64, 1, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every image starts correct
+    eps = 0.03
+    ours = accuracy(model, apgd(model, x, y, eps, n_iter=50, generator=torch.Generator().manual_seed(0)), y)
+    adversary = make_autoattack(model, eps, version='custom', attacks=['apgd-ce'], seed=0, n_iter=50,
+                                device=torch.device('cpu'))
+    theirs = accuracy(model, run_autoattack(adversary, x, y, batch_size=64), y)
+    assert 0 < int(theirs.sum()) < len(y)  # a non-trivial problem
+    assert int(ours.sum()) <= int(theirs.sum()) + 1
