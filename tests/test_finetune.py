@@ -60,7 +60,7 @@ def test_killed_run_resumes_to_identical_weights(reference_run, tmp_path):
     cmd = [sys.executable, str(RECIPE), '--config', str(CONFIG), '--device', 'cpu', '--output-dir', str(out)]
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not (out / 'checkpoints' / 'step_0000004' / 'trainer_state.json').exists():
+    while time.time() < deadline and not (out / 'checkpoints' / 'checkpoint_4' / 'trainer_state.json').exists():
         time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
@@ -154,6 +154,47 @@ def test_trades_loss_against_its_definition():
     p = torch.softmax(clean, 1)
     kl = (p * (p.log() - torch.log_softmax(adv, 1))).sum(1).mean()
     torch.testing.assert_close(trades_loss(adv, clean, y, beta=2.0), F.cross_entropy(clean, y) + 2.0 * kl)
+
+
+@pytest.mark.parametrize('objective, attack', [('base', 'pgd'), ('base', 'trades'), ('hpm', 'pgd'),
+                                               ('hpm', 'trades')])
+def test_training_loss_is_the_objectives_definition(objective, attack):
+    """The loss a run trains on, per train.objective and attack.type: PGD-AT's CE of the adversarial logits, or
+    TRADES' CE(clean) + beta KL(adv || clean); for HPM of both heads, FC weighted by lambda_fc, with the labels
+    handed to the head (its EMA prototype update)."""
+    import copy
+
+    import torch.nn.functional as F
+    from timm_hpm.train import build_model, training_loss
+    plain = {'model.name': 'preact_resnet18', 'model.hpm': {}} if objective == 'base' else {}
+    cfg = load_config(CONFIG, {'train.objective': objective, 'attack.type': attack, 'attack.beta': 3.0,
+                               'train.lambda_fc': 0.5, **plain})
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    x, x_adv, y = torch.rand(8, 1, 8, 8), torch.rand(8, 1, 8, 8), torch.arange(8) % 4
+    reference = copy.deepcopy(model)  # the same state: the forward passes update batch-norm and prototype buffers
+    prototypes = model.hpm_head.dataset_prototypes.clone() if objective == 'hpm' else None
+
+    def kl(adv, clean):
+        p = torch.softmax(clean, 1)
+        return (p * (p.log() - torch.log_softmax(adv, 1))).sum(1).mean()
+
+    def trades(adv, clean):
+        return F.cross_entropy(clean, y) + 3.0 * kl(adv, clean)
+
+    loss = training_loss(model, x, x_adv, y, cfg)
+    if objective == 'base':
+        adv = reference(x_adv)
+        expected = F.cross_entropy(adv, y) if attack == 'pgd' else trades(adv, reference(x))
+    else:
+        clean = reference(x, return_fc=True) if attack == 'trades' else None
+        out = reference(x_adv, targets=y, return_fc=True)
+        expected = (F.cross_entropy(out.logits, y) + 0.5 * F.cross_entropy(out.fc_logits, y) if attack == 'pgd' else
+                    trades(out.logits, clean.logits) + 0.5 * trades(out.fc_logits, clean.fc_logits))
+        assert not torch.equal(model.hpm_head.dataset_prototypes, prototypes)  # the labels reached the head
+    torch.testing.assert_close(loss, expected)
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
 
 
 @pytest.mark.parametrize('objective, name', [('hpm', 'hpm_preact_resnet18'), ('base', 'preact_resnet18')])

@@ -3,6 +3,7 @@ folder is never silently overwritten or shared by two processes, a resumed run k
 budget may change), every --set counts and the budget is >= 1."""
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -16,6 +17,8 @@ import pytest
 import torch
 import yaml
 from _recipes import load_recipe
+
+from timm_hpm.train import parse_overrides, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / 'recipes' / 'configs' / 'test_synthetic.yaml'
@@ -44,6 +47,13 @@ def finished_run(tmp_path_factory):
     return out
 
 
+def _resolve(finetune, argv):
+    """The configuration recipes/finetune.py resolves from these arguments."""
+    args = finetune.parse_args(argv)
+    return resolve_config(args.config, args.resume, parse_overrides(args.set, args.epochs, args.max_steps),
+                          args.output_dir)
+
+
 def _copy(run: Path, dest: Path) -> Path:
     shutil.copytree(run, dest)
     return dest
@@ -51,7 +61,7 @@ def _copy(run: Path, dest: Path) -> Path:
 
 def _checkpoint(run: Path) -> Path:
     folders = sorted((run / 'checkpoints').iterdir())
-    assert [f.name for f in folders] == ['step_0000002']
+    assert [f.name for f in folders] == ['checkpoint_2']
     return folders[0]
 
 
@@ -116,6 +126,17 @@ def test_accelerate_pickles_in_a_checkpoint_are_never_read(finetune, finished_ru
         _plant(_checkpoint(run) / name, marker)
     finetune.main(['--resume', str(run), '--device', 'cpu'])
     assert not marker.exists()
+
+
+def test_a_run_checkpointed_by_an_earlier_version_resumes(finetune, finished_run, tmp_path, caplog):
+    """A run folder written before checkpoints took accelerate's naming (checkpoints/step_<k>) resumes from it."""
+    run = _copy(finished_run, tmp_path / 'run')
+    legacy = (run / 'checkpoints' / 'checkpoint_2').rename(run / 'checkpoints' / 'step_0000002')
+    with caplog.at_level(logging.INFO):
+        finetune.main(['--resume', str(run), '--max-steps', '3', '--device', 'cpu'])
+    assert f'resumed from {legacy} (step 2)' in caplog.text
+    assert sorted(p.name for p in (run / 'checkpoints').iterdir()) == ['checkpoint_3', 'step_0000002']
+    assert max(json.loads(line)['step'] for line in (run / 'log.jsonl').read_text().splitlines()) == 3
 
 
 @pytest.mark.parametrize('name, content, what', [
@@ -185,7 +206,7 @@ def test_fresh_run_into_a_run_folder_is_refused_unless_overwrite(finished_run, t
     replaced = _cli(['--config', CONFIG, '--output-dir', run, '--max-steps', 1, '--overwrite'])
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     assert yaml.safe_load((run / 'config.yaml').read_text())['train']['max_steps'] == 1
-    assert [p.name for p in (run / 'checkpoints').iterdir()] == ['step_0000001']
+    assert [p.name for p in (run / 'checkpoints').iterdir()] == ['checkpoint_1']
     assert max(json.loads(line)['step'] for line in (run / 'log.jsonl').read_text().splitlines()) == 1
 
 
@@ -199,7 +220,7 @@ def test_second_process_fails_at_once_naming_the_holder(tmp_path):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
-        while time.time() < deadline and not (run / 'checkpoints' / 'step_0000002' / 'trainer_state.json').exists():
+        while time.time() < deadline and not (run / 'checkpoints' / 'checkpoint_2' / 'trainer_state.json').exists():
             time.sleep(0.05)
         assert holder.poll() is None, 'the first run ended early'
         for args in (['--config', CONFIG, '--output-dir', run, '--overwrite'], ['--resume', run]):
@@ -217,7 +238,7 @@ def test_second_process_fails_at_once_naming_the_holder(tmp_path):
 
 def test_resume_refuses_changed_settings(finetune, finished_run):
     with pytest.raises(Exception, match=r'train\.lr.*0\.01.*0\.5') as error:
-        finetune.resolve_config(finetune.parse_args(['--resume', str(finished_run), '--set', 'train.lr=0.5']))
+        _resolve(finetune, ['--resume', str(finished_run), '--set', 'train.lr=0.5'])
     assert 'train.max_steps' in str(error.value)  # says what may change
 
 
@@ -232,15 +253,15 @@ def test_resume_takes_a_new_budget_and_logs_when(finetune, finished_run, tmp_pat
 
 
 def test_every_set_counts(finetune):
-    cfg, _ = finetune.resolve_config(finetune.parse_args(['--config', str(CONFIG), '--set', 'train.lr=0.5',
-                                                          '--set', 'attack.steps=3', 'train.seed=7']))
+    cfg, _ = _resolve(finetune, ['--config', str(CONFIG), '--set', 'train.lr=0.5', '--set', 'attack.steps=3',
+                                 'train.seed=7'])
     assert (cfg.train.lr, cfg.attack.steps, cfg.train.seed) == (0.5, 3, 7)
 
 
 @pytest.mark.parametrize('value', [0, -3])
 def test_budget_must_be_at_least_one_step(finetune, value, tmp_path):
     with pytest.raises(Exception, match=r'train\.max_steps.*>= 1'):
-        finetune.resolve_config(finetune.parse_args(['--config', str(CONFIG), '--max-steps', str(value)]))
+        _resolve(finetune, ['--config', str(CONFIG), '--max-steps', str(value)])
     result = _cli(['--config', CONFIG, '--output-dir', tmp_path / 'r', '--max-steps', value])
     assert result.returncode == 2 and '>= 1' in result.stderr and 'Traceback' not in result.stderr
     assert not (tmp_path / 'r' / 'log.jsonl').exists()

@@ -1,6 +1,6 @@
-"""Checkpoint folders that are never unpickled.
+"""Checkpoint folders that are never unpickled, named and rotated as accelerate's ``save_state`` names them.
 
-``<run>/checkpoints/step_<k>/`` holds:
+``<run>/checkpoints/checkpoint_<k>/`` (``k``: the optimizer step it was taken at) holds:
 
 - ``model.safetensors``: the weights and buffers (HPM prototypes, batch-norm statistics), read with safetensors;
 - ``optimizer.pt``: the optimiser's state dict, read with ``torch.load(weights_only=True)``;
@@ -11,11 +11,30 @@
   is skipped.
 
 The learning-rate scheduler is not saved: timm's schedulers compute the rate from the step (``step_update``).
+Folders of earlier versions, ``checkpoints/step_<k>/`` (same files), are still found and rotated.
 
-Written here rather than with ``Accelerator.save_state``/``load_state``: accelerate pickles registered objects
-(``custom_checkpoint_<i>.pkl``, loaded with ``weights_only=False``, so a checkpoint folder from someone else runs
-code on resume) and skips an unreadable RNG file without a word. Here a file that cannot be read safely is an
-error naming it.
+Naming and rotation come from the accelerator's ``ProjectConfiguration`` (``project_dir``,
+``automatic_checkpoint_naming``, ``total_limit``), as in ``Accelerator.save_state``: ``checkpoint_<iteration>`` under
+``<project_dir>/checkpoints``, the newest ``total_limit`` kept. Two differences, both for a resume after a kill: the
+iteration is set to the optimizer step (a resume knows where it is, and a second save at the same step, at an
+epoch end, replaces the first instead of failing), and old folders are deleted after the new one is complete
+(``save_state`` deletes them first, so a kill while saving can leave no checkpoint at all).
+
+Why not ``Accelerator.save_state``/``load_state`` themselves (accelerate 1.15, read for this choice):
+
+- ``load_state`` restores objects given to ``register_for_checkpointing`` with ``checkpointing.load_custom_state``,
+  which calls ``load(..., weights_only=False)``: unpickling, so a checkpoint folder from someone else runs code on
+  resume;
+- ``checkpointing.load_accelerator_state`` reads ``random_states_<rank>.pkl`` inside ``try: ... except Exception:
+  logger.info("Could not load random states")``: an unreadable or refused RNG file is skipped silently and the run
+  goes on, no longer bitwise reproducible;
+- ``save_state`` writes its files in place and runs its only hook (``register_save_state_pre_hook``) before them, so a
+  completion marker cannot be the last file; ``load_state`` takes the highest-numbered folder, complete or not, and
+  does not restore ``ProjectConfiguration.iteration``, so the next ``save_state`` after a resume raises
+  "Checkpoint directory ... already exists".
+
+Here every file is read with safetensors, JSON or ``torch.load(weights_only=True)``, and a file that cannot be read
+that way is an error naming it.
 """
 from __future__ import annotations
 
@@ -24,6 +43,7 @@ import logging
 import pickle
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -33,13 +53,15 @@ from safetensors.torch import load_model, save_model
 
 from ..runfiles import write_atomic, write_text_atomic
 
-__all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'latest_checkpoint', 'write_atomic',
-           'write_text_atomic', 'read_json']
+__all__ = ['CheckpointError', 'save_checkpoint', 'save_run_checkpoint', 'load_checkpoint', 'latest_checkpoint',
+           'checkpoint_folders', 'write_atomic', 'write_text_atomic', 'read_json']
 
 _logger = logging.getLogger(__name__)
 
 MODEL, OPTIMIZER, TRAINER_STATE = 'model.safetensors', 'optimizer.pt', 'trainer_state.json'
 STATE_KEYS = ('global_step', 'epoch', 'batches_done')
+# checkpoint_<k> as accelerate's automatic naming; step_<k> as earlier versions of this package named them
+_FOLDER_NAME = re.compile(r'(checkpoint|step)_(\d+)')
 # What accelerate's save_state writes: its pickles are never read, but their presence explains a missing file.
 _ACCELERATE_FILES = ('custom_checkpoint_0.pkl', 'optimizer.bin', 'random_states_0.pkl')
 
@@ -162,12 +184,40 @@ def load_checkpoint(accelerator, folder: Path, model: torch.nn.Module, optimizer
     return state
 
 
+def save_run_checkpoint(accelerator, model: torch.nn.Module, optimizer, state: Dict[str, int]) -> Path:
+    """:func:`save_checkpoint` into ``<project_dir>/checkpoints/checkpoint_<global_step>``, then delete all but the
+    newest ``total_limit`` checkpoint folders (every process calls this). The accelerator needs a
+    ``ProjectConfiguration(project_dir=<run>, automatic_checkpoint_naming=True, total_limit=N)``."""
+    config = accelerator.project_configuration
+    if not (config.automatic_checkpoint_naming and config.project_dir):
+        raise ValueError('save_run_checkpoint names checkpoints as accelerate does: give the Accelerator '
+                         'project_config=ProjectConfiguration(project_dir=<run folder>, '
+                         'automatic_checkpoint_naming=True, total_limit=<how many to keep>)')
+    config.iteration = state['global_step']  # the step, not a count of saves: see the module's docstring
+    folder = Path(config.project_dir) / 'checkpoints' / f'checkpoint_{accelerator.save_iteration}'
+    save_checkpoint(accelerator, folder, model, optimizer, state)
+    if accelerator.is_main_process and config.total_limit:
+        for old in checkpoint_folders(config.project_dir)[:-config.total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def checkpoint_folders(run_dir: Path) -> List[Path]:
+    """The run's checkpoint folders, complete or not, oldest first (by step; at the same step an earlier
+    version's ``step_<k>`` before ``checkpoint_<k>``)."""
+    found = []
+    for path in (Path(run_dir) / 'checkpoints').glob('*_*'):
+        match = _FOLDER_NAME.fullmatch(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(2)), match.group(1) == 'checkpoint', path))
+    return [path for *_, path in sorted(found)]
+
+
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     """The newest complete checkpoint folder of a run (incomplete ones, killed while saving, are skipped with a
     warning)."""
-    folders: List[Path] = sorted((p for p in (Path(run_dir) / 'checkpoints').glob('step_*')
-                                  if re.fullmatch(r'step_\d+', p.name)), key=lambda p: int(p.name.split('_')[1]))
-    for folder in reversed(folders):
+    for folder in reversed(checkpoint_folders(run_dir)):
         if (folder / TRAINER_STATE).exists():
             return folder
         _logger.warning('%s is incomplete (no %s: the run was stopped while saving it); skipping it', folder,

@@ -23,9 +23,11 @@ from ..models import check_local_dir, is_hpm_variant
 from ..models._hpm import convert_to_hpm, get_hpm_head, is_hpm_model
 from .checkpoint import CheckpointError
 from .config import ConfigError, FinetuneConfig
+from .losses import hpm_loss, trades_loss  # noqa: F401  (re-exported: they lived here before losses.py)
 
 __all__ = ['build_model', 'select_trainable', 'set_frozen_eval', 'init_prototypes', 'adversarial_examples',
-           'hpm_loss', 'trades_loss', 'evaluate_heads', 'step_generator', 'read_jsonl', 'broadcast_buffers', 'input_normalizer']
+           'hpm_loss', 'trades_loss', 'evaluate_heads', 'step_generator', 'read_jsonl', 'broadcast_buffers',
+           'input_normalizer']
 
 _logger = logging.getLogger(__name__)
 
@@ -176,21 +178,6 @@ def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg
             return pgd(attacked, x, y, eps, step_size, a.steps, a.norm, random_start=False, loss_fn=kl, init=start)
     finally:
         model.train(was_training)
-
-
-def trades_loss(adv_logits: torch.Tensor, clean_logits: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
-    """TRADES: CE(clean) + beta KL(p(adv) || p(clean))."""
-    return F.cross_entropy(clean_logits, y) + beta * F.kl_div(F.log_softmax(adv_logits, 1),
-                                                              F.softmax(clean_logits, 1), reduction='batchmean')
-
-
-def hpm_loss(logits: torch.Tensor, fc_logits: torch.Tensor, y: torch.Tensor, lambda_fc: float,
-             clean: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, beta: Optional[float] = None) -> torch.Tensor:
-    """PGD-AT: CE(s(x_adv)) + lambda_fc CE(z(x_adv)). TRADES (``clean`` logits and ``beta`` given): the TRADES
-    loss of each head, FC weighted by lambda_fc."""
-    if clean is None:
-        return F.cross_entropy(logits, y) + lambda_fc * F.cross_entropy(fc_logits, y)
-    return trades_loss(logits, clean[0], y, beta) + lambda_fc * trades_loss(fc_logits, clean[1], y, beta)
 
 
 def evaluate_heads(model: nn.Module, dataset: Dataset, cfg: FinetuneConfig, batch_size: int) -> Dict[str, float]:
