@@ -38,7 +38,8 @@ def test_registry_lists_every_family_with_pretrained_tags():
     # Listed as pretrained only where the weights can be had: those shipped in the package. The planned tags
     # (RobustBench bases, not published yet) are registered without a location.
     tagged = timm_hpm.list_models(pretrained=True)
-    assert tagged == ['hpm_small_cnn.fmnist_hpm', 'hpm_small_cnn.fmnist_pgdat', 'small_cnn.fmnist_pgdat']
+    assert tagged == ['hpm_small_cnn.fmnist_hpm', 'hpm_small_cnn.fmnist_pgdat', 'small_cnn.fmnist_control',
+                      'small_cnn.fmnist_pgdat']
     for name in tagged:
         cfg = timm.models.get_pretrained_cfg(name)
         assert cfg.hf_hub_id == f'{timm_hpm.HF_HUB_ORG}/{name}' and Path(cfg.file).is_file()

@@ -33,6 +33,22 @@ def test_table_entries_name_registered_architectures_and_tags():
         rb.get_entry('Nobody2099')
 
 
+def test_entries_refer_to_registered_tags_whose_family_holds_the_facts():
+    """The table names a tag; the number of classes, the normalisation and the paper come from the tag's cfg and its
+    family file, so a model loaded through the table is the tagged model."""
+    from timm_hpm.models._common import CIFAR100_MEAN
+    for entry in rb.ROBUSTBENCH_MODELS:
+        hpm_tag = f'{timm_hpm.hpm_variant(entry.architecture)}.{entry.tag}'
+        assert hpm_tag in timm.list_models(include_tags=True), hpm_tag
+        assert entry.model_args['num_classes'] == (1000 if entry.dataset == 'imagenet' else
+                                                   100 if entry.dataset == 'cifar100' else 10), entry
+        assert entry.paper.startswith('arXiv:')
+    entry = rb.get_entry('Wang2023Better_WRN-28-10', 'cifar100', 'Linf')
+    assert entry.model_args['mean'] == CIFAR100_MEAN and entry.name_tag() == 'wrn28_10.rb_wang2023better_cifar100'
+    assert rb.get_entry('Salman2020Do_R50').name_tag() == 'resnet50'  # timm's own architecture, timm's own tags
+    assert rb.get_entry('Salman2020Do_R50').name_tag(hpm=True) == 'hpm_resnet50.rb_salman2020do_imagenet'
+
+
 @pytest.mark.parametrize('wrap', [None, 'state_dict', 'last'])
 def test_robustbench_layout_loads_strictly(tmp_path, wrap):
     entry = rb.get_entry('Andriushchenko2020Understanding')

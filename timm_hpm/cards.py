@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
-__all__ = ['render_card', 'TEMPLATE', 'HUB_DATASETS']
+__all__ = ['render_card', 'card_metadata', 'TEMPLATE', 'HUB_DATASETS', 'CARD_TAGS']
 
 #: The card template ships inside the package (package data), so cards render from a regular install too.
 TEMPLATE = files('timm_hpm') / 'templates' / 'model_card.md.j2'
@@ -29,6 +29,62 @@ def _eps_text(eps: float, norm: str) -> str:
     return f'{eps:g}'
 
 
+#: The card's tags (with ``library_name: timm``, the Hub lists the model among timm's).
+CARD_TAGS = ('image-classification', 'timm', 'timm-hpm', 'adversarial-robustness', 'hybrid-prototype-mixing')
+
+
+def card_metadata(name: str, metrics, dataset_id: str, dataset_name: str, license: str = 'other',
+                  license_name: str = 'unknown', base_model: Optional[str] = None) -> str:
+    """The card's YAML metadata, by huggingface_hub's ``ModelCardData``: library, license, tags, dataset, base model,
+    and the model-index of ``metrics`` (``name``/``value`` dicts: accuracies in %, on the dataset's test split)."""
+    from huggingface_hub import EvalResult, ModelCardData
+    results = [EvalResult(task_type='image-classification', task_name='Image Classification', dataset_type=dataset_id,
+                          dataset_name=dataset_name, dataset_split='test', metric_type='accuracy',
+                          metric_name=m['name'], metric_value=m['value'], verified=False) for m in metrics]
+    return ModelCardData(
+        library_name='timm', license=license, license_name=license_name if license == 'other' else None,
+        pipeline_tag='image-classification', tags=list(CARD_TAGS), datasets=[dataset_id], base_model=base_model,
+        model_name=name, eval_results=results).to_yaml()
+
+
+def _check_results(result: Dict[str, Any], base_result: Optional[Dict[str, Any]]) -> None:
+    if result.get('protocol') != 'msa' or result.get('msa_acc') is None:
+        raise ValueError('the card needs the HPM model\'s MSA result (recipes/evaluate.py --protocol msa).')
+    if base_result is not None and (base_result.get('eps') != result.get('eps')
+                                    or base_result.get('threat_model') != result.get('threat_model')):
+        raise ValueError('the base and HPM results were measured under different threat models.')
+
+
+def _metrics(result: Dict[str, Any], base_result: Optional[Dict[str, Any]], eps_text: str) -> List[Dict[str, Any]]:
+    """The model-index metrics (accuracies in %): the HPM model's clean and MSA, the base's clean and AutoAttack."""
+    threat = f"({result['threat_model']}, eps={eps_text})"
+    metrics = [dict(name='Clean accuracy (HPM)', value=round(100 * result['clean_acc'], 2)),
+               dict(name=f'MSA robust accuracy {threat}', value=round(100 * result['msa_acc'], 2))]
+    if base_result is not None:
+        metrics.append(dict(name='Clean accuracy (base model)', value=round(100 * base_result['clean_acc'], 2)))
+        if base_result.get('autoattack_acc') is not None:
+            metrics.append(dict(name=f'AutoAttack robust accuracy of the base {threat}',
+                                value=round(100 * base_result['autoattack_acc'], 2)))
+    return metrics
+
+
+def _input_size(model_config: Dict[str, Any]) -> str:
+    """``(B, C, H, W)`` of the exported model (its config's ``in_chans`` overrides the cfg's channels)."""
+    input_size = tuple(model_config.get('pretrained_cfg', {}).get('input_size', ()))
+    in_chans = model_config.get('model_args', {}).get('in_chans')
+    if in_chans is not None and input_size:
+        input_size = (in_chans, *input_size[1:])
+    return f"(B, {', '.join(map(str, input_size))})"
+
+
+def _training_text(hpm_cfg: Dict[str, Any], base_model: Optional[str], training_config: Optional[str]) -> str:
+    if not training_config:
+        return 'Training configuration: unknown.'
+    options = ', '.join(f'{k}={v}' for k, v in hpm_cfg.items()) or 'defaults'
+    return (f"Fine-tuned from {base_model or 'its base model'} with `recipes/finetune.py` (HPM options: {options}); "
+            'the resolved config follows.')
+
+
 def render_card(result: Dict[str, Any], repo_id: str, model_config: Dict[str, Any],
                 base_result: Optional[Dict[str, Any]] = None, training_config: Optional[str] = None,
                 base_model: Optional[str] = None, license: str = 'other', license_name: str = 'unknown',
@@ -42,24 +98,13 @@ def render_card(result: Dict[str, Any], repo_id: str, model_config: Dict[str, An
     ``accuracy`` by order and batch size, plus the table's ``n_test``, ``batch_sizes`` and ``command``);
     ``natural_result``: the eval.json of MSA on the worst natural batching (``--batchings class_sorted``)."""
     import jinja2
-    if result.get('protocol') != 'msa' or result.get('msa_acc') is None:
-        raise ValueError('the card needs the HPM model\'s MSA result (recipes/evaluate.py --protocol msa).')
-    if base_result is not None and (base_result.get('eps') != result.get('eps')
-                                    or base_result.get('threat_model') != result.get('threat_model')):
-        raise ValueError('the base and HPM results were measured under different threat models.')
+    _check_results(result, base_result)
     dataset = result.get('dataset') or 'unknown'
     hub_id, dataset_name = HUB_DATASETS.get(dataset, (dataset, dataset))
     eps_text = _eps_text(result['eps'], result['threat_model'])
     name = repo_id.split('/')[-1]
-    metrics = [dict(name='Clean accuracy (HPM)', value=round(100 * result['clean_acc'], 2)),
-               dict(name=f"MSA robust accuracy ({result['threat_model']}, eps={eps_text})",
-                    value=round(100 * result['msa_acc'], 2))]
     table = []
     if base_result is not None:
-        metrics.append(dict(name='Clean accuracy (base model)', value=round(100 * base_result['clean_acc'], 2)))
-        if base_result.get('autoattack_acc') is not None:
-            metrics.append(dict(name=f"AutoAttack robust accuracy of the base ({result['threat_model']}, "
-                                     f"eps={eps_text})", value=round(100 * base_result['autoattack_acc'], 2)))
         table.append(dict(model=f"base ({base_result.get('name')})", clean=_pct(base_result['clean_acc']),
                           autoattack=_pct(base_result.get('autoattack_acc')), msa='-'))
     table.append(dict(model=f'HPM ({name})', clean=_pct(result['clean_acc']), autoattack=_pct(result.get('autoattack_acc')),
@@ -68,13 +113,6 @@ def render_card(result: Dict[str, Any], repo_id: str, model_config: Dict[str, An
                          realised=_pct(v['realised_acc']), union=_pct(v['union_acc']))
                     for k, v in result.get('batchings', {}).items()]
     args = model_config.get('model_args', {})
-    input_size = tuple(model_config.get('pretrained_cfg', {}).get('input_size', ()))
-    if args.get('in_chans') is not None and input_size:
-        input_size = (args['in_chans'], *input_size[1:])
-    hpm_cfg = args.get('hpm_cfg', {})
-    training = (f"Fine-tuned from {base_model or 'its base model'} with `recipes/finetune.py` (HPM options: "
-                f"{', '.join(f'{k}={v}' for k, v in hpm_cfg.items()) or 'defaults'}); the resolved config follows."
-                if training_config else 'Training configuration: unknown.')
     order = None
     if batch_order is not None:
         order = dict(n_test=batch_order['n_test'], command=batch_order['command'],
@@ -89,16 +127,18 @@ def render_card(result: Dict[str, Any], repo_id: str, model_config: Dict[str, An
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     source = Path(template).read_text() if template is not None else TEMPLATE.read_text()
     text = env.from_string(source).render(
-        license=license, license_name=license_name, dataset=dict(hub_id=hub_id, name=dataset_name),
-        base_model=base_model, name=name, metrics=metrics, repo_id=repo_id,
+        card_data=card_metadata(name, _metrics(result, base_result, eps_text), hub_id, dataset_name, license,
+                                license_name, base_model),
+        dataset=dict(hub_id=hub_id, name=dataset_name), name=name, repo_id=repo_id,
         base_description=f'`{base_model}`' if base_model else f"a `{model_config.get('architecture')}` model",
         threat_model=result['threat_model'], eps_text=eps_text, n_examples=result['n_examples'], table=table,
         eval_command=result.get('command', 'unknown'),
         base_eval_command=(base_result or {}).get('command'),
         surrogates=', '.join(result['settings']['msa']['surrogates']),
         batchings=', '.join(result.get('batchings', {})), batch_size=result.get('batch_size'),
-        per_batching=per_batching, warnings=result.get('warnings', []), input_size=f"(B, {', '.join(map(str, input_size))})",
-        training_description=training, training_config=(training_config or '').strip(),
+        per_batching=per_batching, warnings=result.get('warnings', []), input_size=_input_size(model_config),
+        training_description=_training_text(args.get('hpm_cfg', {}), base_model, training_config),
+        training_config=(training_config or '').strip(),
         unverified_results=unverified_results, batch_order=order, natural=natural)
     return text
 

@@ -13,7 +13,7 @@ from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 __all__ = ['FASHION_MNIST_DIRS', 'FASHION_MNIST_CLASSES', 'DATASETS', 'DatasetUnavailable', 'read_idx',
            'load_fashion_mnist', 'load_cifar', 'synthetic_dataset', 'load_eval_tensors', 'build_train_val',
@@ -38,7 +38,11 @@ class DatasetUnavailable(FileNotFoundError):
 
 
 def read_idx(path: Union[str, Path]) -> np.ndarray:
-    """Read an IDX file (optionally gzipped), checking its header against its size."""
+    """Read an IDX file (optionally gzipped), checking its header against its size.
+
+    Kept on purpose instead of torchvision's ``read_sn3_pascalvincent_tensor``: that one opens the file as is (Debian
+    ships the files gzipped), checks the header with ``assert`` (gone under ``python -O``) and does not say that a
+    file is truncated."""
     path = Path(path)
     opener = gzip.open if path.suffix == '.gz' else open
     with opener(path, 'rb') as f:
@@ -144,16 +148,17 @@ def load_cifar(name: str, split: str = 'test', root: Optional[Union[str, Path]] 
 def load_imagenet(split: str, root: Union[str, Path], input_size=(3, 224, 224), crop_pct: float = 0.875,
                   interpolation: str = 'bilinear') -> Dataset:
     """An ImageNet split from an ImageFolder layout (``root/<split>/<wnid>/*.JPEG``), resized and centre-cropped
-    as the model's pretrained cfg says, as [0, 1] tensors (normalisation belongs to the model)."""
-    from torchvision import datasets, transforms
+    as the model's pretrained cfg says (timm's evaluation transform), as [0, 1] tensors (normalisation belongs to
+    the model)."""
+    from timm.data import create_transform
+    from torchvision import datasets
     folder = Path(root) / split
     if not folder.is_dir():
         raise DatasetUnavailable(f'ImageNet {split} folder not found: {folder} (expected an ImageFolder layout, '
                                  f'root/{split}/<class>/<image>); pass --data-dir.')
-    size = input_size[-1]
-    mode = transforms.InterpolationMode.BICUBIC if interpolation == 'bicubic' else transforms.InterpolationMode.BILINEAR
-    transform = transforms.Compose([transforms.Resize(int(round(size / crop_pct)), interpolation=mode),
-                                    transforms.CenterCrop(size), transforms.ToTensor()])
+    # mean 0, std 1: [0, 1] tensors (timm's normalize=False would leave them uint8)
+    transform = create_transform(tuple(input_size), is_training=False, interpolation=interpolation,
+                                 crop_pct=crop_pct, mean=(0.0,) * input_size[0], std=(1.0,) * input_size[0])
     return datasets.ImageFolder(str(folder), transform=transform)
 
 
@@ -223,19 +228,6 @@ def unaugmented(train_set: Dataset) -> Dataset:
     return train_set.dataset if isinstance(train_set, Augment) else train_set
 
 
-class _Range(Dataset):
-    def __init__(self, dataset: Dataset, start: int, stop: int):
-        self.dataset, self.start, self.stop = dataset, start, stop
-
-    def __len__(self):
-        return self.stop - self.start
-
-    def __getitem__(self, i):
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        return self.dataset[self.start + i]
-
-
 _AUGMENT = {'fashion_mnist': dict(padding=2, flip=False), 'cifar10': dict(padding=4, flip=True),
             'cifar100': dict(padding=4, flip=True), 'synthetic': dict(padding=0, flip=False)}
 
@@ -256,7 +248,7 @@ def build_train_val(dataset: str, root=None, val_examples: int = 512, train_exam
         if train_examples > stop:
             raise ValueError(f'train_examples={train_examples} is more than the {stop} training images available.')
         stop = train_examples
-    train = _Range(full, 0, stop)
+    train = Subset(full, range(stop))
     if augment and dataset in _AUGMENT:
         train = Augment(train, **_AUGMENT[dataset], seed=seed)
-    return train, _Range(full, n - val_examples, n)
+    return train, Subset(full, range(n - val_examples, n))

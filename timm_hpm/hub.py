@@ -68,7 +68,7 @@ def unverified_results(results: Union[str, Path], model: nn.Module) -> Optional[
     ``model``, taken as evaluate.py takes it (on its [0, 1]-input view).
     """
     from .attacks import normalized_view
-    from .eval.runner import model_fingerprint
+    from .eval import model_fingerprint
     results = Path(results)
     path = results.parent / 'attack' / 'fingerprint.json'
     if not path.is_file():
@@ -91,7 +91,11 @@ class CardExistsError(RuntimeError):
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face Hub endpoint answers a TCP connection within ``timeout`` seconds (False at once
-    under HF_HUB_OFFLINE=1)."""
+    under HF_HUB_OFFLINE=1).
+
+    For uploads only (:func:`push_folder`): downloads rely on huggingface_hub's own offline handling (the local
+    cache when the endpoint does not answer), but an upload has no such fallback and would fail only after the
+    client's connection timeouts, with a less helpful message."""
     import socket
     from urllib.parse import urlparse
     from huggingface_hub import constants

@@ -1,7 +1,7 @@
 """RobustBench base checkpoints, read safely into this package's key-compatible architectures.
 
 A declarative table of the supported RobustBench entries (facts recorded from the robustbench 1.1.1 model
-zoo: names, datasets, threat models, architectures, preprocessing, where RobustBench hosts the files), and a
+zoo: names, datasets, threat models, our architectures and tags, where RobustBench hosts the files), and a
 loader that reads RobustBench's own folder layout ``<model_dir>/<dataset>/<threat>/<Name>.pt`` with
 ``torch.load(weights_only=True)`` (a pickle that would run code is refused), strips the ``module.``/``model.``
 prefixes and loads strictly. When online, a missing file is downloaded from where RobustBench hosts it.
@@ -11,23 +11,22 @@ from __future__ import annotations
 
 import os
 import socket
-import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
+import timm
 import torch
 import torch.nn as nn
+from timm.models import get_pretrained_cfg
 
-from .models import hpm_variant
-from .models._builder import clean_checkpoint
+from .models import clean_checkpoint, hpm_variant, pretrained_model_args
 
 __all__ = ['RobustBenchEntry', 'ROBUSTBENCH_MODELS', 'get_entry', 'checkpoint_path', 'read_checkpoint',
            'load_robustbench_model', 'download_checkpoint', 'robustbench_available', 'load_with_robustbench',
            'model_info', 'CheckpointError']
 
 DEFAULT_MODEL_DIR = os.environ.get('ROBUSTBENCH_MODEL_DIR', './models')
-_CIFAR100_NORM = dict(mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762))
 
 
 class CheckpointError(RuntimeError):
@@ -36,55 +35,67 @@ class CheckpointError(RuntimeError):
 
 @dataclass(frozen=True)
 class RobustBenchEntry:
+    """Where RobustBench keeps one base and which registered ``model.tag`` its weights are. The weights' own facts
+    (number of classes, input normalisation, preprocessing, paper, a dropped checkpoint module) live with the tag
+    in its family file (timm_hpm/models/), never here: adding a base is one entry plus its tag there."""
     name: str  # RobustBench's model name
     dataset: str  # cifar10 | cifar100 | imagenet
     threat_model: str  # Linf | L2
     architecture: str  # our registered timm architecture with the same state-dict keys
-    tag: str  # our pretrained tag for the weights
+    tag: str  # our pretrained tag for the weights (registered for the architecture's hpm_ variant at least)
     gdrive_id: str  # where RobustBench hosts the file (Google Drive)
-    eps: str
-    paper: str
-    preprocessing: str = ''  # RobustBench's preprocessing name for ImageNet
-    model_args: Dict[str, Any] = field(default_factory=dict)  # arguments the checkpoint cannot carry
-    checkpoint_key: Optional[str] = None  # nesting inside the checkpoint file
+    eps: str  # RobustBench's leaderboard eps for the threat model
+    checkpoint_key: Optional[str] = None  # nesting inside RobustBench's file
+
+    def name_tag(self, hpm: bool = False) -> str:
+        """The registered model to create: ``<arch>.<tag>``, or the bare architecture where the tag is not
+        registered for it (the plain ImageNet architectures are timm's own; their tag is their hpm_ variant's)."""
+        arch = hpm_variant(self.architecture) if hpm else self.architecture
+        return f'{arch}.{self.tag}' if f'{arch}.{self.tag}' in timm.list_models(arch, include_tags=True) else arch
+
+    @property
+    def model_args(self) -> Dict[str, Any]:
+        """The model arguments of the tag (its ``num_classes`` and its family's per-tag arguments, the HPM
+        options aside), for code that creates the bare architecture."""
+        args = pretrained_model_args(f'{hpm_variant(self.architecture)}.{self.tag}')
+        args.pop('hpm_cfg', None)
+        return args
+
+    @property
+    def paper(self) -> str:
+        return get_pretrained_cfg(f'{hpm_variant(self.architecture)}.{self.tag}').paper_ids
 
 
 ROBUSTBENCH_MODELS = (
     RobustBenchEntry('Wang2023Better_WRN-28-10', 'cifar10', 'Linf', 'wrn28_10', 'rb_wang2023better_cifar10',
-                     '1-6MYKJdECDVGaWjj6GgqvaT95BGKhUvI', '8/255', 'arXiv:2302.04638'),
+                     '1-6MYKJdECDVGaWjj6GgqvaT95BGKhUvI', '8/255'),
     RobustBenchEntry('Wang2023Better_WRN-70-16', 'cifar10', 'Linf', 'wrn70_16', 'rb_wang2023better_cifar10',
-                     '1-RF7ZSS-PAh6bfQcuqx4lh9bc9BUGnap', '8/255', 'arXiv:2302.04638'),
+                     '1-RF7ZSS-PAh6bfQcuqx4lh9bc9BUGnap', '8/255'),
     RobustBenchEntry('Wang2023Better_WRN-28-10', 'cifar10', 'L2', 'wrn28_10', 'rb_wang2023better_cifar10_l2',
-                     '1-fwKiJXEqHHUngt8wKsNnHuD4vAPvPXC', '0.5', 'arXiv:2302.04638'),
+                     '1-fwKiJXEqHHUngt8wKsNnHuD4vAPvPXC', '0.5'),
     RobustBenchEntry('Wang2023Better_WRN-70-16', 'cifar10', 'L2', 'wrn70_16', 'rb_wang2023better_cifar10_l2',
-                     '101UyURyte05tJLA9VFRBN6UDLyn-0sJw', '0.5', 'arXiv:2302.04638'),
+                     '101UyURyte05tJLA9VFRBN6UDLyn-0sJw', '0.5'),
     RobustBenchEntry('Wang2023Better_WRN-28-10', 'cifar100', 'Linf', 'wrn28_10', 'rb_wang2023better_cifar100',
-                     '1-jOu3wKWyw0XnBCXDGR32xn8Bw9GTJgh', '8/255', 'arXiv:2302.04638',
-                     model_args=dict(num_classes=100, **_CIFAR100_NORM)),
+                     '1-jOu3wKWyw0XnBCXDGR32xn8Bw9GTJgh', '8/255'),
     RobustBenchEntry('Wang2023Better_WRN-70-16', 'cifar100', 'Linf', 'wrn70_16', 'rb_wang2023better_cifar100',
-                     '1-yYcT73GP13c0y9HrgtpyB3NAfkGKgjY', '8/255', 'arXiv:2302.04638',
-                     model_args=dict(num_classes=100, **_CIFAR100_NORM)),
+                     '1-yYcT73GP13c0y9HrgtpyB3NAfkGKgjY', '8/255'),
     RobustBenchEntry('Zhang2019Theoretically', 'cifar10', 'Linf', 'trades_wrn34_10',
-                     'rb_zhang2019theoretically_cifar10', '1hPz9QQwyM7QSuWu-ANG_uXR-29xtL8t_', '8/255',
-                     'arXiv:1901.08573'),
+                     'rb_zhang2019theoretically_cifar10', '1hPz9QQwyM7QSuWu-ANG_uXR-29xtL8t_', '8/255'),
     RobustBenchEntry('Andriushchenko2020Understanding', 'cifar10', 'Linf', 'preact_resnet18',
                      'rb_andriushchenko2020understanding_cifar10', '1Uyvprd98bIyxfMjLdCZwm-NEJ-6GMVis', '8/255',
-                     'arXiv:2007.02617', checkpoint_key='last'),
+                     checkpoint_key='last'),
     RobustBenchEntry('Salman2020Do_R50', 'imagenet', 'Linf', 'resnet50', 'rb_salman2020do_imagenet',
-                     '1TmT5oGa1UvVjM3d-XeSj_XmKqBNRUg8r', '4/255', 'arXiv:2007.08489', 'Res256Crop224'),
+                     '1TmT5oGa1UvVjM3d-XeSj_XmKqBNRUg8r', '4/255'),
     RobustBenchEntry('Salman2020Do_50_2', 'imagenet', 'Linf', 'wide_resnet50_2', 'rb_salman2020do_imagenet',
-                     '1OT7xaQYljrTr3vGbM37xK9SPoPJvbSKB', '4/255', 'arXiv:2007.08489', 'Res256Crop224'),
+                     '1OT7xaQYljrTr3vGbM37xK9SPoPJvbSKB', '4/255'),
     RobustBenchEntry('Liu2023Comprehensive_ConvNeXt-B', 'imagenet', 'Linf', 'convnext_base',
-                     'rb_liu2023comprehensive_imagenet', '10-nSm-qUftvfKXHeOAakBQl8rxm-jCbk', '4/255',
-                     'arXiv:2302.14301', 'BicubicRes256Crop224'),
+                     'rb_liu2023comprehensive_imagenet', '10-nSm-qUftvfKXHeOAakBQl8rxm-jCbk', '4/255'),
     RobustBenchEntry('Liu2023Comprehensive_ConvNeXt-L', 'imagenet', 'Linf', 'convnext_large',
-                     'rb_liu2023comprehensive_imagenet', '1dIPLNfdQtAnqZrKPyuy3_zDI-FVgJ2FH', '4/255',
-                     'arXiv:2302.14301', 'BicubicRes256Crop224'),
+                     'rb_liu2023comprehensive_imagenet', '1dIPLNfdQtAnqZrKPyuy3_zDI-FVgJ2FH', '4/255'),
     RobustBenchEntry('Liu2023Comprehensive_Swin-B', 'imagenet', 'Linf', 'swin_base_patch4_window7_224',
-                     'rb_liu2023comprehensive_imagenet', '1-4mtxQCkThJUVdS3wvQ6NnmMZuySqR3c', '4/255',
-                     'arXiv:2302.14301', 'BicubicRes256Crop224'),
+                     'rb_liu2023comprehensive_imagenet', '1-4mtxQCkThJUVdS3wvQ6NnmMZuySqR3c', '4/255'),
     RobustBenchEntry('Mo2022When_ViT-B', 'imagenet', 'Linf', 'vit_base_patch16_224', 'rb_mo2022when_imagenet',
-                     '1-dUFdvDBflqMsMLjZv3wlPJTm-Jm7net', '4/255', 'arXiv:2210.07540', 'Res224'),
+                     '1-dUFdvDBflqMsMLjZv3wlPJTm-Jm7net', '4/255'),
 )
 
 
@@ -108,7 +119,12 @@ def checkpoint_path(entry: RobustBenchEntry, model_dir: Union[str, Path] = DEFAU
 
 def read_checkpoint(path: Union[str, Path], checkpoint_key: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """A flat state dict from a checkpoint file: safetensors, or ``torch.load(weights_only=True)`` (plain
-    containers of tensors only: a pickle that would construct other objects or run code is refused)."""
+    containers of tensors only: a pickle that would construct other objects or run code is refused).
+
+    Kept on purpose instead of timm's ``load_state_dict``: the timm releases this package allows (>= 1.0.16)
+    default to ``weights_only=False`` and, on a TypeError raised while loading, retry with a plain ``torch.load``,
+    which a crafted file could use to get unpickled; and timm's prefix cleaning differs (see ``clean_checkpoint``).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'checkpoint not found: {path}')
@@ -135,8 +151,8 @@ def read_checkpoint(path: Union[str, Path], checkpoint_key: Optional[str] = None
 
 
 def download_checkpoint(entry: RobustBenchEntry, destination: Path, timeout: float = 10.0) -> Path:
-    """Download from Google Drive, where RobustBench hosts the file (a clear error within ``timeout`` seconds
-    when offline)."""
+    """Download from Google Drive, where RobustBench hosts the file, with ``torch.hub.download_url_to_file`` (a
+    clear error within ``timeout`` seconds when the host is unreachable; torch's download has no read timeout)."""
     host = 'drive.google.com'
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
@@ -146,14 +162,15 @@ def download_checkpoint(entry: RobustBenchEntry, destination: Path, timeout: flo
             f'(RobustBench gdrive id {entry.gdrive_id}) and put it at {destination}.') from error
     destination.parent.mkdir(parents=True, exist_ok=True)
     url = f'https://drive.google.com/uc?export=download&confirm=t&id={entry.gdrive_id}'
-    tmp = destination.with_suffix('.part')
-    with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, 'wb') as f:
-        if 'text/html' in response.headers.get('Content-Type', ''):
-            raise CheckpointError(f'{entry.name}: Google Drive answered with a web page instead of the file '
-                                  f'(quota or consent page); download id {entry.gdrive_id} by hand to {destination}.')
-        while chunk := response.read(1 << 20):
-            f.write(chunk)
-    os.replace(tmp, destination)
+    part = destination.with_suffix('.part')
+    torch.hub.download_url_to_file(url, str(part), progress=True)
+    with open(part, 'rb') as f:
+        is_page = f.read(512).lstrip()[:1] == b'<'  # a checkpoint starts with a zip or pickle header, never '<'
+    if is_page:
+        part.unlink()
+        raise CheckpointError(f'{entry.name}: Google Drive answered with a web page instead of the file '
+                              f'(quota or consent page); download id {entry.gdrive_id} by hand to {destination}.')
+    os.replace(part, destination)
     return destination
 
 
@@ -162,8 +179,6 @@ def load_robustbench_model(name: str, dataset: Optional[str] = None, threat_mode
                            **kwargs) -> nn.Module:
     """A RobustBench checkpoint in our architecture (``hpm=True``: in its ``hpm_`` variant, prototypes
     uninitialised). Strict: a wrong architecture fails with the missing and unexpected keys."""
-    import timm
-    import timm_hpm  # noqa: F401  (registers the models)
     entry = get_entry(name, dataset, threat_model)
     path = checkpoint_path(entry, model_dir)
     if not path.is_file():
@@ -172,15 +187,16 @@ def load_robustbench_model(name: str, dataset: Optional[str] = None, threat_mode
         download_checkpoint(entry, path)
     state_dict = read_checkpoint(path, entry.checkpoint_key)
     arch = hpm_variant(entry.architecture) if hpm else entry.architecture
+    model_name = entry.name_tag(hpm)
     model_args = {**entry.model_args, **kwargs}
     try:
-        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state_dict),
+        return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state_dict),
                                  **model_args)
     except RuntimeError as error:
         if 'Error(s) in loading state_dict' not in str(error):
             raise
         with torch.device('meta'):
-            expected = timm.create_model(arch, **model_args).state_dict()
+            expected = timm.create_model(model_name, **model_args).state_dict()
         matched = sum(1 for k, v in state_dict.items() if k in expected and expected[k].shape == v.shape)
         raise CheckpointError(
             f'{path} does not fit {arch} (RobustBench entry {entry.name}, {entry.dataset}/{entry.threat_model}): '

@@ -15,6 +15,7 @@ the l2 head on the dataset prototypes):
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -22,13 +23,14 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ..attacks import check_images, normalized_view
-from ..eval.apgd import apgd
-from ..eval.msa import ModelView
+from ..attacks import apgd
+from ..eval.views import ModelView
 from ..models._hpm import get_hpm_head
+from ..report import markdown_table
 
 __all__ = ['ANALYSIS_HEADS', 'logit_margin', 'margin_gradient', 'flip_distance', 'head_logit_fn',
            'pre_logit_features', 'feature_sensitivity', 'apgd_accuracy', 'robust_accuracy_curve', 'summarize',
-           'format_summary', 'plot_sensitivity']
+           'format_summary', 'finite_median']
 
 #: The heads compared: both are batch-independent views of one HPM model's weights.
 ANALYSIS_HEADS = ('fc', 'static')
@@ -202,12 +204,10 @@ def robust_accuracy_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ep
     return curves
 
 
-def _median(values) -> Optional[float]:
-    finite = sorted(v for v in values if math.isfinite(v))
-    if not finite:
-        return None
-    mid = len(finite) // 2
-    return finite[mid] if len(finite) % 2 else 0.5 * (finite[mid - 1] + finite[mid])
+def finite_median(values) -> Optional[float]:
+    """The median of the finite values (an unflipped sample's distance is inf), None when there are none."""
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.median(finite) if finite else None
 
 
 def summarize(per_sample: Dict[str, Dict[str, list]]) -> Dict[str, Dict[str, Optional[float]]]:
@@ -217,60 +217,20 @@ def summarize(per_sample: Dict[str, Dict[str, list]]) -> Dict[str, Dict[str, Opt
         keep = [i for i, ok in enumerate(rec['correct']) if ok]
         summary[h] = {'clean_acc': len(keep) / max(len(rec['correct']), 1), 'n_correct': len(keep)}
         for key in ('margin', 'feature_grad_norm', 'flip_distance', 'input_grad_l1', 'linf_flip_estimate'):
-            summary[h][f'median_{key}'] = _median([rec[key][i] for i in keep])
+            summary[h][f'median_{key}'] = finite_median([rec[key][i] for i in keep])
     return summary
 
 
 def format_summary(result: dict) -> str:
     """A Markdown table of a sensitivity result: the accuracy curve and the medians per head."""
+    def fmt(v):
+        return '-' if v is None else f'{v:.3g}'
     eps = result['robust_accuracy']['eps']
-    lines = ['| head | ' + ' | '.join(f'eps {e:g}' for e in eps) + ' | median flip distance (features) | '
-             'median margin-gradient norm (features) | median first-order Linf flip estimate (input) |',
-             '|---|' + '---:|' * (len(eps) + 3)]
+    rows = []
     for head, accs in result['robust_accuracy']['accuracy'].items():
         s = result['summary'][head]
-
-        def fmt(v):
-            return '-' if v is None else f'{v:.3g}'
-        lines.append(f'| {head} | ' + ' | '.join(f'{100 * a:.1f}%' for a in accs) +
-                     f" | {fmt(s['median_flip_distance'])} | {fmt(s['median_feature_grad_norm'])} | "
-                     f"{fmt(s['median_linf_flip_estimate'])} |")
-    return '\n'.join(lines)
-
-
-
-_LABELS = {'fc': 'FC head (linear)', 'static': 'l2 head (static prototypes)'}
-
-
-def plot_sensitivity(result: dict, path, title: str = '') -> None:
-    """Three panels: accuracy vs eps; feature-space flip distances; margin-gradient norms (PNG)."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    curve = result['robust_accuracy']
-    for h, accs in curve['accuracy'].items():
-        axes[0].plot(curve['eps'], [100 * a for a in accs], marker='o', label=_LABELS.get(h, h))
-    axes[0].set_xlabel(f"eps ({curve['norm']})")
-    axes[0].set_ylabel('accuracy under APGD-CE + APGD-DLR (%)')
-    axes[0].set_title('(a) robust accuracy vs eps')
-    for i, (key, xlabel, panel) in enumerate((
-            ('flip_distance', 'feature-space l2 distance to flip the decision', '(b) flip distance'),
-            ('feature_grad_norm', '||d margin / d features||_2', '(c) margin-gradient norm')), start=1):
-        for h, rec in result['per_sample'].items():
-            values = [v for v, ok in zip(rec[key], rec['correct']) if ok and math.isfinite(v)]
-            if values:
-                axes[i].hist(values, bins=40, alpha=0.55, label=f"{_LABELS.get(h, h)} "
-                             f"(median {_median(values):.3g})")
-        axes[i].set_xlabel(xlabel)
-        axes[i].set_ylabel('clean-correct test images')
-        axes[i].set_title(panel)
-    for ax in axes:
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        rows.append([head, *(f'{100 * a:.1f}%' for a in accs), fmt(s['median_flip_distance']),
+                     fmt(s['median_feature_grad_norm']), fmt(s['median_linf_flip_estimate'])])
+    return markdown_table(['head', *(f'eps {e:g}' for e in eps), 'median flip distance (features)',
+                           'median margin-gradient norm (features)', 'median first-order Linf flip estimate (input)'],
+                          rows, 'l' + 'r' * (len(eps) + 3))

@@ -1,7 +1,7 @@
 """Pieces shared by the CIFAR-style families: dataset constants, pretrained cfg, input checks, and timm's
 head and feature-extraction API (``forward_head``, ``reset_classifier``, ``forward_intermediates``,
 ``prune_intermediate_layers``)."""
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -23,6 +23,21 @@ def cifar_cfg(**kwargs):
         'num_classes': 10, 'input_size': (3, 32, 32), 'fixed_input_size': True, 'crop_pct': 1.0,
         'interpolation': 'bilinear', 'mean': (0.0, 0.0, 0.0), 'std': (1.0, 1.0, 1.0), **kwargs,
     }
+
+
+def wrn_stages(depth: int, width: int) -> Tuple[int, List[int]]:
+    """Blocks per stage and channels (stem, then the three stages) of a WideResNet-depth-width (depth = 6n + 4)."""
+    if (depth - 4) % 6 != 0:
+        raise ValueError(f'WideResNet depth must be 6n + 4, got {depth}')
+    return (depth - 4) // 6, [16, 16 * width, 32 * width, 64 * width]
+
+
+def block_stack(block: Callable[..., nn.Module], num_blocks: int, in_planes: int, out_planes: int, stride: int,
+                **kwargs) -> nn.Sequential:
+    """``num_blocks`` blocks, the first from ``in_planes`` with ``stride``, the others ``out_planes`` to
+    ``out_planes`` with stride 1 (one stage of a ResNet-style network)."""
+    return nn.Sequential(*[block(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, **kwargs)
+                           for i in range(num_blocks)])
 
 
 def image_size_or_none(img_size: Optional[Union[int, Tuple[int, int]]]) -> Optional[Tuple[int, int]]:

@@ -13,7 +13,7 @@ from timm.layers import create_classifier
 from timm.models import generate_default_cfgs, register_model
 
 from ._builder import build_family
-from ._common import check_image_size, cifar_cfg, FamilyHeadMixin, image_size_or_none
+from ._common import block_stack, check_image_size, cifar_cfg, FamilyHeadMixin, image_size_or_none
 
 __all__ = ['PreActResNet']
 
@@ -76,12 +76,8 @@ class PreActResNet(FamilyHeadMixin, nn.Module):
         in_planes = 64
         self.feature_info = []
         for i, (planes, n) in enumerate(zip(widths, num_blocks)):
-            stride = 1 if i == 0 else 2
-            blocks = []
-            for j in range(n):
-                blocks.append(PreActBlock(in_planes, planes, stride if j == 0 else 1))
-                in_planes = planes
-            setattr(self, f'layer{i + 1}', nn.Sequential(*blocks))
+            setattr(self, f'layer{i + 1}', block_stack(PreActBlock, n, in_planes, planes, 1 if i == 0 else 2))
+            in_planes = planes if n else in_planes
             self.feature_info.append(dict(num_chs=planes, reduction=2 ** i, module=f'layer{i + 1}'))
         self.bn = nn.BatchNorm2d(widths[-1]) if bn_before_fc else None
         self.global_pool, self.linear = create_classifier(widths[-1], num_classes, pool_type=global_pool)

@@ -9,9 +9,9 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.models import generate_default_cfgs, register_model
+from timm.models import register_model
 
-from ._builder import build_family, hub_id
+from ._builder import build_family, family_cfgs, hub_id
 from ._common import check_image_size, cifar_cfg, FamilyHeadMixin, image_size_or_none
 
 __all__ = ['SmallCNN']
@@ -110,7 +110,7 @@ class SmallCNN(FamilyHeadMixin, nn.Module):
 
 
 def _create(variant: str, pretrained: bool = False, hpm: bool = False, **kwargs) -> SmallCNN:
-    return build_family(SmallCNN, variant, pretrained, classifier='fc', hpm=hpm, tag_model_args=_TAG_MODEL_ARGS,
+    return build_family(SmallCNN, variant, pretrained, classifier='fc', hpm=hpm,
                         feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2)), **kwargs)
 
 
@@ -138,14 +138,18 @@ _FMNIST_HPM = dict(_FMNIST, paper_ids='arXiv:2606.01746', origin_url='recipes/tu
                    paper_name='Sensitivity as a Double-Edged Sword (HPM)')
 # The HPM options a checkpoint cannot carry (they are not tensors): those the fine-tuning run used.
 _TAG_MODEL_ARGS = {'fmnist_hpm': {'hpm_cfg': dict(alpha=0.5, tau=1.0, momentum=0.9)}}
-default_cfgs = generate_default_cfgs({
+default_cfgs = family_cfgs({
     # PGD-AT (Linf eps 0.1) on Fashion-MNIST from scratch: recipes/configs/fashion_mnist_base.yaml
     'small_cnn.fmnist_pgdat': _shipped('small_cnn.fmnist_pgdat', **_FMNIST),
+    # the budget-matched control: the base fine-tuned with plain PGD-AT and the HPM model's exact budget
+    # (recipes/configs/fashion_mnist_control.yaml); every HPM figure is read against it
+    'small_cnn.fmnist_control': _shipped('small_cnn.fmnist_control', **dict(
+        _FMNIST, origin_url='recipes/configs/fashion_mnist_control.yaml')),
     # HPM fine-tuned from it: the best candidate of recipes/configs/fashion_mnist_hpm_sweep.yaml
     'hpm_small_cnn.fmnist_hpm': _shipped('hpm_small_cnn.fmnist_hpm', **_FMNIST_HPM),
     # the HPM model with the base's weights (prototypes still to be initialised from data: the fine-tuning start)
     'hpm_small_cnn.fmnist_pgdat': _shipped('hpm_small_cnn.fmnist_pgdat', 'small_cnn.fmnist_pgdat', **_FMNIST_HPM),
-})
+}, _TAG_MODEL_ARGS, hpm_bases={'hpm_small_cnn.fmnist_hpm': 'small_cnn.fmnist_pgdat'})
 
 
 @register_model

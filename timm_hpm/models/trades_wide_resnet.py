@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from timm.layers import create_classifier
 from timm.models import generate_default_cfgs, register_model
 
-from ._builder import build_family, hpm_checkpoint_filter
-from ._common import check_image_size, cifar_cfg, FamilyHeadMixin, image_size_or_none
+from ._builder import build_family
+from ._common import block_stack, check_image_size, cifar_cfg, FamilyHeadMixin, image_size_or_none, wrn_stages
 
 __all__ = ['TradesWideResNet']
 
@@ -43,9 +43,7 @@ class BasicBlock(nn.Module):
 class NetworkBlock(nn.Module):
     def __init__(self, num_layers: int, in_planes: int, out_planes: int, stride: int, drop_rate: float = 0.0):
         super().__init__()
-        self.layer = nn.Sequential(*[
-            BasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, drop_rate)
-            for i in range(num_layers)])
+        self.layer = block_stack(BasicBlock, num_layers, in_planes, out_planes, stride, drop_rate=drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)
@@ -77,10 +75,7 @@ class TradesWideResNet(FamilyHeadMixin, nn.Module):
             drop_rate: float = 0.0,
     ):
         super().__init__()
-        if (depth - 4) % 6 != 0:
-            raise ValueError(f'WideResNet depth must be 6n + 4, got {depth}')
-        n = (depth - 4) // 6
-        channels = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        n, channels = wrn_stages(depth, widen_factor)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.img_size = image_size_or_none(img_size)
@@ -130,16 +125,15 @@ class TradesWideResNet(FamilyHeadMixin, nn.Module):
         return x if pre_logits else self.fc(x)
 
 
-def checkpoint_filter_fn(state_dict, model: nn.Module):
-    """The original TRADES checkpoint carries ``sub_block1``, a block group its forward never uses (a leftover
-    of the TRADES code base): dropped on load, so the model has no parameter that never gets a gradient."""
-    state_dict = hpm_checkpoint_filter(state_dict, model)
-    return {k: v for k, v in state_dict.items() if not k.startswith('sub_block1.')}
+#: The TRADES code base's checkpoints carry ``sub_block1``, a block group its forward never uses: dropped on load,
+#: so the model has no parameter that never gets a gradient.
+_UNUSED_CHECKPOINT_MODULES = ('sub_block1',)
 
 
 def _create(variant: str, pretrained: bool = False, hpm: bool = False, **kwargs) -> TradesWideResNet:
     return build_family(TradesWideResNet, variant, pretrained, classifier='fc', hpm=hpm,
-                        pretrained_filter_fn=checkpoint_filter_fn, feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2)), **kwargs)
+                        unused_checkpoint_modules=_UNUSED_CHECKPOINT_MODULES,
+                        feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2)), **kwargs)
 
 
 def _cfg(**kwargs):

@@ -12,11 +12,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import create_classifier, get_act_layer
-from timm.models import generate_default_cfgs, register_model
+from timm.models import register_model
 
-from ._builder import build_family
-from ._common import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, check_image_size, cifar_cfg,
-                      FamilyHeadMixin, image_size_or_none)
+from ._builder import build_family, family_cfgs
+from ._common import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, block_stack, check_image_size,
+                      cifar_cfg, FamilyHeadMixin, image_size_or_none, wrn_stages)
 
 __all__ = ['DMWideResNet']
 
@@ -51,9 +51,7 @@ class _Block(nn.Module):
 class _BlockGroup(nn.Module):
     def __init__(self, num_blocks: int, in_planes: int, out_planes: int, stride: int, act_layer=nn.ReLU):
         super().__init__()
-        self.block = nn.Sequential(*[
-            _Block(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, act_layer=act_layer)
-            for i in range(num_blocks)])
+        self.block = block_stack(_Block, num_blocks, in_planes, out_planes, stride, act_layer=act_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x)
@@ -90,11 +88,8 @@ class DMWideResNet(FamilyHeadMixin, nn.Module):
             drop_rate: float = 0.0,
     ):
         super().__init__()
-        if (depth - 4) % 6 != 0:
-            raise ValueError(f'WideResNet depth must be 6n + 4, got {depth}')
         act_layer = get_act_layer(act_layer)
-        num_blocks = (depth - 4) // 6
-        channels = [16, 16 * width, 32 * width, 64 * width]
+        num_blocks, channels = wrn_stages(depth, width)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.img_size = image_size_or_none(img_size)
@@ -147,7 +142,7 @@ class DMWideResNet(FamilyHeadMixin, nn.Module):
 
 def _create_dm_wrn(variant: str, pretrained: bool = False, hpm: bool = False, **kwargs) -> DMWideResNet:
     return build_family(DMWideResNet, variant, pretrained, classifier='logits', hpm=hpm,
-                        tag_model_args=_TAG_MODEL_ARGS, feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2)), **kwargs)
+                        feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2)), **kwargs)
 
 
 def _cfg(**kwargs):
@@ -157,6 +152,7 @@ def _cfg(**kwargs):
 # Per-weight model arguments the checkpoint cannot carry (normalisation buffers are non-persistent).
 _TAG_MODEL_ARGS = {
     'rb_wang2023better_cifar10': dict(mean=CIFAR10_MEAN, std=CIFAR10_STD),
+    'rb_wang2023better_cifar10_l2': dict(mean=CIFAR10_MEAN, std=CIFAR10_STD),
     'rb_wang2023better_cifar100': dict(mean=CIFAR100_MEAN, std=CIFAR100_STD),
 }
 
@@ -170,15 +166,16 @@ def _weights(arch: str):
     return {
         f'{arch}.rb_wang2023better_cifar10': _cfg(num_classes=10, **_WANG2023),
         f'{arch}.rb_wang2023better_cifar100': _cfg(num_classes=100, **_WANG2023),
+        f'{arch}.rb_wang2023better_cifar10_l2': _cfg(num_classes=10, **_WANG2023),  # the L2 (eps 0.5) weights
     }
 
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = family_cfgs({
     **_weights('wrn28_10'),
     **_weights('wrn70_16'),
     **_weights('hpm_wrn28_10'),
     **_weights('hpm_wrn70_16'),
-})
+}, _TAG_MODEL_ARGS)
 
 
 @register_model
