@@ -26,7 +26,8 @@ import torch.nn as nn
 import timm_hpm
 from timm_hpm.attacks import normalized_view
 from timm_hpm.data import DATASETS, load_eval_tensors
-from timm_hpm.eval.runner import check_eval_ready, hpm_mode, make_batchings, model_fingerprint
+from timm_hpm.eval import check_eval_ready, hpm_mode, make_batchings, model_fingerprint
+from timm_hpm.report import markdown_table
 
 ORDERS = ('default', 'class_sorted')
 
@@ -62,13 +63,11 @@ def order_table(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_sizes:
 
 def to_markdown(record: dict) -> str:
     sizes = record['batch_sizes']
+    rows = [[name, order, *(f'{100 * by_size[str(b)]:.1f}%' for b in sizes)]
+            for name, entry in record['models'].items() for order, by_size in entry['accuracy'].items()]
     lines = [f"Clean accuracy on the first {record['n_test']} {record['dataset']} test images, by batch order and "
              'batch size (-b)', '',
-             '| model | order | ' + ' | '.join(f'-b {b}' for b in sizes) + ' |',
-             '|---|---|' + '---:|' * len(sizes)]
-    for name, entry in record['models'].items():
-        for order, by_size in entry['accuracy'].items():
-            lines.append(f'| {name} | {order} | ' + ' | '.join(f'{100 * by_size[str(b)]:.1f}%' for b in sizes) + ' |')
+             markdown_table(['model', 'order', *(f'-b {b}' for b in sizes)], rows, 'll' + 'r' * len(sizes))]
     lines += ['', record['batching'], '', record['orders_note']]
     return '\n'.join(lines) + '\n'
 

@@ -24,19 +24,13 @@ import sys
 import time
 from pathlib import Path
 
-import timm
-from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
-
-import timm_hpm
-from timm_hpm.attacks import normalized_view, parse_eps
-from timm_hpm.data import DATASETS, load_eval_tensors
-from timm_hpm.eval import MSAConfig, aggregate, evaluate, format_table
-from timm_hpm.models import check_local_dir
-from timm_hpm.runfiles import write_text_atomic
-from timm_hpm.eval.runner import BATCHINGS, FolderInUse, hpm_mode, protocol_warnings, run_lock, sanity_checks
-from timm_hpm.robustbench import model_info
-
+# torch, timm, accelerate and timm_hpm are imported once the arguments are parsed: --help answers at once. The
+# choices below are the package's own constants, written out for that reason (tests/test_evaluate_recipe.py checks
+# that they agree).
+DATASETS = ('fashion_mnist', 'cifar10', 'cifar100', 'imagenet', 'synthetic')  # timm_hpm.data.DATASETS
+BATCHINGS = ('default', 'single', 'shuffled', 'class_sorted')  # timm_hpm.eval.BATCHINGS
+HPM_MODES = ('dynamic', 'static', 'soft', 'fc')  # timm_hpm.HPM_MODES
+PROTOCOLS = ('msa', 'autoattack', 'poison')
 #: MSA's batchings when --batchings is not given (unchanged when class_sorted was added, so that earlier runs
 #: resume with the same settings).
 MSA_BATCHINGS = ('default', 'single', 'shuffled')
@@ -52,9 +46,10 @@ def parse_args(argv=None):
     p.add_argument('--data-dir', help='dataset folder (CIFAR: torchvision layout; ImageNet: ImageFolder root)')
     p.add_argument('--eps', required=True, help="'8/255', 0.031, ...")
     p.add_argument('--norm', default='Linf', choices=['Linf', 'L2'], help='threat model')
-    p.add_argument('--protocol', default='msa', choices=['msa', 'autoattack'],
-                   help='msa for a batch-dependent (HPM dynamic) head, autoattack for a batch-independent model')
-    p.add_argument('--hpm-mode', choices=timm_hpm.HPM_MODES,
+    p.add_argument('--protocol', default='msa', choices=PROTOCOLS,
+                   help='msa for a batch-dependent (HPM dynamic) head, autoattack for a batch-independent model, '
+                        'poison: what k poisoned members of a batch do to the untouched ones')
+    p.add_argument('--hpm-mode', choices=HPM_MODES,
                    help="with --protocol autoattack: the HPM head's mode attacked (e.g. 'static': the l2 head alone)")
     p.add_argument('--n-examples', type=int, default=1000, help='the first N test images')
     p.add_argument('--batch-size', type=int, default=128, help='B_eval: the fixed batch size that is scored')
@@ -64,8 +59,18 @@ def parse_args(argv=None):
     p.add_argument('--surrogates', nargs='+', default=['fc', 'static', 'soft', 'dynamic'],
                    help="MSA's surrogate views of the HPM head, attacked with whole-batch APGD-CE/APGD-T")
     p.add_argument('--apgd-iters', type=int, default=100, help="iterations of MSA's whole-batch APGD")
-    p.add_argument('--n-target-classes', type=int, default=3,
-                   help='APGD-T targets per surrogate (AutoAttack on the target keeps its 9)')
+    p.add_argument('--n-target-classes', type=int, default=3, help='APGD-T targets per surrogate')
+    p.add_argument('--target-n-target-classes', type=int, default=9,
+                   help="APGD-T targets through the target itself (its 'dynamic' view): AutoAttack's 9")
+    p.add_argument('--surrogate-model', action='append', default=None, metavar='NAME',
+                   help="another model MSA attacks through, after the head's modes: a timm name, 'local-dir:' or "
+                        "'hf-hub:' (repeatable). Default: the model the HPM weights were fine-tuned from, when "
+                        "their tag records it (timm_hpm.models.hpm_base_model)")
+    p.add_argument('--no-base-surrogate', action='store_true',
+                   help='do not add the recorded base model as a surrogate')
+    p.add_argument('--combine-rounds', type=int, default=3,
+                   help="whole-batch combinations of every stage's breaks after the last stage (0: none)")
+    p.add_argument('--poison-steps', type=int, default=100, help='with --protocol poison: PGD steps per attack')
     p.add_argument('--autoattack-iters', type=int, default=None, help="default: AutoAttack's own (100)")
     p.add_argument('--square-queries', type=int, default=None, help="default: AutoAttack's own (5000)")
     p.add_argument('--surrogate-autoattack', action='store_true', help="also each surrogate's AutoAttack cascade")
@@ -84,32 +89,51 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def load_model(args):
+def load_model(name: str, checkpoint=None, pretrained: bool = True):
+    import timm
+
+    from timm_hpm.attacks import normalized_view
+    from timm_hpm.models import check_local_dir
     kwargs = {}
-    if args.checkpoint:
-        kwargs['pretrained_cfg_overlay'] = dict(file=args.checkpoint)
-    check_local_dir(args.model)
-    model = timm.create_model(args.model, pretrained=not args.no_pretrained, **kwargs)
+    if checkpoint:
+        kwargs['pretrained_cfg_overlay'] = dict(file=checkpoint)
+    check_local_dir(name)
+    model = timm.create_model(name, pretrained=pretrained, **kwargs)
     return normalized_view(model).eval()  # attacks work on [0, 1] images
 
 
-def check_out_folder(out: Path) -> None:
-    """Refuse a folder whose results this run could not have made: results without their work files (a copied
-    results folder, or one whose attack/ was deleted) would be overwritten by another run's. A folder with work
-    files is checked against them by the runner (same settings, model and images, or refused)."""
-    if (out / 'eval.json').exists() and not (out / 'attack' / 'settings.json').exists():
-        raise ValueError(f"{out} holds results (eval.json) without the run that made them ({out / 'attack'}/"
-                         "settings.json is missing); they would be overwritten. Use a new --out folder.")
+def surrogate_model_names(args) -> list:
+    """--surrogate-model, or by default the recorded base of the HPM weights (none for other models)."""
+    from timm_hpm.models import hpm_base_model
+    if args.protocol != 'msa':
+        return []
+    if args.surrogate_model is not None:
+        return list(args.surrogate_model)
+    base = None if args.no_base_surrogate or args.checkpoint or args.no_pretrained else hpm_base_model(args.model)
+    return [base] if base else []
 
 
-def lock_out_folder(out: Path, accelerator: Accelerator) -> contextlib.ExitStack:
+def check_out_folder(out: Path, protocol: str) -> None:
+    """Refuse a folder whose results this run could not have made: results without this protocol's work files (a
+    copied results folder, one whose work folder was deleted, or another protocol's run) would be overwritten. A
+    folder with work files is checked against them (same settings, model and images, or refused)."""
+    work = out / ('poison' if protocol == 'poison' else 'attack')
+    if (out / 'eval.json').exists() and not (work / 'settings.json').exists():
+        raise ValueError(f"{out} holds results (eval.json) without the run that made them (the {protocol} run's "
+                         f"{work}/settings.json is missing); they would be overwritten. Use a new --out folder.")
+
+
+def lock_out_folder(out: Path, accelerator, protocol: str) -> contextlib.ExitStack:
     """The main process locks ``out`` for the run (a second run into it fails at once, naming the holder); every
     process of this run learns the outcome before any work, so none of them starts on a folder in use."""
+    from accelerate.utils import broadcast_object_list
+
+    from timm_hpm.runfiles import FolderInUse, run_lock
     lock, error = contextlib.ExitStack(), None
     if accelerator.is_main_process:
         try:
             lock.enter_context(run_lock(out, '--out'))
-            check_out_folder(out)
+            check_out_folder(out, protocol)
         except (FolderInUse, ValueError) as refused:
             lock.close()
             error = str(refused)
@@ -121,21 +145,28 @@ def lock_out_folder(out: Path, accelerator: Accelerator) -> contextlib.ExitStack
 
 def main(argv=None):
     args = parse_args(argv)
+    from accelerate import Accelerator
+
+    from timm_hpm.attacks import parse_eps
     eps = parse_eps(args.eps, args.norm)
     batchings = args.batchings or (list(MSA_BATCHINGS) if args.protocol == 'msa' else ['default'])
     accelerator = Accelerator(cpu=args.device == 'cpu')
     out = args.out or Path('runs/eval') / f"{args.model.replace('/', '_').replace(':', '_')}_{args.protocol}"
     out.mkdir(parents=True, exist_ok=True)
-    with lock_out_folder(out, accelerator):
+    with lock_out_folder(out, accelerator, args.protocol):
         return run(args, eps, batchings, accelerator, out, argv)
 
 
 def run(args, eps, batchings, accelerator, out, argv):
+    import timm_hpm
+    from timm_hpm.data import load_eval_tensors
+    from timm_hpm.eval import hpm_mode
+    from timm_hpm.runfiles import write_text_atomic
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s',
                         handlers=[logging.FileHandler(out / f'log_rank{accelerator.process_index}.txt'),
                                   logging.StreamHandler(sys.stderr)] if accelerator.is_main_process else
                         [logging.FileHandler(out / f'log_rank{accelerator.process_index}.txt')])
-    model = load_model(args).to(accelerator.device)
+    model = load_model(args.model, args.checkpoint, not args.no_pretrained).to(accelerator.device)
     base = getattr(model, 'module', model)
     if args.hpm_mode:
         if args.protocol != 'autoattack':
@@ -145,26 +176,48 @@ def run(args, eps, batchings, accelerator, out, argv):
                              num_classes=base.num_classes, image_size=base.pretrained_cfg['input_size'],
                              seed=args.seed)
     x, y = x.to(accelerator.device), y.to(accelerator.device)
-    cfg = MSAConfig(eps=eps, norm=args.norm, surrogates=tuple(args.surrogates), apgd_iters=args.apgd_iters,
-                    n_target_classes=args.n_target_classes, autoattack_iters=args.autoattack_iters,
-                    square_queries=args.square_queries, surrogate_autoattack=args.surrogate_autoattack,
-                    cascade=not args.no_cascade, seed=args.seed)
     # hpm_mode: the head's mode evaluated (given or the model's own), null for a model without an HPM head
     metadata = dict(name=args.model, dataset=args.dataset, hpm_mode=hpm_mode(model),
                     architecture=base.pretrained_cfg.get('architecture'),
                     command='python recipes/evaluate.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
                     autoattack_backend=timm_hpm.eval.autoattack_backend(), timm_hpm_version=timm_hpm.__version__)
     start = time.time()
+    if args.protocol == 'poison':
+        result = run_poison(args, eps, model, x, y, out, accelerator, metadata)
+    else:
+        result = run_attacks(args, eps, batchings, model, x, y, out, accelerator, metadata)
+    if result is None:
+        return None
+    result['wall_seconds'] = round(time.time() - start, 1)
+    result['num_processes'] = accelerator.num_processes
+    write_text_atomic(out / 'eval.json', json.dumps(result, indent=2))
+    print(f"wrote {out / 'eval.json'}")
+    return result
+
+
+def run_attacks(args, eps, batchings, model, x, y, out, accelerator, metadata):
+    """MSA or AutoAttack on fixed batches: the resumable, sharded runner, then eval.md and model_info.json."""
+    from timm_hpm.eval import MSAConfig, aggregate, evaluate, format_table, protocol_warnings, sanity_checks
+    from timm_hpm.robustbench import model_info
+    from timm_hpm.runfiles import write_text_atomic
+    names = surrogate_model_names(args)
+    others = {name.replace('/', '_'): load_model(name).to(accelerator.device) for name in names}
+    if others:
+        logging.getLogger('evaluate').info('MSA also attacks through %s', ', '.join(names))
+    cfg = MSAConfig(eps=eps, norm=args.norm, surrogates=tuple(args.surrogates), surrogate_models=tuple(others),
+                    apgd_iters=args.apgd_iters, n_target_classes=args.n_target_classes,
+                    target_n_target_classes=args.target_n_target_classes, combine_rounds=args.combine_rounds,
+                    autoattack_iters=args.autoattack_iters, square_queries=args.square_queries,
+                    surrogate_autoattack=args.surrogate_autoattack, cascade=not args.no_cascade, seed=args.seed)
     evaluate(model, x, y, cfg, out / 'attack', protocol=args.protocol, batch_size=args.batch_size,
              batchings=batchings, amp=args.amp == 'bf16', save_adversarial=args.save_adv,
              process_index=accelerator.process_index, num_processes=accelerator.num_processes,
-             progress=accelerator.is_local_main_process, metadata=metadata, extend_from=args.extend_from)
+             progress=accelerator.is_local_main_process, metadata=metadata, extend_from=args.extend_from,
+             surrogate_models=others)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return None
     result = aggregate(out / 'attack', metadata)
-    result['wall_seconds'] = round(time.time() - start, 1)
-    result['num_processes'] = accelerator.num_processes
     result['warnings'] = protocol_warnings(model, args.protocol)
     if args.sanity:
         n = min(args.sanity_examples, len(y))
@@ -173,12 +226,42 @@ def run(args, eps, batchings, accelerator, out, argv):
         result['warnings'] += result['sanity']['warnings']
     if not result['warnings']:
         del result['warnings']
-    write_text_atomic(out / 'eval.json', json.dumps(result, indent=2))
     write_text_atomic(out / 'model_info.json', json.dumps(model_info(result, args.model), indent=2))  # RobustBench
     table = format_table(result)
     write_text_atomic(out / 'eval.md', table + '\n')
     print(table)
-    print(f"wrote {out / 'eval.json'}")
+    return result
+
+
+def run_poison(args, eps, model, x, y, out, accelerator, metadata):
+    """The batch-poisoning protocol on the fixed batches of --batch-size (main process; resumable per batch)."""
+    import torch
+
+    from timm_hpm.eval import ModelView, poisoning_table, run_poisoning
+    from timm_hpm.models import get_hpm_head, is_hpm_model
+    from timm_hpm.runfiles import write_text_atomic
+    if accelerator.num_processes > 1:
+        raise SystemExit('--protocol poison runs in one process (python recipes/evaluate.py ...).')
+    raw = getattr(model, 'module', model)
+    if is_hpm_model(raw):  # the target's own gradient and the soft head's (the straight-through path is coarse)
+        mode = get_hpm_head(raw).mode
+        target = ModelView(model, mode)
+        views = {mode: target, **({'soft': ModelView(model, 'soft')} if mode == 'dynamic' else {})}
+    else:
+        target = ModelView(model, None)
+        views = {'model': target}
+    rows = run_poisoning(target, views, x, y, args.batch_size, eps, out / 'poison', norm=args.norm,
+                         steps=args.poison_steps, seed=args.seed, progress=True)
+    with torch.no_grad():
+        clean = float(sum(int((target(xb).argmax(1) == yb).sum())
+                          for xb, yb in zip(x.split(args.batch_size), y.split(args.batch_size)))) / len(y)
+    result = dict(metadata, protocol='poison', n_examples=len(y), batch_size=args.batch_size, threat_model=args.norm,
+                  eps=eps, clean_acc=clean, poisoning=rows,
+                  settings={'steps': args.poison_steps, 'seed': args.seed, 'gradient_views': list(views)})
+    table = poisoning_table(rows, args.norm)
+    write_text_atomic(out / 'eval.md', f"Batch poisoning: {metadata['name']}, {len(y)} images, fixed batches of "
+                                       f"{args.batch_size}, clean accuracy {100 * clean:.1f}%.\n\n{table}\n")
+    print(table)
     return result
 
 

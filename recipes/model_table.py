@@ -10,13 +10,12 @@ import timm
 import torch
 
 import timm_hpm
-from timm_hpm.report import update_section
+from timm_hpm.report import markdown_table, print_or_update
 
 
 
 def model_table() -> str:
-    rows = ['| model | params (M) | input | num_classes | weights (shipped) | planned tags (not published) |',
-            '|---|---:|---|---:|---|---|']
+    rows = []
     for name in timm_hpm.list_models():
         with torch.device('meta'):
             model = timm.create_model(name)
@@ -25,10 +24,10 @@ def model_table() -> str:
         with_weights = set(timm.list_pretrained(f'{name}.*'))
         tags = [t for t in timm.list_models(f'{name}.*', include_tags=True) if '.' in t]
         size = 'x'.join(map(str, cfg['input_size']))
-        rows.append(f"| `{name}` | {params:.1f} | {size} | {cfg['num_classes']} | "
-                    f"{_tags([t for t in tags if t in with_weights])} | "
-                    f"{_tags([t for t in tags if t not in with_weights])} |")
-    return '\n'.join(rows)
+        rows.append([f'`{name}`', f'{params:.1f}', size, cfg['num_classes'],
+                     _tags([t for t in tags if t in with_weights]), _tags([t for t in tags if t not in with_weights])])
+    return markdown_table(['model', 'params (M)', 'input', 'num_classes', 'weights (shipped)',
+                           'planned tags (not published)'], rows, 'lrlrll')
 
 
 def _tags(names) -> str:
@@ -39,11 +38,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--update', type=Path, help='rewrite the table between the markers in this file')
     args = parser.parse_args()
-    table = model_table()
-    if args.update is None:
-        print(table)
-        return
-    update_section(args.update, 'model-table', table)
+    print_or_update(model_table(), args.update, 'model-table')
 
 
 if __name__ == '__main__':

@@ -92,7 +92,7 @@ def batch_order_row(path: Path, model) -> dict:
     """This model's row of a batch-order table, found by its fingerprint (never another model's figures)."""
     from timm_hpm.attacks import normalized_view
     from timm_hpm.cards import load_json
-    from timm_hpm.eval.runner import model_fingerprint
+    from timm_hpm.eval import model_fingerprint
     table = load_json(path)
     fingerprint = model_fingerprint(normalized_view(model).eval())
     rows = [row for row in table['models'].values() if row.get('model_sha256') == fingerprint]

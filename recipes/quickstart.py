@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 from timm_hpm.analysis import format_summary
+from timm_hpm.eval import stage_label, stage_order
+from timm_hpm.report import markdown_table
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = 'small_cnn.fmnist_pgdat'
@@ -83,7 +85,9 @@ def main(argv=None):
     for key, step, model, protocol, extra in (
             ('base', '2/4 base (FC head) under AutoAttack', BASE, 'autoattack', []),
             ('hpm', '3/4 HPM (dynamic head) under MSA', hpm_model, 'msa',
-             ['--batchings', 'default', '--apgd-iters', args.apgd_iters])):
+             # the MSA it was measured with (README): 3 APGD-T targets through every view, no combination round
+             ['--batchings', 'default', '--apgd-iters', args.apgd_iters, '--target-n-target-classes', 3,
+              '--combine-rounds', 0])):
         tic = time.time()
         folder = out / f'eval_{key}'
         if not (folder / 'eval.json').exists():
@@ -130,10 +134,9 @@ def summary_rows(results: dict, args) -> list:
     hpm = results['hpm']['batchings']['default']
     rows = [dict(model=f'base `{BASE}`', head='fc', attack='AutoAttack (standard cascade)',
                  clean=base['clean_acc'], robust=base['realised_acc'])]
-    order = ['autoattack'] + list(results['hpm']['settings']['msa']['surrogates'])  # the cascade's order
-    for name in [s for s in order if s in hpm['per_surrogate_acc']]:
-        label = 'AutoAttack on the target' if name == 'autoattack' else f'APGD-CE/T through {name}'
-        rows.append(dict(model='HPM (fine-tuned)', head='dynamic', attack=f'MSA stage: {label}',
+    for name in stage_order(results['hpm']['settings'], hpm['per_surrogate_acc']):  # the cascade's order
+        rows.append(dict(model='HPM (fine-tuned)', head='dynamic',
+                         attack=f"MSA stage: {stage_label(name, 'APGD-CE/T through')}",
                          clean=hpm['clean_acc'], robust=hpm['per_surrogate_acc'][name]))
     rows.append(dict(model='HPM (fine-tuned)', head='dynamic', attack='**MSA (worst case, realised batches)**',
                      clean=hpm['clean_acc'], robust=hpm['realised_acc']))
@@ -147,9 +150,9 @@ def format_table(rows: list, args) -> str:
              + (' (reduced for the quick start: the README study table uses 100 and 5000).'
                 if (args.autoattack_iters, args.square_queries, args.apgd_iters) != (100, 5000, 100) else '.')
              + ' An MSA stage row is the best candidate batch of that stage; the worst case is the realised batch.',
-             '', '| model | head | attack | clean | robust |', '|---|---|---|---:|---:|']
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['head']} | {r['attack']} | {100 * r['clean']:.1f}% | {100 * r['robust']:.1f}% |")
+             '', markdown_table(['model', 'head', 'attack', 'clean', 'robust'],
+                                [[r['model'], r['head'], r['attack'], f"{100 * r['clean']:.1f}%",
+                                  f"{100 * r['robust']:.1f}%"] for r in rows], 'lllrr')]
     return '\n'.join(lines)
 
 

@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 
 from timm_hpm.analysis import format_summary
-from timm_hpm.report import paired, tuning_table, update_section
+from timm_hpm.eval import stage_label, stage_order
+from timm_hpm.report import markdown_table, paired, print_or_update, tuning_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,31 +38,49 @@ def batchings_table(run: dict, rel: Path, name: str, natural: dict = None, natur
     """MSA per batching of one run: every stage, the realised worst case, the worst batching and the union; with
     ``natural``, the run on the worst natural batching (class-sorted, as a class-folder dataset gives) as a row."""
     n = run['n_examples']
-    order = ['autoattack'] + list(run['settings']['msa']['surrogates'])
-    stages = [s for s in order if s in next(iter(run['batchings'].values()))['per_surrogate_acc']]
-    names = ['AutoAttack on the target' if s == 'autoattack' else f'via {s}' for s in stages]
+    stages = stage_order(run['settings'], next(iter(run['batchings'].values()))['per_surrogate_acc'])
     out = [f"MSA per batching (the dynamic head's output depends on its batch): the first {n} test images, "
            f"fixed batches of {run['batch_size']}{' (single: 1)' if 'single' in run['batchings'] else ''}, "
            f"full strength as above. Results: `{rel}/{name}/eval.json`, "
            f"`{run['command']}`."
            + (f" With {n} images in batches of {run['batch_size']} the shuffled batch has the same members as the "
               'default one (a single batch), so the shuffled row is a second MSA run with other random starts, not '
-              'another batch composition.' if n <= run['batch_size'] and 'shuffled' in run['batchings'] else ''), '',
-           '| batching | clean | ' + ' | '.join(f'stage: {s}' for s in names) + ' | worst case |',
-           '|---|---:|' + '---:|' * len(stages) + '---:|']
-    for batching, b in run['batchings'].items():
-        out.append(f"| {batching} | {_pct(b['clean_acc'])} | "
-                   + ' | '.join(_pct(b['per_surrogate_acc'][s]) for s in stages) + f" | {_pct(b['realised_acc'])} |")
+              'another batch composition.' if n <= run['batch_size'] and 'shuffled' in run['batchings'] else ''), '']
+    rows = [[batching, _pct(b['clean_acc']), *(_pct(b['per_surrogate_acc'][s]) for s in stages),
+             _pct(b['realised_acc'])] for batching, b in run['batchings'].items()]
     if natural is not None:
         b = natural['batchings']['class_sorted']
-        out.append(f"| class_sorted, batches of {natural['batch_size']} (a class-folder dataset's order; "
-                   f"`{rel}/{natural_name}`) | {_pct(b['clean_acc'])} | "
-                   + ' | '.join(_pct(b['per_surrogate_acc'].get(s)) for s in stages) + f" | {_pct(b['realised_acc'])} |")
-    out.append(f"| **worst batching ({run['worst_batching']})** | {_pct(run['clean_acc'])} | "
-               + ' | '.join('' for _ in stages) + f" | **{_pct(run['msa_acc'])}** |")
-    out.append("| per-sample union over the batchings | | " + ' | '.join('' for _ in stages)
-               + f" | {_pct(run['msa_union_acc'])} |")
+        rows.append([f"class_sorted, batches of {natural['batch_size']} (a class-folder dataset's order; "
+                     f"`{rel}/{natural_name}`)", _pct(b['clean_acc']),
+                     *(_pct(b['per_surrogate_acc'].get(s)) for s in stages), _pct(b['realised_acc'])])
+    rows.append([f"**worst batching ({run['worst_batching']})**", _pct(run['clean_acc']), *('' for _ in stages),
+                 f"**{_pct(run['msa_acc'])}**"])
+    rows.append(['per-sample union over the batchings', None, *('' for _ in stages), _pct(run['msa_union_acc'])])
+    out.append(markdown_table(['batching', 'clean', *(f'stage: {stage_label(s, "via")}' for s in stages),
+                               'worst case'], rows, 'lr' + 'r' * len(stages) + 'r'))
     return out
+
+
+def _main_rows(base: dict, static: dict, hpm: dict) -> list:
+    """The main table's rows: the base and the static l2 head under AutoAttack, HPM under MSA stage by stage."""
+    rows = []
+    if base:
+        rows.append(['base `small_cnn.fmnist_pgdat`', 'fc', 'AutoAttack (standard)', _pct(base['clean_acc']),
+                     _pct(base['autoattack_acc']), f"`{base['command']}`"])
+    if static:
+        rows.append(['HPM `hpm_small_cnn.fmnist_hpm`', 'static l2', 'AutoAttack (standard)', _pct(static['clean_acc']),
+                     _pct(static['autoattack_acc']), f"`{static['command']}`"])
+    if hpm:
+        model = 'HPM `hpm_small_cnn.fmnist_hpm`'
+        for batching, b in hpm['batchings'].items():
+            for name in stage_order(hpm['settings'], b['per_surrogate_acc']):
+                rows.append([model, 'dynamic', f'MSA ({batching} batching) stage: {stage_label(name)}',
+                             _pct(b['clean_acc']), _pct(b['per_surrogate_acc'][name]), None])
+            rows.append([model, 'dynamic', f'**MSA ({batching} batching), worst case**', _pct(b['clean_acc']),
+                         f"**{_pct(b['realised_acc'])}**", None])
+        rows.append([model, 'dynamic', f"**MSA, worst batching ({hpm['worst_batching']})**", _pct(hpm['clean_acc']),
+                     f"**{_pct(hpm['msa_acc'])}**", f"`{hpm['command']}`"])
+    return rows
 
 
 def study_tables(results: Path, n_test: int, n_sensitivity: int = None, n_batchings: int = None) -> str:
@@ -77,25 +96,9 @@ def study_tables(results: Path, n_test: int, n_sensitivity: int = None, n_batchi
         out += [f'Test set: the first {n_test} of the 10,000 Fashion-MNIST test images, Linf eps 0.1, fixed batches of '
                 f"{(hpm or base or static)['batch_size']}. Results: `{rel}/eval_*_{n_test}/eval.json`. An MSA stage "
                 'row is the best candidate batch that stage produced from the realised batch so far; the worst case '
-                'is the realised batch after all stages.', '',
-                '| model | head | attack | clean | robust | command |', '|---|---|---|---:|---:|---|']
-        if base:
-            out.append(f"| base `small_cnn.fmnist_pgdat` | fc | AutoAttack (standard) | {_pct(base['clean_acc'])} | "
-                       f"{_pct(base['autoattack_acc'])} | `{base['command']}` |")
-        if static:
-            out.append(f"| HPM `hpm_small_cnn.fmnist_hpm` | static l2 | AutoAttack (standard) | "
-                       f"{_pct(static['clean_acc'])} | {_pct(static['autoattack_acc'])} | `{static['command']}` |")
-        if hpm:
-            order = ['autoattack'] + list(hpm['settings']['msa']['surrogates'])
-            for batching, b in hpm['batchings'].items():
-                for name in [s for s in order if s in b['per_surrogate_acc']]:
-                    label = 'AutoAttack on the target' if name == 'autoattack' else f'APGD-CE/T via {name}'
-                    out.append(f"| HPM `hpm_small_cnn.fmnist_hpm` | dynamic | MSA ({batching} batching) stage: "
-                               f"{label} | {_pct(b['clean_acc'])} | {_pct(b['per_surrogate_acc'][name])} | |")
-                out.append(f"| HPM `hpm_small_cnn.fmnist_hpm` | dynamic | **MSA ({batching} batching), worst case** | "
-                           f"{_pct(b['clean_acc'])} | **{_pct(b['realised_acc'])}** | |")
-            out.append(f"| HPM `hpm_small_cnn.fmnist_hpm` | dynamic | **MSA, worst batching ({hpm['worst_batching']})** "
-                       f"| {_pct(hpm['clean_acc'])} | **{_pct(hpm['msa_acc'])}** | `{hpm['command']}` |")
+                'is the realised batch after all stages.', '']
+        out.append(markdown_table(['model', 'head', 'attack', 'clean', 'robust', 'command'],
+                                  _main_rows(base, static, hpm), 'lllrrl'))
     base_flags = robust_flags(results / f'eval_base_{n_test}') if base else None
     comparisons = [(name, robust_flags(results / f'{folder}_{n_test}'))
                    for name, folder, run in (('HPM under MSA', 'eval_hpm', hpm), ('the static l2 head under AutoAttack',
@@ -144,11 +147,8 @@ def main():
                         help='test images of the per-batching MSA run (eval_hpm_batchings_N)')
     parser.add_argument('--update', type=Path, help='rewrite the section between the markers in this file')
     args = parser.parse_args()
-    text = study_tables(args.results.resolve(), args.n_test, args.n_sensitivity, args.n_batchings)
-    if args.update is None:
-        print(text)
-        return
-    update_section(args.update, 'fmnist-study', text)
+    print_or_update(study_tables(args.results.resolve(), args.n_test, args.n_sensitivity, args.n_batchings),
+                    args.update, 'fmnist-study')
 
 
 if __name__ == '__main__':

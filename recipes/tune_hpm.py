@@ -29,10 +29,10 @@ import yaml
 import timm_hpm
 from timm_hpm.analysis import apgd_accuracy
 from timm_hpm.attacks import normalized_view
-from timm_hpm.data import build_train_val
 from timm_hpm.eval import MSAConfig, evaluate
-from timm_hpm.eval.msa import ModelView
+from timm_hpm.eval import ModelView
 from timm_hpm.report import tuning_table
+from timm_hpm.study import held_out
 from timm_hpm.train import load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,15 +46,6 @@ def parse_args(argv=None):
     p.add_argument('--only', nargs='*', help='run these candidates only')
     p.add_argument('--device', default='cpu', choices=['cpu', 'auto'])
     return p.parse_args(argv)
-
-
-def held_out(cfg, n: int, model):
-    _, val = build_train_val(cfg.data.dataset, cfg.data.data_dir, cfg.data.val_examples, cfg.data.train_examples,
-                             augment=False, image_size=model.pretrained_cfg['input_size'],
-                             num_classes=model.num_classes, seed=cfg.train.seed, pretrained_cfg=model.pretrained_cfg)
-    n = min(n, len(val))
-    items = [val[i] for i in range(n)]
-    return torch.stack([a for a, _ in items]), torch.tensor([int(b) for _, b in items])
 
 
 def score(model, x, y, eps, norm, scoring, work_dir: Path) -> dict:

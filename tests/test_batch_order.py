@@ -12,7 +12,7 @@ from conftest import needs_fashion_mnist
 
 import timm_hpm
 from timm_hpm.eval import MSAConfig, evaluate
-from timm_hpm.eval.runner import BATCHINGS, make_batchings
+from timm_hpm.eval.batching import BATCHINGS, make_batchings
 
 FAST = dict(apgd_iters=5, autoattack_iters=5, square_queries=20, n_target_classes=1)
 K = 4

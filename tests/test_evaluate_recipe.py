@@ -17,7 +17,8 @@ from timm_hpm.hub import save_for_hub
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ['--dataset', 'synthetic', '--eps', '0.05', '--n-examples', '16', '--batch-size', '8', '--apgd-iters', '5',
-        '--autoattack-iters', '5', '--square-queries', '20', '--n-target-classes', '1', '--device', 'cpu']
+        '--autoattack-iters', '5', '--square-queries', '20', '--n-target-classes', '1', '--target-n-target-classes', '1',
+        '--device', 'cpu']
 VOLATILE = ('attack_seconds', 'wall_seconds', 'machine', 'num_processes', 'command')
 
 
@@ -129,7 +130,7 @@ def _evaluate(model_dir, out, *extra, timeout=600):
 
 
 def test_a_second_run_into_a_busy_out_folder_fails_at_once_naming_the_holder(model_dir, tmp_path):
-    from timm_hpm.eval.runner import run_lock
+    from timm_hpm.runfiles import run_lock
     out = tmp_path / 'busy'
     with run_lock(out):  # this test process plays the first run
         result = _evaluate(model_dir, out, timeout=120)
@@ -165,7 +166,7 @@ def test_autoattack_on_a_dynamic_head_warns_and_records_the_mode(model_dir, tmp_
 @pytest.mark.slow
 def test_a_sharded_run_into_a_busy_out_folder_stops_every_process(model_dir, tmp_path):
     """The main process holds the lock for the whole sharded run; when it cannot, no process starts work."""
-    from timm_hpm.eval.runner import run_lock
+    from timm_hpm.runfiles import run_lock
     out = tmp_path / 'busy'
     with run_lock(out):
         result = subprocess.run(
@@ -176,3 +177,37 @@ def test_a_sharded_run_into_a_busy_out_folder_stops_every_process(model_dir, tmp
     assert result.returncode != 0
     assert result.stderr.count(f'in use by another run (pid {os.getpid()} ') >= 2, result.stderr[-3000:]  # both ranks
     assert not (out / 'attack').exists()
+
+
+def test_the_recipes_choices_and_msa_defaults_are_the_packages_and_the_readmes():
+    """evaluate.py writes its choices out (its --help imports nothing heavy); they must be the package's, and its
+    MSA defaults, MSAConfig's and the README's description must agree."""
+    import re
+
+    from _recipes import load_recipe
+
+    from timm_hpm.data import DATASETS
+    from timm_hpm.eval import BATCHINGS, MSAConfig
+    recipe = load_recipe('evaluate')
+    assert recipe.DATASETS == DATASETS and recipe.BATCHINGS == BATCHINGS and recipe.HPM_MODES == timm_hpm.HPM_MODES
+    args = recipe.parse_args(['--model', 'm', '--dataset', 'synthetic', '--eps', '0.1'])
+    cfg = MSAConfig(eps=0.1)
+    readme = (ROOT / 'README.md').read_text()
+    documented = dict(kv.split('=') for kv in re.search(r'<!-- msa-defaults: (.*?) -->', readme).group(1).split())
+    for key in ('apgd_iters', 'n_target_classes', 'target_n_target_classes', 'combine_rounds'):
+        assert getattr(args, key) == getattr(cfg, key) == int(documented[key]), key
+    assert list(args.surrogates) == list(cfg.surrogates) == documented['surrogates'].split(',')
+    assert f'{cfg.apgd_iters} iterations' in readme and f'{cfg.n_target_classes} target classes per surrogate' in readme
+    assert f"AutoAttack's {cfg.target_n_target_classes} through the target" in readme
+    assert f'up to {cfg.combine_rounds} whole-batch combinations' in readme
+
+
+def test_help_imports_nothing_heavy():
+    code = ('import sys, runpy; sys.argv = ["evaluate.py", "--help"]\n'
+            'try:\n    runpy.run_path(%r, run_name="__main__")\n'
+            'except SystemExit:\n    pass\n'
+            'print(sorted(m for m in ("torch", "timm", "accelerate", "timm_hpm") if m in sys.modules))'
+            % str(ROOT / 'recipes' / 'evaluate.py'))
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == '[]'

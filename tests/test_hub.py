@@ -39,7 +39,7 @@ def _result(protocol='msa', **extra):
 def _fingerprint_as_evaluate_does(folder: Path, run: Path) -> None:
     """The fingerprint.json that recipes/evaluate.py --model local-dir:<folder> --out <run> writes."""
     from timm_hpm.attacks import normalized_view
-    from timm_hpm.eval.runner import model_fingerprint
+    from timm_hpm.eval import model_fingerprint
     model = normalized_view(timm.create_model(f'local-dir:{folder}', pretrained=True)).eval()
     (run / 'attack').mkdir(parents=True)
     (run / 'attack' / 'fingerprint.json').write_text(json.dumps({'model': model_fingerprint(model), 'data': '0'}))

@@ -9,8 +9,11 @@ import torch
 import torch.nn as nn
 
 import timm_hpm
-from timm_hpm.eval import MSAConfig, ModelView, apgd, attack_batch, evaluate, make_autoattack
+from timm_hpm.attacks import apgd
+from timm_hpm.eval import MSAConfig, ModelView, attack_batch, evaluate, format_table, hpm_mode, make_autoattack
+from timm_hpm.eval import run_folder as run_folder_module
 from timm_hpm.eval import runner as runner_module
+from timm_hpm.runfiles import FolderInUse
 
 FAST = dict(apgd_iters=20, autoattack_iters=20, square_queries=200, n_target_classes=3)
 D, K = 12, 4
@@ -329,7 +332,7 @@ def test_a_second_run_into_a_busy_folder_fails_at_once_naming_the_holder(tmp_pat
         runner_module.attack_batch = lambda *a, **k: calls.append(1) or real(*a, **k)
         try:
             start = time.time()
-            with pytest.raises(runner_module.FolderInUse, match=f'in use by another run \\(pid {holder.pid} '):
+            with pytest.raises(FolderInUse, match=f'in use by another run \\(pid {holder.pid} '):
                 evaluate(model, x, y, MSAConfig(eps=0.05, **FAST), run, batch_size=16, progress=False)
             assert time.time() - start < 10 and calls == []  # at once, before any batch
         finally:
@@ -350,7 +353,7 @@ def test_an_unreadable_unit_is_recomputed_with_a_warning(tmp_path, monkeypatch, 
     second.write_text(json.dumps({'indices': [0]}))  # valid JSON, not a unit of this batch
     real, calls = runner_module.attack_batch, []
     monkeypatch.setattr(runner_module, 'attack_batch', lambda *a, **k: calls.append(1) or real(*a, **k))
-    with caplog.at_level('WARNING', logger=runner_module.__name__):
+    with caplog.at_level('WARNING', logger=run_folder_module.__name__):
         resumed = evaluate(model, x, y, cfg, tmp_path, batch_size=16, progress=False)
     assert len(calls) == 2
     for path in (first, second):
@@ -390,14 +393,14 @@ def test_autoattack_on_a_batch_dependent_head_warns(tmp_path, caplog):
                           progress=False)
     assert any("mode 'dynamic') is not a valid robustness figure" in r.getMessage() for r in caplog.records)
     assert any('not a valid robustness figure' in w for w in result['warnings'])
-    assert runner_module.hpm_mode(model) == 'dynamic'
+    assert hpm_mode(model) == 'dynamic'
     caplog.clear()
     with timm_hpm.get_hpm_head(model).using_mode('static'):  # batch-independent: a valid figure, no warning
-        assert runner_module.hpm_mode(model) == 'static'
+        assert hpm_mode(model) == 'static'
         result = evaluate(model, x, y, cfg, tmp_path / 'static', protocol='autoattack', batch_size=16,
                           progress=False)
     assert 'warnings' not in result and not caplog.records
-    assert runner_module.hpm_mode(nn.Linear(2, 2)) is None
+    assert hpm_mode(nn.Linear(2, 2)) is None
 
 
 def test_stages_are_reported_in_the_order_they_ran():
@@ -406,5 +409,20 @@ def test_stages_are_reported_in_the_order_they_ran():
     run = Path(__file__).resolve().parents[1] / 'results' / 'fashion_mnist' / 'eval_hpm_class_sorted_b32_250' / 'attack'
     result = runner_module.aggregate(run)
     assert list(result['per_surrogate_acc']) == ['autoattack', 'fc', 'static', 'soft', 'dynamic']
-    table = runner_module.format_table(result)
+    table = format_table(result)
     assert table.index('| autoattack |') < table.index('| fc |') < table.index('| dynamic |')
+
+
+def test_stage_names_and_labels():
+    """A candidate's stage is what precedes its slash; stages keep the cascade's order, unknown ones after, sorted."""
+    from timm_hpm.eval.stages import candidate_name, candidate_stage, stage_label, stage_order
+    names = [candidate_name(None, 'autoattack'), candidate_name('fc', 'apgd-ce'), candidate_name('fc', 'apgd-t1'),
+             candidate_name('static', 'autoattack')]
+    assert names == ['autoattack', 'fc/apgd-ce', 'fc/apgd-t1', 'static/autoattack']
+    assert [candidate_stage(n) for n in names] == ['autoattack', 'fc', 'fc', 'static']
+    settings = {'msa': {'surrogates': ['static', 'fc']}}
+    assert stage_order(settings, {'fc': 1, 'zz': 2, 'autoattack': 3, 'b': 4}) == ['autoattack', 'fc', 'b', 'zz']
+    assert stage_order(settings, ['combined', 'a', 'static']) == ['static', 'combined', 'a']
+    assert stage_label('combined') == "combinations of every stage's breaks"
+    assert stage_label('autoattack') == 'AutoAttack on the target'
+    assert stage_label('fc') == 'APGD-CE/T via fc' and stage_label('fc', 'via') == 'via fc'

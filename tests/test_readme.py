@@ -51,6 +51,17 @@ def test_paired_comparison_against_the_exact_sign_test():
         paired(a, {i: True for i in range(9)})
 
 
+
+def test_markdown_table():
+    from timm_hpm.report import markdown_table
+    assert markdown_table(['a', 'b', 'c'], [['x', 1, ''], ['y', None, '2%']], 'lrr') == (
+        '| a | b | c |\n|---|---:|---:|\n| x | 1 |  |\n| y | | 2% |')
+    assert markdown_table(['a'], []) == '| a |\n|---|'
+    with pytest.raises(ValueError, match='align'):
+        markdown_table(['a', 'b'], [], 'l')
+    with pytest.raises(ValueError, match='a row of 1 cells'):
+        markdown_table(['a', 'b'], [['x']])
+
 def test_the_use_snippet_runs_as_written():
     readme = (ROOT / 'README.md').read_text()
     snippet = re.search(r'## Use\n\n```python\n(.*?)```', readme, re.S).group(1)

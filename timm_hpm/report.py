@@ -1,12 +1,30 @@
-"""Reports: the README's generated sections, the paired comparison of two evaluations, the tuning table.
+"""Reports: Markdown tables, the README's generated sections, the paired comparison of two evaluations, the tuning
+table.
 
 Library code the recipes share (they import the package, never each other).
 """
 import math
 import re
 from pathlib import Path
+from typing import Iterable, Optional, Sequence
 
-__all__ = ['update_section', 'paired', 'tuning_table']
+__all__ = ['markdown_table', 'update_section', 'print_or_update', 'paired', 'paired_difference', 'tuning_table']
+
+
+def markdown_table(header: Sequence, rows: Iterable[Sequence], align: Optional[str] = None) -> str:
+    """A Markdown table (no trailing newline): a line per row, each cell written ``| cell |``; a ``None`` cell is a
+    blank written ``| |`` (an empty string gives ``|  |``). ``align``: a letter per column, ``l`` (``---``) or
+    ``r`` (``---:``, numbers); all ``l`` by default."""
+    align = align or 'l' * len(header)
+    if len(align) != len(header) or set(align) - {'l', 'r'}:
+        raise ValueError(f"align needs one 'l' or 'r' per column ({len(header)}), got {align!r}")
+
+    def line(cells) -> str:
+        if len(cells) != len(header):
+            raise ValueError(f'a row of {len(cells)} cells in a table of {len(header)} columns: {cells}')
+        return '|' + '|'.join(' ' if c is None else f' {c} ' for c in cells) + '|'
+    rule = '|' + '|'.join('---:' if a == 'r' else '---' for a in align) + '|'
+    return '\n'.join([line(header), rule] + [line(r) for r in rows])
 
 
 def update_section(readme: Path, name: str, text: str) -> None:
@@ -18,6 +36,14 @@ def update_section(readme: Path, name: str, text: str) -> None:
         raise ValueError(f'{readme} has no {start} ... {end} markers')
     readme.write_text(re.sub(re.escape(start) + '.*?' + re.escape(end), lambda _: f'{start}\n{text}\n{end}',
                              content, flags=re.S))
+
+
+def print_or_update(text: str, readme: Optional[Path], name: str) -> None:
+    """Print ``text``, or with ``readme`` (a recipe's ``--update``) rewrite that file's generated section ``name``."""
+    if readme is None:
+        print(text)
+        return
+    update_section(readme, name, text)
 
 
 def paired(a: dict, b: dict) -> dict:
@@ -32,18 +58,32 @@ def paired(a: dict, b: dict) -> dict:
     return dict(n=len(a), only_a=only_a, only_b=only_b, difference=(only_b - only_a) / len(a), p=min(1.0, 2 * tail))
 
 
+def paired_difference(a: Sequence, b: Sequence) -> dict:
+    """``b - a`` on the same images (per-image correctness, 0/1 or bools): the difference of the accuracies, its
+    standard error from the per-image differences (their sample standard deviation over sqrt(n)) and the normal 95%
+    interval. Pairing removes what both get right or both get wrong from the error."""
+    if len(a) != len(b) or not len(a):
+        raise ValueError(f'paired_difference needs two equally long, non-empty results, got {len(a)} and {len(b)}')
+    d = [int(bool(j)) - int(bool(i)) for i, j in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    var = sum((v - mean) ** 2 for v in d) / (n - 1) if n > 1 else 0.0
+    se = math.sqrt(var / n)
+    return dict(n=n, difference=mean, se=se, ci95=(mean - 1.959964 * se, mean + 1.959964 * se))
+
+
 def tuning_table(results: dict) -> str:
     """The Markdown table of a tuning sweep's results (recipes/tune_hpm.py's tuning.json)."""
     def pct(v):
         return f'{100 * v:.1f}%'
-    lines = ['| candidate | change | clean (dynamic) | MSA-surrogates (dynamic) | APGD (static) | APGD (fc) |',
-             '|---|---|---:|---:|---:|---:|']
+    rows = []
     if 'base' in results:
         b = results['base']
-        lines.append(f"| base `{b['model']}` | no HPM | {pct(b['fc_clean'])} (fc) | - | - | {pct(b['fc_val'])} |")
+        rows.append([f"base `{b['model']}`", 'no HPM', f"{pct(b['fc_clean'])} (fc)", '-', '-', pct(b['fc_val'])])
     for name, r in results['candidates'].items():
         change = ', '.join(f'{k.split(".")[-1]}={v}' for k, v in r['overrides'].items()) or '(defaults)'
         star = ' **best**' if name == results.get('best') else ''
-        lines.append(f"| {name}{star} | {change} | {pct(r['dynamic_clean'])} | {pct(r['msa_val'])} | "
-                     f"{pct(r['static_val'])} | {pct(r['fc_val'])} |")
-    return '\n'.join(lines)
+        rows.append([f'{name}{star}', change, pct(r['dynamic_clean']), pct(r['msa_val']), pct(r['static_val']),
+                     pct(r['fc_val'])])
+    return markdown_table(['candidate', 'change', 'clean (dynamic)', 'MSA-surrogates (dynamic)', 'APGD (static)',
+                           'APGD (fc)'], rows, 'llrrrr')

@@ -1,19 +1,15 @@
-"""The Mixed Surrogate Attack (MSA) on one fixed batch (docs/method.md section 3).
+"""The Mixed Surrogate Attack (MSA) on fixed batches (docs/method.md section 3): :func:`attack_batch` on one batch,
+:func:`msa` for any batch-dependent model in memory (the resumable runner is :func:`timm_hpm.eval.evaluate`).
 
-Every figure is the target's accuracy on a *realised* batch: a whole batch of images, each within eps of
-its clean image, scored by one forward of the target. Candidates come from:
-
-* ``autoattack``: AutoAttack's standard cascade (APGD-CE, APGD-T, FAB-T, Square) run on the target
-  itself, its images re-scored on the fixed batch (never AutoAttack's own accuracy);
-* for each surrogate (views on the target's weights: ``fc``, ``static``, ``soft``, ``dynamic``): white-box
-  APGD-CE and APGD-T on the whole batch, the loss summed over it, no re-batching;
-* optionally the surrogates' own AutoAttack cascades (``surrogate_autoattack``).
-
-Cascade: a sample broken in the running realised batch is not attacked again (batch-independent surrogates
-attack only the still-robust samples; batch-dependent ones attack the whole batch, and only the robust
-samples' images are replaced), but every candidate batch is scored whole. The realised batch takes a
-candidate when it lowers the batch's accuracy. The per-sample union over all candidates is a lower bound
-that need not be realisable in one batch; it is reported beside the realised figure.
+Every figure is the target's accuracy on a *realised* batch (:class:`~timm_hpm.eval.realised.RealisedBatch`): a
+whole batch of images within eps of the clean ones, scored by one forward of the target. Candidates, in order:
+AutoAttack's standard cascade on the target, its images re-scored on the fixed batch (never AutoAttack's own
+accuracy); for each surrogate (views on the target's weights: ``fc``, ``static``, ``soft``, ``dynamic``; then
+other models, e.g. the base the HPM weights were fine-tuned from) white-box APGD-CE and APGD-T on the whole batch,
+the loss summed over it; optionally each surrogate's AutoAttack cascade; finally whole-batch combinations of every
+stage's breaks. Cascade: a sample broken in the realised batch is not attacked again (batch-independent surrogates
+attack the still-robust samples only), but every candidate batch is scored whole. The per-sample union over all
+candidates is a bound that need not be realisable in one batch, reported beside the realised figure.
 """
 from __future__ import annotations
 
@@ -25,14 +21,14 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..layers.hpm_head import HPM_MODES
-from ..models._hpm import get_hpm_head
-from .apgd import apgd, apgd_targeted
+from ..attacks import apgd, apgd_targeted, check_images
+from ..models._hpm import is_hpm_model
 from .autoattack import make_autoattack, run_autoattack
+from .realised import RealisedBatch
+from .stages import AUTOATTACK, candidate_name
+from .views import ModelView, hpm_views
 
-__all__ = ['MSAConfig', 'PassCounter', 'ModelView', 'hpm_views', 'attack_batch', 'BATCH_DEPENDENT_MODES']
-
-BATCH_DEPENDENT_MODES = ('dynamic', 'soft')
+__all__ = ['MSAConfig', 'attack_batch', 'msa']
 
 
 @dataclass
@@ -41,8 +37,11 @@ class MSAConfig:
     eps: float
     norm: str = 'Linf'
     surrogates: Sequence[str] = ('fc', 'static', 'soft', 'dynamic')
+    surrogate_models: Sequence[str] = ()  # names of other models attacked after the head's modes (e.g. the base)
     apgd_iters: int = 100
-    n_target_classes: int = 3  # per surrogate; AutoAttack's own cascade keeps its 9 (cost: see the MSA benchmark)
+    n_target_classes: int = 3  # APGD-T targets per surrogate (cost: see the MSA benchmark)
+    target_n_target_classes: int = 9  # through the target itself (its own view among the surrogates): AutoAttack's 9
+    combine_rounds: int = 3  # whole-batch combinations of every stage's breaks after the last stage (0: none)
     autoattack: bool = True  # the standard AutoAttack cascade on the target, re-scored on fixed batches
     autoattack_version: str = 'standard'
     autoattack_attacks: Optional[Sequence[str]] = None  # with autoattack_version='custom'
@@ -55,57 +54,42 @@ class MSAConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d['surrogates'] = list(self.surrogates)
+        d['surrogate_models'] = list(self.surrogate_models)
         d['autoattack_attacks'] = list(self.autoattack_attacks) if self.autoattack_attacks else None
         return d
 
 
-class PassCounter:
-    """Images through forward and backward passes."""
-
-    def __init__(self):
-        self.forward = 0
-        self.backward = 0
-
-    def as_dict(self) -> Dict[str, int]:
-        return {'forward_images': self.forward, 'backward_images': self.backward}
+def _same_view(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two views are the same model under the same head mode (the target attacked through itself)."""
+    return a is b or (isinstance(a, ModelView) and isinstance(b, ModelView) and a.model is b.model
+                      and a.mode == b.mode)
 
 
-class ModelView(nn.Module):
-    """A view on a model: optional HPM mode, optional bf16 autocast, pass counting. Shares the weights."""
+def _surrogate_stage(batch: RealisedBatch, name: str, surrogate: nn.Module, n_targets: int, cfg: 'MSAConfig',
+                     generator: torch.Generator, active: Callable[[], torch.Tensor]) -> None:
+    """White-box APGD-CE and APGD-T (``n_targets`` target classes) through one surrogate, each scored on the target."""
+    x, y = batch.x, batch.y
+    todo = active()
+    # Batch-independent surrogates may attack the sub-batch of robust samples; batch-dependent ones see the whole
+    # batch (its composition is part of the model).
+    batch_dependent = getattr(surrogate, 'batch_dependent', True)
+    idx = torch.arange(x.shape[0], device=x.device) if batch_dependent else todo.nonzero().flatten()
+    xs, ys = x[idx], y[idx]
 
-    def __init__(self, model: nn.Module, mode: Optional[str] = None, counter: Optional[PassCounter] = None,
-                 amp: bool = False, batch_dependent: Optional[bool] = None):
-        super().__init__()
-        self.model = model
-        self.mode = mode
-        self.counter = counter
-        self.amp = amp
-        self.batch_dependent = mode in BATCH_DEPENDENT_MODES if batch_dependent is None else batch_dependent
+    def scatter(x_sub: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        out[idx] = x_sub
+        return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.counter is not None:
-            self.counter.forward += x.shape[0]
-            if torch.is_grad_enabled() and x.requires_grad:
-                self.counter.backward += x.shape[0]
-        mode_ctx = get_hpm_head(self.model).using_mode(self.mode) if self.mode else contextlib.nullcontext()
-        amp_ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
-        with mode_ctx, amp_ctx:
-            return self.model(x).float()
-
-
-def hpm_views(model: nn.Module, surrogates: Sequence[str], counter: PassCounter, amp: bool = False):
-    """The target (``dynamic``) and the surrogate views of an HPM model."""
-    unknown = [s for s in surrogates if s not in HPM_MODES]
-    if unknown:
-        raise ValueError(f'unknown surrogates {unknown}; choose from {HPM_MODES}')
-    get_hpm_head(model)
-    target = ModelView(model, 'dynamic', counter, amp)
-    return target, {s: ModelView(model, s, counter, amp) for s in surrogates}
-
-
-@torch.no_grad()
-def _correct(target: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return target(x).argmax(1) == y
+    batch.consider(candidate_name(name, 'apgd-ce'),
+                   scatter(apgd(surrogate, xs, ys, cfg.eps, cfg.norm, cfg.apgd_iters, loss='ce', generator=generator)),
+                   todo)
+    for rank, x_t in enumerate(apgd_targeted(surrogate, xs, ys, cfg.eps, cfg.norm, cfg.apgd_iters,
+                                             n_target_classes=n_targets, generator=generator)):
+        todo = active()
+        if not bool(todo.any()):
+            break
+        batch.consider(candidate_name(name, f'apgd-t{rank + 1}'), scatter(x_t), todo)
 
 
 def attack_batch(
@@ -121,73 +105,116 @@ def attack_batch(
     batch, on each candidate batch, and on the final realised batch, and the realised images."""
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
-    clean = _correct(target, x, y)
-    realised_x, realised = x.clone(), clean.clone()
-    union = clean.clone()
-    candidates: Dict[str, torch.Tensor] = {}
-    stages: List[str] = []
-
-    def consider(name: str, x_adv: torch.Tensor, replace: torch.Tensor) -> None:
-        nonlocal realised_x, realised, union
-        x_cand = realised_x.clone()
-        x_cand[replace] = x_adv[replace]
-        correct = _correct(target, x_cand, y) & clean
-        candidates[name] = correct
-        union &= correct
-        if int(correct.sum()) < int(realised.sum()):
-            realised_x, realised = x_cand, correct
-        stages.append(name)
+    batch = RealisedBatch(target, x, y)
 
     def active() -> torch.Tensor:
-        return realised.clone() if cfg.cascade else clean.clone()
+        return batch.correct.clone() if cfg.cascade else batch.clean.clone()
 
     if cfg.autoattack:
-        if bool(clean.any()):
+        if bool(batch.clean.any()):
             # Plain AutoAttack's figure: all its images, re-scored on this fixed batch.
             adversary = make_autoattack(target, cfg.eps, cfg.norm, version=cfg.autoattack_version,
                                         attacks=cfg.autoattack_attacks, seed=seed, device=x.device,
                                         num_classes=num_classes, n_iter=cfg.autoattack_iters,
                                         square_queries=cfg.square_queries)
-            consider('autoattack', run_autoattack(adversary, x, y, batch_size=x.shape[0]), torch.ones_like(clean))
+            batch.consider(AUTOATTACK, run_autoattack(adversary, x, y, batch_size=x.shape[0]),
+                           torch.ones_like(batch.clean))
         else:
-            candidates['autoattack'] = clean.clone()
+            batch.candidates[AUTOATTACK] = batch.clean.clone()
 
     for name, surrogate in surrogates.items():
-        todo = active()
-        if not bool(todo.any()):
+        if not bool(active().any()):
             break
-        batch_dependent = getattr(surrogate, 'batch_dependent', True)
-        # Batch-independent surrogates may attack the sub-batch of robust samples; batch-dependent ones
-        # see the whole batch (its composition is part of the model).
-        idx = torch.arange(x.shape[0], device=x.device) if batch_dependent else todo.nonzero().flatten()
-        xs, ys = x[idx], y[idx]
-
-        def scatter(x_sub: torch.Tensor) -> torch.Tensor:
-            out = x.clone()
-            out[idx] = x_sub
-            return out
-
-        consider(f'{name}/apgd-ce', scatter(apgd(surrogate, xs, ys, cfg.eps, cfg.norm, cfg.apgd_iters,
-                                                 loss='ce', generator=generator)), todo)
-        for rank, x_t in enumerate(apgd_targeted(surrogate, xs, ys, cfg.eps, cfg.norm, cfg.apgd_iters,
-                                                 n_target_classes=cfg.n_target_classes, generator=generator)):
-            todo = active()
-            if not bool(todo.any()):
-                break
-            consider(f'{name}/apgd-t{rank + 1}', scatter(x_t), todo)
+        n_targets = cfg.target_n_target_classes if _same_view(surrogate, target) else cfg.n_target_classes
+        _surrogate_stage(batch, name, surrogate, n_targets, cfg, generator, active)
         if cfg.surrogate_autoattack and bool(active().any()):
-            todo = active()
             adversary = make_autoattack(surrogate, cfg.eps, cfg.norm, version='custom',
                                         attacks=['apgd-ce', 'apgd-t', 'fab-t'], seed=seed, device=x.device,
                                         num_classes=num_classes, n_iter=cfg.autoattack_iters)
-            consider(f'{name}/autoattack', run_autoattack(adversary, x, y, batch_size=x.shape[0]), todo)
-
+            batch.consider(candidate_name(name, 'autoattack'), run_autoattack(adversary, x, y, batch_size=x.shape[0]),
+                           active())
+    batch.combine(cfg.combine_rounds)
     return {
-        'clean': clean.tolist(),
-        'candidates': {k: v.tolist() for k, v in candidates.items()},
-        'realised': realised.tolist(),
-        'union': union.tolist(),
-        'stages': stages,
+        'clean': batch.clean.tolist(),
+        'candidates': {k: v.tolist() for k, v in batch.candidates.items()},
+        'realised': batch.correct.tolist(),
+        'union': batch.union.tolist(),
+        'stages': batch.stages,
         'seconds': time.perf_counter() - start,
-        'x_adv': realised_x,
+        'x_adv': batch.x_adv,
+    }
+
+
+def msa(
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        eps: float,
+        surrogates: Optional[Dict[str, nn.Module]] = None,
+        batch_size: Optional[int] = None,
+        config: Optional[MSAConfig] = None,
+        batch_dependent: bool = True,
+) -> dict:
+    """The Mixed Surrogate Attack on any (batch-dependent) model, in memory: no run folder, no resume (for those,
+    :func:`timm_hpm.eval.evaluate`).
+
+    Args:
+        model: the target, called in eval mode on whole fixed batches of ``batch_size`` images in order (default:
+            all of ``x`` in one batch); images in [0, 1].
+        surrogates: name -> differentiable stand-in (the same weights under another mode, the base model the
+            target was fine-tuned from, ...). Wrap one in :class:`ModelView` with ``batch_dependent=False`` to let
+            MSA attack only its still-robust samples. The target is always attacked through itself too (as
+            ``'target'``, with AutoAttack's 9 target classes) unless one of ``surrogates`` is a view of it. Default
+            for an HPM model: its head's modes (``fc``, ``static``, ``soft``, ``dynamic``).
+        config: the protocol's options (``eps``, ``norm`` and the rest); default ``MSAConfig(eps)``.
+        batch_dependent: whether the target's predictions depend on the batch (then AutoAttack's own figure is not
+            used: its images are re-scored on the fixed batches).
+    Returns ``clean_acc``, ``robust_acc`` (the realised worst case: every batch of ``x_adv`` scored whole),
+    ``union_acc`` (per-sample union of all candidates, a bound that need not be realisable), ``candidate_acc``
+    (each candidate batch's accuracy), ``correct`` (per-sample bools of the realised batches) and ``x_adv``.
+    """
+    cfg = config or MSAConfig(eps=eps)
+    if config is not None and config.eps != eps:
+        raise ValueError(f'eps={eps} but config.eps={config.eps}: give one')
+    num_classes = getattr(model, 'num_classes', None)
+    check_images(x, y, num_classes)
+    batch_size = batch_size or x.shape[0]
+    if surrogates is None:
+        surrogates = dict(hpm_views(model, cfg.surrogates, None)[1]) if is_hpm_model(model) else {}
+    target = ModelView(model, 'dynamic' if is_hpm_model(model) else None, batch_dependent=batch_dependent)
+    views = {name: s if isinstance(s, ModelView) else ModelView(s, batch_dependent=True)
+             for name, s in surrogates.items()}
+    if not any(_same_view(v, target) for v in views.values()):
+        views['target'] = target
+    with _eval_mode(model, *(v.model for v in views.values())):
+        units = [attack_batch(target, views, xb, yb, cfg, seed=cfg.seed * 1_000_003 + i * 101,
+                              num_classes=num_classes or int(model(xb[:1]).shape[1]))
+                 for i, (xb, yb) in enumerate(zip(x.split(batch_size), y.split(batch_size)))]
+    return _summary(units, x.shape[0])
+
+
+@contextlib.contextmanager
+def _eval_mode(*modules: nn.Module):
+    """The modules in eval mode for the attack, each back in its own mode afterwards."""
+    was_training = {m: m.training for m in modules}
+    try:
+        for m in was_training:
+            m.eval()
+        yield
+    finally:
+        for m, mode in was_training.items():
+            m.train(mode)
+
+
+def _summary(units: List[dict], n: int) -> dict:
+    """The figures of :func:`msa` from its batches' :func:`attack_batch` results (a candidate a batch did not run,
+    everything being broken already, counts as that batch's realised result)."""
+    names = list(dict.fromkeys(k for u in units for k in u['candidates']))
+    return {
+        'clean_acc': sum(sum(u['clean']) for u in units) / n,
+        'robust_acc': sum(sum(u['realised']) for u in units) / n,
+        'union_acc': sum(sum(u['union']) for u in units) / n,
+        'candidate_acc': {k: sum(sum(u['candidates'].get(k, u['realised'])) for u in units) / n for k in names},
+        'correct': torch.tensor([c for u in units for c in u['realised']]),
+        'x_adv': torch.cat([u['x_adv'] for u in units]),
     }

@@ -1,0 +1,128 @@
+"""timm_hpm.eval.msa: the Mixed Surrogate Attack as a public API for any batch-dependent model, and the realised
+batch built from every stage's breaks."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import timm_hpm
+from timm_hpm.eval import MSAConfig, make_autoattack
+from timm_hpm.eval.msa import msa
+from timm_hpm.eval.realised import RealisedBatch
+
+K = 4
+FAST = dict(apgd_iters=20, autoattack_iters=20, autoattack_version='custom', autoattack_attacks=['apgd-ce', 'apgd-t'])
+
+
+def _patterns(n: int, seed: int):
+    """Four classes of 8x8 grey images: a fixed random pattern per class plus uniform noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, K, (n,), generator=g)
+    patterns = torch.rand(K, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    return (0.5 * patterns[y] + 0.5 * torch.rand(n, 1, 8, 8, generator=g)).clamp(0, 1), y
+
+
+class TransductiveBN(nn.Module):
+    """The classic transductive defence: batch norm that uses the test batch's own statistics (no running
+    statistics), here on the logits. Its predictions depend on the whole batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.Linear(8 * 4 * 4, K)
+        self.bn = nn.BatchNorm1d(K, affine=False, track_running_stats=False)
+        self.num_classes = K
+
+    def forward(self, x):
+        return self.bn(self.fc(F.avg_pool2d(F.relu(self.conv(x)), 2).flatten(1)))
+
+
+@pytest.fixture(scope='module')
+def transductive():
+    torch.manual_seed(0)
+    model = TransductiveBN()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    g_seed = 1
+    for step in range(300):
+        x, y = _patterns(64, g_seed * 10_000 + step)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x, y = _patterns(64, 2)
+    return model.eval(), x, y
+
+
+def test_autoattacks_own_bookkeeping_overestimates_a_transductive_model_and_msa_does_not(transductive):
+    model, x, y = transductive
+    eps = 0.12
+    with torch.no_grad():
+        assert bool((model(x).argmax(1) == y).all())
+    adversary = make_autoattack(model, eps, version='custom', attacks=['apgd-ce', 'apgd-t'], num_classes=K,
+                                n_iter=20, seed=0)
+    _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=len(y))
+    own = float((y_adv == y).float().mean())  # AutoAttack's figure: sub-batches of still-robust points
+    result = msa(model, x, y, eps, config=MSAConfig(eps=eps, **FAST))
+    with torch.no_grad():  # MSA's figure is one concrete batch: re-scoring it whole gives the same number
+        rescored = float((model(result['x_adv']).argmax(1) == y).float().mean())
+    delta = (result['x_adv'] - x).abs().amax()
+    assert rescored == result['robust_acc'] and float(delta) <= eps + 1e-6
+    assert own >= result['robust_acc'] + 4 / len(y)  # AutoAttack's own figure claims robustness that is not there
+    assert result['union_acc'] <= result['robust_acc'] <= result['candidate_acc']['autoattack']
+    assert 'target/apgd-ce' in result['candidate_acc']  # the target was attacked through itself
+
+
+def test_msa_defaults_to_an_hpm_models_head_modes_and_restores_its_mode():
+    torch.manual_seed(0)
+    model = timm_hpm.convert_to_hpm(nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, K)))
+    x, y = _patterns(32, 3)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        model.hpm_head.init_prototypes_([(feats, model.hpm_head.fc_forward(feats).argmax(1))])
+    model.train()
+    cfg = MSAConfig(eps=0.05, autoattack=False, apgd_iters=5, n_target_classes=1, target_n_target_classes=1)
+    result = msa(model, x, y, 0.05, config=cfg, batch_size=16)
+    stages = {name.split('/')[0] for name in result['candidate_acc']}
+    assert {'fc', 'static', 'soft', 'dynamic'} <= stages and 'target' not in stages  # dynamic is the target's view
+    assert model.training and model.hpm_head.mode == 'dynamic'
+    assert result['correct'].shape == (32,) and result['x_adv'].shape == x.shape
+
+
+def test_msa_refuses_bad_input():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, K))
+    x, y = _patterns(8, 0)
+    with pytest.raises(ValueError, match=r'\[0, 1\]'):
+        msa(model, x * 2, y, 0.1)
+    with pytest.raises(ValueError, match='NaN'):
+        msa(model, x.masked_fill(torch.zeros_like(x, dtype=torch.bool).index_fill_(0, torch.tensor([0]), True),
+                                 float('nan')), y, 0.1)
+    with pytest.raises(ValueError, match='shape'):
+        msa(model, x[0], y, 0.1)
+    with pytest.raises(ValueError, match='config.eps'):
+        msa(model, x, y, 0.1, config=MSAConfig(eps=0.2))
+
+
+class _Threshold(nn.Module):
+    """1x1 images; class 1 iff the pixel exceeds 0.5 (batch-independent, so every break is realisable)."""
+
+    def forward(self, x):
+        v = x.flatten(1)[:, :1]
+        return torch.cat([0.5 - v, v - 0.5], dim=1)
+
+
+def test_the_realised_batch_combines_breaks_from_different_stages():
+    """Without the cascade a later candidate replaces every image, so the stage-by-stage realised batch keeps only
+    one stage's breaks; the combination puts both stages' breaks into one batch, scored whole."""
+    x, y = torch.full((6, 1, 1, 1), 0.4), torch.zeros(6, dtype=torch.long)
+    batch = RealisedBatch(_Threshold(), x, y)
+    everything = torch.ones(6, dtype=torch.bool)
+    a, b = x.clone(), x.clone()
+    a[[0, 1]] = 0.6
+    b[[2, 3, 4]] = 0.6
+    batch.consider('a/apgd-ce', a, everything)
+    batch.consider('b/apgd-ce', b, everything)
+    assert batch.correct.tolist() == [True, True, False, False, False, True]  # b's batch: 3 broken beats a's 2
+    batch.combine(rounds=3)
+    assert batch.correct.tolist() == [False] * 5 + [True]
+    assert batch.stages[-1] == 'combined/round1' and len(batch.stages) == 3  # nothing left for round 2
+    assert torch.equal(_Threshold()(batch.x_adv).argmax(1) == y, batch.correct)

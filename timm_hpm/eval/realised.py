@@ -1,0 +1,61 @@
+"""The realised batch of MSA: one concrete adversarial batch, built from candidate batches, always scored whole."""
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+import torch
+
+from ..attacks import accuracy
+from .stages import COMBINED, candidate_name
+
+__all__ = ['RealisedBatch']
+
+
+class RealisedBatch:
+    """The running realised batch of one fixed batch and every candidate's per-sample result.
+
+    A candidate replaces the images of the samples ``replace`` selects; it is scored whole and taken when it lowers
+    the batch's accuracy. The images of the samples each candidate breaks are kept, so that :meth:`combine` can
+    build one batch from every stage's breaks (a batch-dependent target need not keep a break made in another
+    stage's batch: each combination is scored whole too).
+    """
+
+    def __init__(self, target: Callable, x: torch.Tensor, y: torch.Tensor):
+        self.target, self.x, self.y = target, x, y
+        self.clean = accuracy(target, x, y)
+        self.x_adv, self.correct, self.union = x.clone(), self.clean.clone(), self.clean.clone()
+        self.candidates: Dict[str, torch.Tensor] = {}
+        self.breaks: List[tuple] = []  # (indices, images) a candidate broke, in the order they ran
+        self.stages: List[str] = []
+
+    def consider(self, name: str, x_adv: torch.Tensor, replace: torch.Tensor) -> None:
+        x_cand = self.x_adv.clone()
+        x_cand[replace] = x_adv[replace]
+        self._score(name, x_cand)
+
+    def _score(self, name: str, x_cand: torch.Tensor) -> None:
+        correct = accuracy(self.target, x_cand, self.y) & self.clean
+        self.candidates[name] = correct
+        self.union &= correct
+        broken = (~correct & self.clean).nonzero().flatten()
+        self.breaks.append((broken, x_cand[broken]))
+        if int(correct.sum()) < int(self.correct.sum()):
+            self.x_adv, self.correct = x_cand, correct
+        self.stages.append(name)
+
+    def combine(self, rounds: int) -> None:
+        """Up to ``rounds`` whole-batch candidates made of every stage's breaks: for each sample the realised batch
+        still classifies correctly but some candidate broke, round ``r`` puts in the image of the ``r``-th candidate
+        that broke it. Each is scored whole and taken when it lowers the accuracy. Forward passes only."""
+        options: Dict[int, List[torch.Tensor]] = {}
+        for indices, images in self.breaks:
+            for i, image in zip(indices.tolist(), images):
+                options.setdefault(i, []).append(image)
+        for r in range(rounds):
+            pending = [i for i in (self.correct & ~self.union).nonzero().flatten().tolist() if len(options[i]) > r]
+            if not pending:
+                return
+            x_cand = self.x_adv.clone()
+            for i in pending:
+                x_cand[i] = options[i][r]
+            self._score(candidate_name(COMBINED, f'round{r + 1}'), x_cand)

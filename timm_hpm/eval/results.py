@@ -1,0 +1,123 @@
+"""A run's result, aggregated from its unit files alone, and its human-readable table (eval.md)."""
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from ..report import markdown_table
+from .run_folder import load_unit
+from .stages import AUTOATTACK, candidate_stage, stage_order
+
+__all__ = ['aggregate', 'format_table']
+
+
+def _batching_units(run_dir: Path, batching: str, n: int) -> List[dict]:
+    """The units of one batching; refused (an error) when one is unreadable or they do not cover the run."""
+    files = sorted((run_dir / 'units').glob(f'{batching}_*.json'))
+    units = [load_unit(f) for f in files]
+    unreadable = [str(f) for f, u in zip(files, units) if u is None]
+    if unreadable:
+        raise ValueError(f'{run_dir}: unreadable unit files {unreadable}; resume the run to recompute them.')
+    covered = sorted(i for u in units for i in u['indices'])
+    if covered != list(range(n)):
+        raise ValueError(f'{run_dir}: batching {batching!r} is incomplete ({len(covered)} of {n} examples); '
+                         'resume the run to finish it.')
+    return units
+
+
+def _aggregate_batching(units: List[dict], settings: dict, sample_robust: torch.Tensor, totals: dict) -> dict:
+    """One batching's figures; clears the images it breaks in ``sample_robust`` and adds its passes and attack time
+    to ``totals`` (``forward_images``, ``backward_images``, ``seconds``)."""
+    n = settings['n_examples']
+    clean = realised = union = 0
+    surrogate_realised: Dict[str, int] = {}
+    candidate_totals: Dict[str, int] = {}
+    for u in units:
+        clean += sum(u['clean'])
+        realised += sum(u['realised'])
+        union += sum(u['union'])
+        for i, ok in zip(u['indices'], u['union']):
+            if not ok:
+                sample_robust[i] = False
+        by_surrogate: Dict[str, List[int]] = {}
+        for name, correct in u['candidates'].items():
+            candidate_totals[name] = candidate_totals.get(name, 0) + sum(correct)
+            by_surrogate.setdefault(candidate_stage(name), []).append(sum(correct))
+        for s, counts in by_surrogate.items():
+            surrogate_realised[s] = surrogate_realised.get(s, 0) + min(counts)
+        totals['forward_images'] += u['passes']['forward_images']
+        totals['backward_images'] += u['passes']['backward_images']
+        totals['seconds'] += u['seconds']
+    out = {
+        'batches': len(units),
+        'clean_acc': clean / n,
+        'realised_acc': realised / n,
+        'union_acc': union / n,
+        'per_surrogate_acc': {s: surrogate_realised[s] / n for s in stage_order(settings, surrogate_realised)},
+    }
+    if AUTOATTACK in candidate_totals:
+        out['autoattack_acc'] = candidate_totals[AUTOATTACK] / n
+    return out
+
+
+def aggregate(run_dir: Path, metadata: Optional[dict] = None) -> dict:
+    """The result of a run, from its unit files (identical whatever the number of processes or restarts)."""
+    run_dir = Path(run_dir)
+    settings = json.loads((run_dir / 'settings.json').read_text())
+    n = settings['n_examples']
+    sample_robust_any_batching = torch.ones(n, dtype=torch.bool)
+    totals = {'forward_images': 0, 'backward_images': 0, 'seconds': 0.0}
+    per_batching = {batching: _aggregate_batching(_batching_units(run_dir, batching, n), settings,
+                                                  sample_robust_any_batching, totals)
+                    for batching in settings['batchings']}
+    first = per_batching[settings['batchings'][0]]
+    worst_batching = min(per_batching, key=lambda b: per_batching[b]['realised_acc'])
+    result = {
+        **(metadata or {}),
+        'protocol': settings['protocol'],
+        'n_examples': n,
+        'clean_acc': first['clean_acc'],
+        'autoattack_acc': first.get('autoattack_acc'),
+        'threat_model': settings['msa']['norm'],
+        'eps': settings['msa']['eps'],
+        'batch_size': settings['batch_size'],
+        'batchings': per_batching,
+        'worst_batching': worst_batching,
+        'passes': {k: totals[k] for k in ('forward_images', 'backward_images')},
+        'attack_seconds': round(totals['seconds'], 3),
+        'settings': settings,
+        'machine': {'platform': platform.platform(), 'torch': torch.__version__, 'threads': torch.get_num_threads()},
+    }
+    if settings['protocol'] == 'msa':
+        result['msa_acc'] = per_batching[worst_batching]['realised_acc']
+        result['msa_union_acc'] = float(sample_robust_any_batching.float().mean())
+        result['per_surrogate_acc'] = first['per_surrogate_acc']
+    return result
+
+
+def format_table(result: dict) -> str:
+    """A human-readable table of a result."""
+    def pct(v):
+        return f'{100 * v:.2f}%'
+    lines = [f"{result.get('name', 'model')}  ({result['protocol']}, {result['threat_model']} eps="
+             f"{result['eps']:.4f}, {result['n_examples']} examples, batch {result['batch_size']})", '',
+             markdown_table(['batching', 'clean', 'AutoAttack (fixed batches)', 'realised worst case',
+                             'per-sample union bound'],
+                            [[name, pct(b['clean_acc']), '-' if b.get('autoattack_acc') is None
+                              else pct(b['autoattack_acc']), pct(b['realised_acc']), pct(b['union_acc'])]
+                             for name, b in result['batchings'].items()], 'lrrrr')]
+    if result['protocol'] == 'msa':
+        first = next(iter(result['batchings']))  # per_surrogate_acc is the first batching's
+        lines += ['', markdown_table([f'surrogate (cumulative, {first} batching)', 'robust accuracy'],
+                                     [[s, pct(v)] for s, v in result['per_surrogate_acc'].items()], 'lr')]
+        lines += ['', f"MSA accuracy (worst batching: {result['worst_batching']}): {pct(result['msa_acc'])}  "
+                      f"(union bound over all batchings {pct(result['msa_union_acc'])})"]
+    for warning in result.get('warnings', []):
+        lines.append(f'WARNING: {warning}')
+    lines.append(f"passes: {result['passes']['forward_images']} forward / {result['passes']['backward_images']} "
+                 f"backward images, {result['attack_seconds']:.1f} s")
+    return '\n'.join(lines)

@@ -1,0 +1,44 @@
+"""MSA's stage names and their labels: the one place that builds them.
+
+A unit file's ``candidates`` are named ``autoattack`` (AutoAttack's cascade on the target) or
+``<surrogate>/<attack>`` (``fc/apgd-ce``, ``fc/apgd-t1``, ..., ``fc/autoattack``, and ``combined/round1``, ...); a
+*stage* is the part before the slash (``autoattack``, ``fc``, ``static``, ..., ``combined``). ``realised`` and
+``union`` are the batch after every stage and the per-sample union over all candidates.
+"""
+from __future__ import annotations
+
+from typing import Iterable, List, Optional
+
+__all__ = ['AUTOATTACK', 'COMBINED', 'candidate_name', 'candidate_stage', 'stage_order', 'stage_label']
+
+#: The stage (and candidate) of AutoAttack's cascade run on the target itself.
+AUTOATTACK = 'autoattack'
+#: The stage after the last surrogate: whole-batch combinations of every stage's breaks.
+COMBINED = 'combined'
+
+
+def candidate_name(surrogate: Optional[str], attack: str) -> str:
+    """A candidate batch's name: ``attack`` on the target (``surrogate=None``), else ``<surrogate>/<attack>``."""
+    return attack if surrogate is None else f'{surrogate}/{attack}'
+
+
+def candidate_stage(name: str) -> str:
+    """The stage a candidate belongs to: ``fc/apgd-t1`` -> ``fc``, ``autoattack`` -> ``autoattack``."""
+    return name.split('/')[0]
+
+
+def stage_order(settings: dict, stages: Iterable[str]) -> List[str]:
+    """MSA's stages (those in ``stages``) in the order they run: AutoAttack on the target, the surrogates as
+    configured (``settings``: a run's settings.json), then the combinations; any other stage after them, sorted."""
+    stages = list(stages)
+    msa = settings.get('msa', {})
+    ran = [AUTOATTACK] + list(msa.get('surrogates', [])) + list(msa.get('surrogate_models', [])) + [COMBINED]
+    return [s for s in ran if s in stages] + sorted(s for s in stages if s not in ran)
+
+
+def stage_label(stage: str, surrogate_prefix: str = 'APGD-CE/T via') -> str:
+    """A stage's label in a table: ``AutoAttack on the target``, ``combinations of every stage's breaks``, or
+    ``<surrogate_prefix> <surrogate>``."""
+    if stage == AUTOATTACK:
+        return 'AutoAttack on the target'
+    return "combinations of every stage's breaks" if stage == COMBINED else f'{surrogate_prefix} {stage}'
