@@ -1,0 +1,104 @@
+"""The budget-matched HPM study on held-out images: every candidate against a control with the same budget.
+
+    python recipes/study.py --study recipes/configs/fashion_mnist_study.yaml --out results/fashion_mnist/study
+
+Each candidate of the study YAML is fine-tuned (``recipes/finetune.py``, into ``<runs>/<candidate>/seed<s>``) for
+each seed, with a control (the base fine-tuned with plain PGD-AT, same steps, learning rate, trainable parameters,
+attack and seed) for every budget and seed; inference-time candidates change a shipped model's head options without
+training. Every model is scored on the same held-out images (never the test set) by timm_hpm.study.score_model;
+per-image results go to ``<out>/scores/`` and the table (difference to the control, paired standard error, sign
+test) to ``<out>/study.json``, ``<out>/study.md`` and ``<out>/study.png``. Finished fine-tunes and scores are kept:
+rerun the command after an interruption, or with more candidates or seeds.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--study', type=Path, required=True, help='YAML: config, control_config, seeds, common, scoring, '
+                                                              'candidates {name: options}')
+    p.add_argument('--out', type=Path, required=True, help='folder for study.json/.md/.png and the per-image scores')
+    p.add_argument('--runs', type=Path, default=Path('runs/study'), help='where the candidates are fine-tuned')
+    p.add_argument('--only', nargs='*', help='candidates (names without /seed) to run; default all')
+    p.add_argument('--device', default='cpu', choices=['cpu', 'auto'], help='the fine-tunes\' device')
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import timm
+    import yaml
+    from tqdm import tqdm
+
+    import timm_hpm
+    from timm_hpm.runfiles import run_lock, write_text_atomic
+    from timm_hpm.study import expand_study, finetune, held_out, plot_study, score_model, study_rows, study_table
+    from timm_hpm.train import load_config
+
+    study = yaml.safe_load(args.study.read_text())
+    candidates = expand_study(study)
+    if args.only:
+        wanted = set(args.only)
+        keep = {c.name for c in candidates if c.name.split('/')[0] in wanted}
+        keep |= {c.control for c in candidates if c.name in keep and c.control}
+        candidates = [c for c in candidates if c.name in keep]
+    config, control_config = (REPO / study['config'], REPO / study['control_config'])
+    scoring = study.get('scoring', {})
+    base_cfg = load_config(config)
+    eps, norm = base_cfg.eps, base_cfg.attack.norm
+    scores_dir = args.out / 'scores'
+    scores_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(args.out, '--out'):
+        x = y = None
+        scores = {}
+        for c in tqdm(candidates, desc='study candidates'):
+            path = scores_dir / f"{c.name.replace('/', '__')}.json"
+            if path.exists():
+                scores[c.name] = json.loads(path.read_text())
+                continue
+            if c.kind == 'inference':
+                model = timm.create_model(c.model, pretrained=True).eval()
+                for key, value in c.hpm.items():  # the shipped head's other options stay as trained
+                    setattr(timm_hpm.get_hpm_head(model), key, value)
+                seconds = None
+            else:
+                run_dir = args.runs / (c.run or c.name)
+                seconds = finetune(control_config if c.kind == 'control' else config, run_dir, c.overrides,
+                                   args.device)
+                model = timm.create_model(f"local-dir:{run_dir / 'final'}", pretrained=True).eval()
+            if x is None:
+                x, y = held_out(base_cfg, scoring.get('n_val', 2000), model)
+            record = score_model(model, x, y, eps, norm, scoring, c.eval_batch_size or scoring.get('batch_size', 250))
+            record.update(train_seconds=seconds, candidate=c.name)
+            write_text_atomic(path, json.dumps(record))
+            scores[c.name] = record
+        base = None
+        if study.get('base_model'):
+            path = scores_dir / 'base.json'
+            if not path.exists():
+                model = timm.create_model(study['base_model'], pretrained=True).eval()
+                x, y = (x, y) if x is not None else held_out(base_cfg, scoring.get('n_val', 2000), model)
+                write_text_atomic(path, json.dumps(score_model(model, x, y, eps, norm, scoring,
+                                                               scoring.get('batch_size', 250))))
+            base = json.loads(path.read_text())
+        rows = study_rows(candidates, scores, base)
+        table = study_table(rows)
+        write_text_atomic(args.out / 'study.json', json.dumps(
+            {'study': str(args.study), 'scoring': scoring, 'eps': eps, 'norm': norm, 'rows': rows,
+             'base': {k: base[k] for k in ('clean_acc', 'robust_acc')} if base else None,
+             'timm_hpm_version': timm_hpm.__version__,
+             'command': 'python recipes/study.py ' + ' '.join(argv if argv is not None else sys.argv[1:])}, indent=2))
+        write_text_atomic(args.out / 'study.md', table + '\n')
+        plot_study(rows, args.out / 'study.png', f"held-out robust vs clean accuracy ({len(rows)} models)")
+    print(table)
+    return rows
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,113 @@
+"""The budget-matched study: candidates and their controls, the paired statistics against closed forms, and
+recipes/study.py end to end on a tiny budget."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from timm_hpm.report import paired, paired_difference
+from timm_hpm.study import expand_study, study_rows, study_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_paired_difference_against_closed_forms():
+    # d = b - a per image: [0, -1, 1, 1]; mean 1/4; sample variance 11/12; SE = sqrt(11/12 / 4)
+    r = paired_difference([1, 1, 0, 0], [1, 0, 1, 1])
+    assert r['difference'] == 0.25 and r['n'] == 4
+    assert r['se'] == pytest.approx(math.sqrt(11 / 48))
+    assert r['ci95'] == pytest.approx((0.25 - 1.959964 * math.sqrt(11 / 48), 0.25 + 1.959964 * math.sqrt(11 / 48)))
+    same = paired_difference([True, False] * 5, [True, False] * 5)
+    assert same['difference'] == 0 and same['se'] == 0
+    # 95% of a large sample of independent +-1 differences: SE = sqrt(p (1 - p) ... ) for 10 discordant in 1000
+    big = paired_difference([1] * 10 + [1] * 990, [0] * 10 + [1] * 990)
+    assert big['difference'] == -0.01 and big['se'] == pytest.approx(math.sqrt((10 * 0.99 ** 2 + 990 * 0.01 ** 2)
+                                                                                / 999 / 1000))
+    with pytest.raises(ValueError, match='equally long'):
+        paired_difference([1], [1, 0])
+    # the exact sign test: 10 discordant pairs all one way -> p = 2 / 2^10
+    assert paired(dict(enumerate([1] * 10)), dict(enumerate([0] * 10)))['p'] == pytest.approx(2 / 1024)
+
+
+STUDY = {
+    'config': 'hpm.yaml', 'control_config': 'control.yaml', 'seeds': [0, 1],
+    'common': {'train.max_steps': 2},
+    'candidates': {
+        'hpm': {},
+        'long': {'train.max_steps': 4, 'seeds': [0]},
+        'head': {'train.trainable': 'head', 'seeds': [0]},
+        'shipped': {'inference': {'alpha': 0.0}, 'model': 'hpm_x.tag'},
+        'hpm_b4': {'model_of': 'hpm', 'eval_batch_size': 4, 'seeds': [0]},
+    },
+}
+
+
+def test_every_candidate_gets_the_control_with_its_budget_and_seed():
+    cands = {c.name: c for c in expand_study(STUDY)}
+    assert cands['hpm/seed0'].control == 'control_2/seed0' and cands['hpm/seed1'].control == 'control_2/seed1'
+    assert cands['long/seed0'].control == 'control_4/seed0' and 'long/seed1' not in cands
+    assert cands['head/seed0'].control == 'control_2_trainable-head/seed0'
+    assert cands['control_2_trainable-head/seed0'].overrides == {'train.max_steps': 2, 'train.trainable': 'head',
+                                                                 'train.seed': 0}
+    assert cands['control_4/seed0'].overrides == {'train.max_steps': 4, 'train.seed': 0}
+    assert cands['shipped/seed0'].kind == 'inference' and cands['shipped/seed0'].control is None
+    assert cands['hpm_b4/seed0'].run == 'hpm/seed0' and cands['hpm_b4/seed0'].eval_batch_size == 4
+    kinds = [c.kind for c in expand_study(STUDY)]
+    assert kinds[:4] == ['control'] * 4 and 'control' not in kinds[4:]  # the four controls first
+    with pytest.raises(ValueError, match='unknown study keys'):
+        expand_study({**STUDY, 'candidate': {}})
+    with pytest.raises(ValueError, match='model_of'):
+        expand_study({**STUDY, 'candidates': {'a': {'model_of': 'nope'}}})
+
+
+def test_rows_read_each_candidate_against_its_control_image_by_image():
+    cands = expand_study({**STUDY, 'seeds': [0]})
+    control = {'clean_acc': 0.9, 'robust_acc': 0.5, 'robust': [1, 1, 0, 0], 'clean': [1] * 4}
+    hpm = {'clean_acc': 0.8, 'robust_acc': 0.75, 'robust': [1, 0, 1, 1], 'clean': [1] * 4}
+    rows = study_rows(cands, {'control_2/seed0': control, 'hpm/seed0': hpm})
+    assert [r['name'] for r in rows] == ['control_2/seed0', 'hpm/seed0']  # unscored candidates are left out
+    assert rows[1]['difference'] == paired_difference(control['robust'], hpm['robust'])
+    table = study_table(rows)
+    assert '+25.0 ± 47.9 (p = 1) vs control_2/seed0' in table and table.count('\n') == 3
+
+
+@pytest.fixture()
+def tiny_study(tmp_path):
+    base = yaml.safe_load((ROOT / 'recipes' / 'configs' / 'test_synthetic.yaml').read_text())
+    base['data'].update(val_examples=16, synthetic_examples=48)
+    base['train'].update(epochs=1, eval_pgd_steps=0)
+    (tmp_path / 'hpm.yaml').write_text(yaml.safe_dump(base))
+    control = json.loads(json.dumps(base))
+    control['model']['name'] = 'preact_resnet18'
+    control['model'].pop('hpm')
+    control['train']['objective'] = 'base'
+    (tmp_path / 'control.yaml').write_text(yaml.safe_dump(control))
+    study = {'config': str(tmp_path / 'hpm.yaml'), 'control_config': str(tmp_path / 'control.yaml'),
+             'common': {'train.max_steps': 1}, 'scoring': {'n_val': 8, 'apgd_iters': 2, 'n_target_classes': 1,
+                                                           'batch_size': 4},
+             'candidates': {'hpm': {}, 'hpm_b8': {'model_of': 'hpm', 'eval_batch_size': 8}}}
+    (tmp_path / 'study.yaml').write_text(yaml.safe_dump(study))
+    return tmp_path
+
+
+def test_the_study_recipe_end_to_end_and_resumes(tiny_study):
+    cmd = [sys.executable, str(ROOT / 'recipes' / 'study.py'), '--study', str(tiny_study / 'study.yaml'),
+           '--out', str(tiny_study / 'out'), '--runs', str(tiny_study / 'runs')]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = json.loads((tiny_study / 'out' / 'study.json').read_text())
+    names = [r['name'] for r in result['rows']]
+    assert names == ['control_1/seed0', 'hpm/seed0', 'hpm_b8/seed0']
+    assert all(r['vs'] == 'control_1/seed0' for r in result['rows'][1:])
+    assert (tiny_study / 'out' / 'study.png').stat().st_size > 0
+    assert not (tiny_study / 'runs' / 'hpm_b8').exists()  # scored on hpm's model, not fine-tuned again
+    scores = sorted(p.name for p in (tiny_study / 'out' / 'scores').iterdir())
+    assert scores == ['control_1__seed0.json', 'hpm__seed0.json', 'hpm_b8__seed0.json']
+    before = {p.name: p.read_text() for p in (tiny_study / 'out' / 'scores').iterdir()}
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p.name: p.read_text() for p in (tiny_study / 'out' / 'scores').iterdir()} == before

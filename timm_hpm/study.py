@@ -1,0 +1,212 @@
+"""The budget-matched study: HPM candidates read against a control, on held-out images, with paired statistics.
+
+The control is the base fine-tuned with plain PGD-AT through its own FC head with exactly an HPM candidate's
+budget (steps, learning rate, trainable parameters, attack, seed): any HPM effect is what is left once the extra
+adversarial steps are accounted for. A study (``recipes/study.py``, its YAML in ``recipes/configs/``) lists
+candidates; each is expanded over the seeds, and a control is added for every budget and seed a fine-tuned
+candidate uses. Every model is scored on the same held-out images (the end of the training split the fine-tunes
+never see; never the test set) with the same attack: whole-batch APGD-CE and APGD-T through the target itself and,
+for an HPM model, through its head's other modes (the surrogate part of MSA, without AutoAttack), the realised
+batch counted. Per-image results are kept, so every HPM figure is compared with its control image by image.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from .data import build_train_val
+from .report import markdown_table, paired, paired_difference
+
+__all__ = ['Candidate', 'expand_study', 'held_out', 'score_model', 'finetune', 'study_rows', 'study_table',
+           'plot_study']
+
+KINDS = ('hpm', 'control', 'inference')
+#: What a control shares with the HPM candidate it is read against (besides the seed): the budget.
+BUDGET_MATCHED = ('train.max_steps', 'train.epochs', 'train.trainable', 'train.lr', 'train.weight_decay',
+                  'train.opt', 'attack.eps', 'attack.steps', 'attack.step_size')
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One model of the study. ``kind``: ``hpm`` (fine-tuned from the HPM config with ``overrides``), ``control``
+    (the control config with the same budget and seed), ``inference`` (a registered ``model`` whose head options
+    ``hpm`` are changed at inference, no training). ``budget``: optimiser steps (0 for ``inference``)."""
+    name: str
+    kind: str
+    seed: int
+    budget: int
+    overrides: Dict[str, Any] = field(default_factory=dict)
+    control: Optional[str] = None  # the control it is read against (same budget and seed); None for the others
+    model: Optional[str] = None
+    hpm: Dict[str, Any] = field(default_factory=dict)
+    eval_batch_size: Optional[int] = None  # None: the study's scoring batch size
+    run: Optional[str] = None  # the fine-tune whose model this is (None: its own; another candidate's run)
+
+
+
+def _control_for(overrides: Dict[str, Any], common: Dict[str, Any], seed: int) -> Candidate:
+    """The control of an HPM candidate: the control config with the candidate's budget (:data:`BUDGET_MATCHED`)
+    and seed, named by its budget and what differs from the study's common settings."""
+    matched = {k: overrides[k] for k in BUDGET_MATCHED if k in overrides}
+    budget = int(overrides['train.max_steps'])
+    extra = ''.join(f"_{k.split('.')[-1]}-{v}" for k, v in matched.items()
+                    if k != 'train.max_steps' and common.get(k) != v)
+    return Candidate(f'control_{budget}{extra}/seed{seed}', 'control', seed, budget,
+                     {**common, **matched, 'train.seed': seed})
+
+
+def expand_study(study: dict) -> List[Candidate]:
+    """The candidates of a study YAML (``candidates``: name -> options; ``seeds``; ``common``; ``budget``), each over
+    its seeds (a candidate's own ``seeds`` wins), plus one control per (budget, seed) that a candidate needs.
+
+    A candidate's options: config overrides (``train.max_steps: 600``, ``model.hpm.alpha: 0.25``, ...), or the
+    keys ``inference`` (head options applied to ``model`` without training), ``model``, ``seeds``,
+    ``eval_batch_size`` and ``model_of`` (score another candidate's fine-tuned model, e.g. at another batch size)."""
+    unknown = set(study) - {'config', 'control_config', 'common', 'seeds', 'scoring', 'candidates', 'base_model'}
+    if unknown:
+        raise ValueError(f'unknown study keys {sorted(unknown)}')
+    seeds = list(study.get('seeds', [0]))
+    common = dict(study.get('common', {}))
+    out: Dict[str, Candidate] = {}
+    for name, options in study['candidates'].items():
+        options = dict(options or {})
+        if '/' in name:
+            raise ValueError(f"candidate name {name!r}: no '/' (it names the seed)")
+        cand_seeds = options.pop('seeds', None) or seeds
+        model, hpm = options.pop('model', None), options.pop('inference', None)
+        eval_bs = options.pop('eval_batch_size', None)
+        model_of = options.pop('model_of', None)
+        if model_of is not None and model_of not in study['candidates']:
+            raise ValueError(f'candidate {name!r}: model_of {model_of!r} is not a candidate')
+        if model_of is not None:
+            options = {k: v for k, v in (study['candidates'][model_of] or {}).items()
+                       if k not in ('seeds', 'eval_batch_size')}
+        for seed in ([0] if hpm is not None else cand_seeds):
+            if hpm is not None:
+                c = Candidate(f'{name}/seed{seed}', 'inference', seed, 0, {}, None, model or study.get('model'),
+                              dict(hpm), eval_bs)
+            else:
+                overrides = {**common, **options, 'train.seed': seed}
+                ctl = _control_for(overrides, common, seed)
+                out.setdefault(ctl.name, ctl)
+                c = Candidate(f'{name}/seed{seed}', 'hpm', seed, ctl.budget, overrides, ctl.name,
+                              eval_batch_size=eval_bs, run=f'{model_of}/seed{seed}' if model_of else None)
+            out[c.name] = c
+    return sorted(out.values(), key=lambda c: (c.kind != 'control', c.budget, c.name))
+
+
+def held_out(cfg, n: int, model) -> tuple:
+    """The first ``n`` held-out images (the last ``data.val_examples`` of the training split) as tensors in [0, 1]."""
+    _, val = build_train_val(cfg.data.dataset, cfg.data.data_dir, cfg.data.val_examples, cfg.data.train_examples,
+                             augment=False, image_size=model.pretrained_cfg['input_size'],
+                             num_classes=model.num_classes, seed=cfg.train.seed, pretrained_cfg=model.pretrained_cfg)
+    n = min(n, len(val))
+    items = [val[i] for i in range(n)]
+    return torch.stack([a for a, _ in items]), torch.tensor([int(b) for _, b in items])
+
+
+def score_model(model, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, scoring: dict,
+                batch_size: int) -> dict:
+    """Per-image clean and robust correctness of ``model`` (eval mode; an HPM model's dynamic head) on fixed
+    batches: whole-batch APGD-CE and APGD-T (``scoring``: ``apgd_iters``, ``n_target_classes``) through the target
+    and, for an HPM model, through its head's modes; the realised batches count."""
+    from .attacks import normalized_view
+    from .eval import MSAConfig, msa
+    from .models import is_hpm_model
+    view = normalized_view(model).eval()
+    cfg = MSAConfig(eps=eps, norm=norm, autoattack=False, apgd_iters=scoring.get('apgd_iters', 20),
+                    n_target_classes=scoring.get('n_target_classes', 3),
+                    target_n_target_classes=scoring.get('n_target_classes', 3),
+                    combine_rounds=scoring.get('combine_rounds', 3))
+    hpm = is_hpm_model(model)
+    surrogates = None if hpm else {}
+    result = msa(view, x, y, eps, surrogates=surrogates, batch_size=batch_size, config=cfg, batch_dependent=hpm)
+    with torch.no_grad():
+        clean = torch.cat([view(xb).argmax(1) == yb for xb, yb in zip(x.split(batch_size), y.split(batch_size))])
+    return {'clean': clean.tolist(), 'robust': result['correct'].tolist(), 'clean_acc': result['clean_acc'],
+            'robust_acc': result['robust_acc'], 'union_acc': result['union_acc']}
+
+
+def finetune(config: Path, run_dir: Path, overrides: Dict[str, Any], device: str = 'cpu') -> Optional[float]:
+    """Fine-tune with ``recipes/finetune.py`` into ``run_dir`` (resuming an interrupted run); seconds taken, or
+    None when the run had finished before."""
+    if (run_dir / 'final' / 'model.safetensors').exists():
+        return None
+    recipe = Path(__file__).resolve().parent.parent / 'recipes' / 'finetune.py'
+    if (run_dir / 'config.yaml').exists():
+        cmd = ['--resume', str(run_dir)]
+    else:
+        sets = [f'{k}={json.dumps(v)}' for k, v in overrides.items()]
+        cmd = ['--config', str(config), '--output-dir', str(run_dir)] + (['--set'] + sets if sets else [])
+    tic = time.time()
+    subprocess.run([sys.executable, str(recipe), *cmd, '--device', device], check=True)
+    return round(time.time() - tic, 1)
+
+
+def study_rows(candidates: Sequence[Candidate], scores: Dict[str, dict], base: Optional[dict] = None) -> List[dict]:
+    """One row per scored candidate: clean and robust accuracy on the held-out images, and, for every candidate
+    that has a scored control, the paired difference to it (robust, in points) with its standard error, 95%
+    interval and exact sign-test p. Inference-time candidates are read against the base (``base``)."""
+    rows = []
+    for c in candidates:
+        s = scores.get(c.name)
+        if s is None:
+            continue
+        row = {'name': c.name, 'kind': c.kind, 'budget': c.budget, 'seed': c.seed, 'clean_acc': s['clean_acc'],
+               'robust_acc': s['robust_acc'], 'overrides': {k: v for k, v in c.overrides.items() if k != 'train.seed'},
+               'inference': c.hpm, 'eval_batch_size': c.eval_batch_size}
+        reference = scores.get(c.control) if c.kind == 'hpm' else base if c.kind == 'inference' else None
+        if reference is not None:
+            row['vs'] = c.control if c.kind == 'hpm' else 'base'
+            row['difference'] = paired_difference(reference['robust'], s['robust'])
+            row['sign_test'] = paired(dict(enumerate(reference['robust'])), dict(enumerate(s['robust'])))['p']
+        rows.append(row)
+    return rows
+
+
+def study_table(rows: Sequence[dict]) -> str:
+    """The Markdown table of :func:`study_rows`."""
+    def pct(v):
+        return f'{100 * v:.1f}%'
+    body = []
+    for r in rows:
+        change = ', '.join(f'{k.split(".")[-1]}={v}' for k, v in {**r['overrides'], **r['inference']}.items()
+                           if k != 'train.max_steps') or '(defaults)'
+        if r['eval_batch_size']:
+            change += f", eval batch {r['eval_batch_size']}"
+        d = r.get('difference')
+        vs = (f"{100 * d['difference']:+.1f} ± {100 * d['se']:.1f} (p = {r['sign_test']:.2g}) vs {r['vs']}"
+              if d else '')
+        body.append([r['name'], r['kind'], r['budget'], change, pct(r['clean_acc']), pct(r['robust_acc']), vs])
+    return markdown_table(['candidate', 'kind', 'steps', 'change', 'clean', 'robust (held-out)',
+                           'robust difference, points ± 1 SE (sign test)'], body, 'llrlrrl')
+
+
+def plot_study(rows: Sequence[dict], path: Path, title: str) -> None:
+    """Robust against clean accuracy for every candidate (controls as squares), a PNG at ``path``."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    markers = {'control': 's', 'hpm': 'o', 'inference': '^'}
+    for kind in KINDS:
+        pts = [r for r in rows if r['kind'] == kind]
+        if pts:
+            ax.scatter([100 * r['clean_acc'] for r in pts], [100 * r['robust_acc'] for r in pts], marker=markers[kind],
+                       label=kind, alpha=0.8)
+    ax.set_xlabel('clean accuracy (%)')
+    ax.set_ylabel('robust accuracy, held-out (%)')
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
