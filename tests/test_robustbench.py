@@ -42,11 +42,39 @@ def test_entries_refer_to_registered_tags_whose_family_holds_the_facts():
         assert hpm_tag in timm.list_models(include_tags=True), hpm_tag
         assert entry.model_args['num_classes'] == (1000 if entry.dataset == 'imagenet' else
                                                    100 if entry.dataset == 'cifar100' else 10), entry
-        assert entry.paper.startswith('arXiv:')
+        assert entry.paper.startswith(('arXiv:', 'openreview:', 'doi:', 'https://'))
     entry = rb.get_entry('Wang2023Better_WRN-28-10', 'cifar100', 'Linf')
     assert entry.model_args['mean'] == CIFAR100_MEAN and entry.name_tag() == 'wrn28_10.rb_wang2023better_cifar100'
     assert rb.get_entry('Salman2020Do_R50').name_tag() == 'resnet50'  # timm's own architecture, timm's own tags
     assert rb.get_entry('Salman2020Do_R50').name_tag(hpm=True) == 'hpm_resnet50.rb_salman2020do_imagenet'
+
+
+def test_entries_carry_robustbench_reported_figures_and_imagenet_preprocessing():
+    """RobustBench's leaderboard figures as it reports them (strings, percent), one row per (name, dataset, threat),
+    and RobustBench's preprocessing for every ImageNet entry (from its tag), none for CIFAR."""
+    seen = set()
+    for entry in rb.ROBUSTBENCH_MODELS:
+        key = (entry.name, entry.dataset, entry.threat_model)
+        assert key not in seen, key
+        seen.add(key)
+        for figure in (entry.reported_clean, entry.reported_autoattack):
+            assert figure is None or 0 < float(figure) < 100, entry
+        if entry.reported_clean and entry.reported_autoattack:
+            assert float(entry.reported_autoattack) < float(entry.reported_clean), entry
+        assert entry.eps == ('4/255' if entry.dataset == 'imagenet' else '0.5' if entry.threat_model == 'L2' else
+                             '8/255'), entry
+        if entry.dataset == 'imagenet':
+            assert entry.preprocessing in ('Res256Crop224', 'BicubicRes256Crop224', 'Res224', 'Crop288'), entry
+        else:
+            assert entry.preprocessing is None, entry
+    gowal = rb.get_entry('Gowal2020Uncovering', 'cifar10', 'L2')
+    assert (gowal.reported_clean, gowal.reported_autoattack, gowal.architecture) == ('90.90', '74.50', 'wrn70_16')
+    assert rb.get_entry('Carmon2019Unlabeled').name_tag() == 'trades_wrn28_10.rb_carmon2019unlabeled_cifar10'
+    r18 = rb.get_entry('Rebuffi2021Fixing_R18_ddpm', 'cifar100', 'Linf')
+    assert r18.name_tag(hpm=True) == 'hpm_dm_preact_resnet18.rb_rebuffi2021fixing_ddpm_cifar100'
+    assert r18.model_args['num_classes'] == 100
+    assert rb.get_entry('Wong2020Fast').preprocessing == 'Crop288'
+    assert rb.get_entry('Chen2024Data_WRN_50_2').name_tag(hpm=True) == 'hpm_wide_resnet50_2.rb_chen2024data_imagenet'
 
 
 @pytest.mark.parametrize('wrap', [None, 'state_dict', 'last'])

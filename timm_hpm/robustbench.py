@@ -1,7 +1,7 @@
 """RobustBench base checkpoints, read safely into this package's key-compatible architectures.
 
-A declarative table of the supported RobustBench entries (facts recorded from the robustbench 1.1.1 model
-zoo: names, datasets, threat models, our architectures and tags, where RobustBench hosts the files), and a
+A declarative table of the supported RobustBench entries (timm_hpm/robustbench_table.py: names, datasets, threat
+models, our architectures and tags, where RobustBench hosts the files, RobustBench's reported figures), and a
 loader that reads RobustBench's own folder layout ``<model_dir>/<dataset>/<threat>/<Name>.pt`` with
 ``torch.load(weights_only=True)`` (a pickle that would run code is refused), strips the ``module.``/``model.``
 prefixes and loads strictly. When online, a missing file is downloaded from where RobustBench hosts it.
@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Dict, Optional, Union
 
 import timm
 import torch
 import torch.nn as nn
-from timm.models import get_pretrained_cfg
 
-from .models import clean_checkpoint, hpm_variant, pretrained_model_args
+from .models import clean_checkpoint, hpm_variant
+from .robustbench_table import ROBUSTBENCH_MODELS, RobustBenchEntry
 
 __all__ = ['RobustBenchEntry', 'ROBUSTBENCH_MODELS', 'get_entry', 'checkpoint_path', 'read_checkpoint',
            'load_robustbench_model', 'download_checkpoint', 'robustbench_available', 'load_with_robustbench',
@@ -31,72 +30,6 @@ DEFAULT_MODEL_DIR = os.environ.get('ROBUSTBENCH_MODEL_DIR', './models')
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unsafe, corrupt or for another architecture."""
-
-
-@dataclass(frozen=True)
-class RobustBenchEntry:
-    """Where RobustBench keeps one base and which registered ``model.tag`` its weights are. The weights' own facts
-    (number of classes, input normalisation, preprocessing, paper, a dropped checkpoint module) live with the tag
-    in its family file (timm_hpm/models/), never here: adding a base is one entry plus its tag there."""
-    name: str  # RobustBench's model name
-    dataset: str  # cifar10 | cifar100 | imagenet
-    threat_model: str  # Linf | L2
-    architecture: str  # our registered timm architecture with the same state-dict keys
-    tag: str  # our pretrained tag for the weights (registered for the architecture's hpm_ variant at least)
-    gdrive_id: str  # where RobustBench hosts the file (Google Drive)
-    eps: str  # RobustBench's leaderboard eps for the threat model
-    checkpoint_key: Optional[str] = None  # nesting inside RobustBench's file
-
-    def name_tag(self, hpm: bool = False) -> str:
-        """The registered model to create: ``<arch>.<tag>``, or the bare architecture where the tag is not
-        registered for it (the plain ImageNet architectures are timm's own; their tag is their hpm_ variant's)."""
-        arch = hpm_variant(self.architecture) if hpm else self.architecture
-        return f'{arch}.{self.tag}' if f'{arch}.{self.tag}' in timm.list_models(arch, include_tags=True) else arch
-
-    @property
-    def model_args(self) -> Dict[str, Any]:
-        """The model arguments of the tag (its ``num_classes`` and its family's per-tag arguments, the HPM
-        options aside), for code that creates the bare architecture."""
-        args = pretrained_model_args(f'{hpm_variant(self.architecture)}.{self.tag}')
-        args.pop('hpm_cfg', None)
-        return args
-
-    @property
-    def paper(self) -> str:
-        return get_pretrained_cfg(f'{hpm_variant(self.architecture)}.{self.tag}').paper_ids
-
-
-ROBUSTBENCH_MODELS = (
-    RobustBenchEntry('Wang2023Better_WRN-28-10', 'cifar10', 'Linf', 'wrn28_10', 'rb_wang2023better_cifar10',
-                     '1-6MYKJdECDVGaWjj6GgqvaT95BGKhUvI', '8/255'),
-    RobustBenchEntry('Wang2023Better_WRN-70-16', 'cifar10', 'Linf', 'wrn70_16', 'rb_wang2023better_cifar10',
-                     '1-RF7ZSS-PAh6bfQcuqx4lh9bc9BUGnap', '8/255'),
-    RobustBenchEntry('Wang2023Better_WRN-28-10', 'cifar10', 'L2', 'wrn28_10', 'rb_wang2023better_cifar10_l2',
-                     '1-fwKiJXEqHHUngt8wKsNnHuD4vAPvPXC', '0.5'),
-    RobustBenchEntry('Wang2023Better_WRN-70-16', 'cifar10', 'L2', 'wrn70_16', 'rb_wang2023better_cifar10_l2',
-                     '101UyURyte05tJLA9VFRBN6UDLyn-0sJw', '0.5'),
-    RobustBenchEntry('Wang2023Better_WRN-28-10', 'cifar100', 'Linf', 'wrn28_10', 'rb_wang2023better_cifar100',
-                     '1-jOu3wKWyw0XnBCXDGR32xn8Bw9GTJgh', '8/255'),
-    RobustBenchEntry('Wang2023Better_WRN-70-16', 'cifar100', 'Linf', 'wrn70_16', 'rb_wang2023better_cifar100',
-                     '1-yYcT73GP13c0y9HrgtpyB3NAfkGKgjY', '8/255'),
-    RobustBenchEntry('Zhang2019Theoretically', 'cifar10', 'Linf', 'trades_wrn34_10',
-                     'rb_zhang2019theoretically_cifar10', '1hPz9QQwyM7QSuWu-ANG_uXR-29xtL8t_', '8/255'),
-    RobustBenchEntry('Andriushchenko2020Understanding', 'cifar10', 'Linf', 'preact_resnet18',
-                     'rb_andriushchenko2020understanding_cifar10', '1Uyvprd98bIyxfMjLdCZwm-NEJ-6GMVis', '8/255',
-                     checkpoint_key='last'),
-    RobustBenchEntry('Salman2020Do_R50', 'imagenet', 'Linf', 'resnet50', 'rb_salman2020do_imagenet',
-                     '1TmT5oGa1UvVjM3d-XeSj_XmKqBNRUg8r', '4/255'),
-    RobustBenchEntry('Salman2020Do_50_2', 'imagenet', 'Linf', 'wide_resnet50_2', 'rb_salman2020do_imagenet',
-                     '1OT7xaQYljrTr3vGbM37xK9SPoPJvbSKB', '4/255'),
-    RobustBenchEntry('Liu2023Comprehensive_ConvNeXt-B', 'imagenet', 'Linf', 'convnext_base',
-                     'rb_liu2023comprehensive_imagenet', '10-nSm-qUftvfKXHeOAakBQl8rxm-jCbk', '4/255'),
-    RobustBenchEntry('Liu2023Comprehensive_ConvNeXt-L', 'imagenet', 'Linf', 'convnext_large',
-                     'rb_liu2023comprehensive_imagenet', '1dIPLNfdQtAnqZrKPyuy3_zDI-FVgJ2FH', '4/255'),
-    RobustBenchEntry('Liu2023Comprehensive_Swin-B', 'imagenet', 'Linf', 'swin_base_patch4_window7_224',
-                     'rb_liu2023comprehensive_imagenet', '1-4mtxQCkThJUVdS3wvQ6NnmMZuySqR3c', '4/255'),
-    RobustBenchEntry('Mo2022When_ViT-B', 'imagenet', 'Linf', 'vit_base_patch16_224', 'rb_mo2022when_imagenet',
-                     '1-dUFdvDBflqMsMLjZv3wlPJTm-Jm7net', '4/255'),
-)
 
 
 def get_entry(name: str, dataset: Optional[str] = None, threat_model: Optional[str] = None) -> RobustBenchEntry:

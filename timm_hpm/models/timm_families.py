@@ -34,6 +34,8 @@ HPM_TIMM_FAMILIES = {
     'convnext_large': TimmFamily('hpm_convnext_large', 'head.fc', 'stem.0', (0, 1, 2, 3)),
     'swin_base_patch4_window7_224': TimmFamily('hpm_swin_base_patch4_window7_224', 'head.fc', 'patch_embed.proj',
                                                (0, 1, 2, 3)),
+    'swin_large_patch4_window7_224': TimmFamily('hpm_swin_large_patch4_window7_224', 'head.fc', 'patch_embed.proj',
+                                                (0, 1, 2, 3)),
     'vit_base_patch16_224': TimmFamily('vit_base_patch16_hpm_224', 'head', 'patch_embed.proj', 3),  # last 3 blocks
 }
 
@@ -64,15 +66,38 @@ def _cfg(base: str, **kwargs):
     }
 
 
+# RobustBench's preprocessing of each weight's ImageNet evaluation (robustbench.data.PREPROCESSINGS), as a note; the
+# cfg's crop_pct/interpolation/input_size follow it as far as timm's eval transform can.
+_RES256_CROP224 = dict(crop_pct=0.875, interpolation='bilinear', notes=('robustbench preprocessing: Res256Crop224',))
+_BICUBIC_RES256_CROP224 = dict(crop_pct=0.875, interpolation='bicubic',
+                               notes=('robustbench preprocessing: BicubicRes256Crop224',))
+# Resize([224, 224]): both sides to 224 (timm's default eval transform keeps the aspect ratio)
+_RES224 = dict(crop_pct=1.0, interpolation='bilinear', notes=('robustbench preprocessing: Res224 (resize both sides '
+                                                              'to 224, aspect ratio not kept)',))
+# CenterCrop(288) of the unresized image (timm's eval transform resizes first)
+_CROP288 = dict(input_size=(3, 288, 288), crop_pct=1.0, interpolation='bilinear',
+                notes=('robustbench preprocessing: Crop288 (centre crop 288 of the unresized image)',))
+
 _SALMAN = dict(paper_ids='arXiv:2007.08489', paper_name='Do Adversarially Robust ImageNet Models Transfer Better?',
-               origin_url='https://github.com/microsoft/robust-models-transfer', license='mit',
-               crop_pct=0.875, interpolation='bilinear')
+               origin_url='https://github.com/microsoft/robust-models-transfer', license='mit', **_RES256_CROP224)
 _LIU = dict(paper_ids='arXiv:2302.14301', paper_name='A Comprehensive Study on Robustness of Image Classification '
             'Models: Benchmarking and Rethinking', origin_url='https://github.com/thu-ml/ares', license='unknown',
-            crop_pct=0.875, interpolation='bicubic')
+            **_BICUBIC_RES256_CROP224)
 _MO = dict(paper_ids='arXiv:2210.07540', paper_name='When Adversarial Training Meets Vision Transformers',
            origin_url='https://github.com/mo666666/When-Adversarial-Training-Meets-Vision-Transformers',
-           license='unknown', crop_pct=1.0, interpolation='bilinear')
+           license='unknown', **_RES224)
+# The newer weights' papers as RobustBench's model_info links them.
+_WONG = dict(paper_ids='arXiv:2001.03994', paper_name='Fast is better than free: Revisiting adversarial training',
+             origin_url='https://arxiv.org/abs/2001.03994', license='unknown', **_CROP288)
+_ENGSTROM = dict(paper_ids='https://github.com/MadryLab/robustness', paper_name='Robustness library',
+                 origin_url='https://github.com/MadryLab/robustness', license='mit', **_RES256_CROP224)
+# Chen2024Data's WRN-50-2 has no normalisation layer: it takes images in [0, 1] (mean 0, std 1).
+_CHEN2024 = dict(paper_ids='doi:10.1016/j.patcog.2024.110394', paper_name='Data filtering for efficient '
+                 'adversarial training', origin_url='https://doi.org/10.1016/j.patcog.2024.110394', license='unknown',
+                 mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), **_RES256_CROP224)
+_RODRIGUEZ_MUNOZ = dict(paper_ids='arXiv:2409.20139', paper_name='Characterizing Model Robustness via Natural Input '
+                        'Gradients', origin_url='https://arxiv.org/abs/2409.20139', license='unknown',
+                        **_BICUBIC_RES256_CROP224)
 
 
 def _weights(base: str, tag: str, **kwargs):
@@ -80,12 +105,21 @@ def _weights(base: str, tag: str, **kwargs):
     return {f'{HPM_TIMM_FAMILIES[base].hpm_name}.{tag}': _cfg(base, **kwargs)}
 
 
+# The first tag of a model is its default cfg (test_hpm_timm_variant_keeps_the_base_cfg: the base's input size).
 default_cfgs = generate_default_cfgs({
     **_weights('resnet50', 'rb_salman2020do_imagenet', **_SALMAN),
+    **_weights('resnet50', 'rb_engstrom2019robustness_imagenet', **_ENGSTROM),
+    **_weights('resnet50', 'rb_wong2020fast_imagenet', **_WONG),
     **_weights('wide_resnet50_2', 'rb_salman2020do_imagenet', **_SALMAN),
+    **_weights('wide_resnet50_2', 'rb_chen2024data_imagenet', **_CHEN2024),
     **_weights('convnext_base', 'rb_liu2023comprehensive_imagenet', **_LIU),
     **_weights('convnext_large', 'rb_liu2023comprehensive_imagenet', **_LIU),
     **_weights('swin_base_patch4_window7_224', 'rb_liu2023comprehensive_imagenet', **_LIU),
+    **_weights('swin_base_patch4_window7_224', 'rb_mo2022when_imagenet', **_MO),
+    **_weights('swin_base_patch4_window7_224', 'rb_rodriguezmunoz2024characterizing_imagenet', **_RODRIGUEZ_MUNOZ),
+    **_weights('swin_large_patch4_window7_224', 'rb_liu2023comprehensive_imagenet', **_LIU),
+    **_weights('swin_large_patch4_window7_224', 'rb_rodriguezmunoz2024characterizing_imagenet',
+               **_RODRIGUEZ_MUNOZ),
     **_weights('vit_base_patch16_224', 'rb_mo2022when_imagenet', **_MO),
 })
 
@@ -118,6 +152,12 @@ def hpm_convnext_large(pretrained: bool = False, **kwargs):
 def hpm_swin_base_patch4_window7_224(pretrained: bool = False, **kwargs):
     """timm Swin-B (patch 4, window 7, 224) with the HPM l2-reclassifier head."""
     return _create('swin_base_patch4_window7_224', pretrained, **kwargs)
+
+
+@register_model
+def hpm_swin_large_patch4_window7_224(pretrained: bool = False, **kwargs):
+    """timm Swin-L (patch 4, window 7, 224) with the HPM l2-reclassifier head."""
+    return _create('swin_large_patch4_window7_224', pretrained, **kwargs)
 
 
 @register_model

@@ -1,7 +1,7 @@
 """TRADES-style WideResNet for CIFAR (Zhang et al. 2019): ReLU, no normalisation inside (inputs in [0, 1]).
 
 State-dict keys and shapes equal RobustBench's ``WideResNet`` (the TRADES code base), used by many
-WRN-34-10 / 34-20 RobustBench entries.
+WRN-28-10 / 34-10 / 34-20 RobustBench entries (Carmon2019Unlabeled, Sehwag2021Proxy, Cui2023Decoupled ...).
 """
 from typing import Optional, Tuple, Union
 
@@ -140,17 +140,63 @@ def _cfg(**kwargs):
     return cifar_cfg(first_conv='conv1', classifier='fc', pool_size=(8, 8), **kwargs)
 
 
-_TRADES = dict(paper_ids='arXiv:1901.08573', paper_name='Theoretically Principled Trade-off between Robustness '
-               'and Accuracy', origin_url='https://github.com/yaodongyu/TRADES', license='mit')
+def _facts(paper_ids: str, paper_name: str, origin_url: str, license: str = 'unknown'):
+    return dict(paper_ids=paper_ids, paper_name=paper_name, origin_url=origin_url, license=license)
 
 
-# Not published yet (no location: timm does not list them as pretrained); loaded through timm_hpm.robustbench.
-default_cfgs = generate_default_cfgs({
-    'trades_wrn34_10.rb_zhang2019theoretically_cifar10': _cfg(**_TRADES),
-    'hpm_trades_wrn34_10.rb_zhang2019theoretically_cifar10': _cfg(**_TRADES),
-    'trades_wrn34_20': _cfg(),
-    'hpm_trades_wrn34_20': _cfg(),
-})
+def _arxiv(arxiv_id: str, paper_name: str):
+    # the paper as RobustBench's model_info links it
+    return _facts(f'arXiv:{arxiv_id}', paper_name, f'https://arxiv.org/abs/{arxiv_id}')
+
+
+_TRADES = _facts('arXiv:1901.08573', 'Theoretically Principled Trade-off between Robustness and Accuracy',
+                 'https://github.com/yaodongyu/TRADES', 'mit')
+_CARMON2019 = _arxiv('1905.13736', 'Unlabeled Data Improves Adversarial Robustness')
+_WU2020 = _arxiv('2004.05884', 'Adversarial Weight Perturbation Helps Robust Generalization')
+_CUI2020 = _arxiv('2011.11164', 'Learnable Boundary Guided Adversarial Training')
+_SEHWAG2021 = _arxiv('2104.09425', 'Robust Learning Meets Generative Models: Can Proxy Distributions Improve '
+                     'Adversarial Robustness?')
+_JIA2022 = _arxiv('2203.06616', 'LAS-AT: Adversarial Training with Learnable Attack Strategy')
+_ADDEPALLI2022 = _arxiv('2210.15318', 'Efficient and Effective Augmentation Strategy for Adversarial Training')
+_CUI2023 = _arxiv('2305.13948', 'Decoupled Kullback-Leibler Divergence Loss')
+
+# architecture -> {tag: (number of classes, the weights' facts)}; none of these checkpoints normalises its input.
+# The first tag of an architecture is its default cfg (CIFAR-10, or untagged).
+_ARCH_TAGS = {
+    'trades_wrn28_10': {'rb_carmon2019unlabeled_cifar10': (10, _CARMON2019)},
+    'trades_wrn34_10': {
+        'rb_zhang2019theoretically_cifar10': (10, _TRADES),
+        'rb_sehwag2021proxy_cifar10_l2': (10, _SEHWAG2021),
+        'rb_wu2020adversarial_cifar10_l2': (10, _WU2020),
+        'rb_sehwag2021proxy_cifar100': (100, _SEHWAG2021),
+        'rb_cui2023decoupled_cifar100': (100, _CUI2023),
+        'rb_cui2023decoupled_autoaug_cifar100': (100, _CUI2023),
+        'rb_addepalli2022efficient_cifar100': (100, _ADDEPALLI2022),
+        'rb_cui2020learnable_lbgat9_cifar100': (100, _CUI2020),
+    },
+    'trades_wrn34_20': {'': (10, {}), 'rb_jia2022las_at_cifar100': (100, _JIA2022)},
+}
+
+
+def _weights(arch: str):
+    # Not published yet (no location: timm does not list them as pretrained); loaded through timm_hpm.robustbench.
+    return {f'{name}.{tag}' if tag else name: _cfg(num_classes=n, **facts)
+            for tag, (n, facts) in _ARCH_TAGS[arch].items() for name in (arch, f'hpm_{arch}')}
+
+
+default_cfgs = generate_default_cfgs({k: v for arch in _ARCH_TAGS for k, v in _weights(arch).items()})
+
+
+@register_model
+def trades_wrn28_10(pretrained: bool = False, **kwargs) -> TradesWideResNet:
+    """WideResNet-28-10, TRADES style, RobustBench ``WideResNet`` keys."""
+    return _create('trades_wrn28_10', pretrained, **dict(dict(depth=28, widen_factor=10), **kwargs))
+
+
+@register_model
+def hpm_trades_wrn28_10(pretrained: bool = False, **kwargs) -> TradesWideResNet:
+    """WideResNet-28-10 (TRADES style) with the HPM l2-reclassifier head."""
+    return _create('hpm_trades_wrn28_10', pretrained, hpm=True, **dict(dict(depth=28, widen_factor=10), **kwargs))
 
 
 @register_model

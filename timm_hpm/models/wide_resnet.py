@@ -5,6 +5,9 @@ State-dict keys and shapes equal RobustBench's ``DMWideResNet``: a RobustBench c
 ``strict=True`` once its ``module.`` prefix is stripped. Inputs are images in [0, 1]; the per-dataset
 mean/std normalisation happens inside, in non-persistent buffers (so it is a model argument, set per
 pretrained tag, not a checkpoint entry).
+
+Over 250 lines on purpose: a third of the file is the table of RobustBench tags (data, one line per checkpoint),
+kept here because a checkpoint's quirks live with its tag.
 """
 from typing import Optional, Tuple, Union
 
@@ -149,33 +152,83 @@ def _cfg(**kwargs):
     return cifar_cfg(first_conv='init_conv', classifier='logits', pool_size=(8, 8), **kwargs)
 
 
-# Per-weight model arguments the checkpoint cannot carry (normalisation buffers are non-persistent).
-_TAG_MODEL_ARGS = {
-    'rb_wang2023better_cifar10': dict(mean=CIFAR10_MEAN, std=CIFAR10_STD),
-    'rb_wang2023better_cifar10_l2': dict(mean=CIFAR10_MEAN, std=CIFAR10_STD),
-    'rb_wang2023better_cifar100': dict(mean=CIFAR100_MEAN, std=CIFAR100_STD),
-}
+_CIFAR10 = dict(mean=CIFAR10_MEAN, std=CIFAR10_STD)
+_CIFAR100 = dict(mean=CIFAR100_MEAN, std=CIFAR100_STD)
+
+
+def _facts(arxiv_id: str, paper_name: str):
+    # the paper as RobustBench's model_info links it
+    return dict(paper_ids=f'arXiv:{arxiv_id}', paper_name=paper_name, origin_url=f'https://arxiv.org/abs/{arxiv_id}',
+                license='unknown')
+
 
 _WANG2023 = dict(paper_ids='arXiv:2302.04638', paper_name='Better Diffusion Models Further Improve Adversarial '
                  'Training', origin_url='https://github.com/wzekai99/DM-Improves-AT', license='unknown')
+_GOWAL2020 = _facts('2010.03593', 'Uncovering the Limits of Adversarial Training against Norm-Bounded Adversarial '
+                    'Examples')
+_REBUFFI2021 = _facts('2103.01946', 'Fixing Data Augmentation to Improve Adversarial Robustness')
+_GOWAL2021 = _facts('2110.09468', 'Improving Robustness using Generated Data')
+_PANG2022 = _facts('2202.10103', 'Robustness and Accuracy Could Be Reconcilable by (Proper) Definition')
+_XU2023 = _facts('2302.03015', 'Exploring and Exploiting Decision Boundary Dynamics for Adversarial Robustness')
+_CUI2023 = _facts('2305.13948', 'Decoupled Kullback-Leibler Divergence Loss')
+_BARTOLDSON2024 = _facts('2404.09349', 'Adversarial Robustness Limits via Scaling-Law and Human-Alignment Studies')
+
+# tag -> (number of classes, the weights' facts). The normalisation follows the dataset (non-persistent buffers, so
+# a model argument: _TAG_MODEL_ARGS); every one of these checkpoints uses SiLU/Swish, the family's default.
+_TAGS = {
+    'rb_wang2023better_cifar10': (10, _WANG2023),
+    'rb_wang2023better_cifar100': (100, _WANG2023),
+    'rb_wang2023better_cifar10_l2': (10, _WANG2023),  # the L2 (eps 0.5) weights
+    'rb_gowal2020uncovering_extra_cifar10': (10, _GOWAL2020),
+    'rb_gowal2020uncovering_cifar10_l2': (10, _GOWAL2020),
+    'rb_gowal2020uncovering_extra_cifar10_l2': (10, _GOWAL2020),
+    'rb_gowal2020uncovering_cifar100': (100, _GOWAL2020),
+    'rb_gowal2020uncovering_extra_cifar100': (100, _GOWAL2020),
+    'rb_rebuffi2021fixing_cutmix_ddpm_cifar10': (10, _REBUFFI2021),
+    'rb_rebuffi2021fixing_cutmix_extra_cifar10': (10, _REBUFFI2021),
+    'rb_rebuffi2021fixing_cutmix_ddpm_cifar10_l2': (10, _REBUFFI2021),
+    'rb_rebuffi2021fixing_cutmix_extra_cifar10_l2': (10, _REBUFFI2021),
+    'rb_rebuffi2021fixing_cutmix_ddpm_cifar100': (100, _REBUFFI2021),
+    'rb_gowal2021improving_ddpm_100m_cifar10': (10, _GOWAL2021),
+    'rb_pang2022robustness_cifar10': (10, _PANG2022),
+    'rb_pang2022robustness_cifar100': (100, _PANG2022),
+    'rb_xu2023exploring_cifar10': (10, _XU2023),
+    'rb_cui2023decoupled_cifar10': (10, _CUI2023),
+    'rb_cui2023decoupled_cifar100': (100, _CUI2023),
+    'rb_bartoldson2024adversarial_cifar10': (10, _BARTOLDSON2024),
+}
+
+# Per-weight model arguments the checkpoint cannot carry (normalisation buffers are non-persistent).
+_TAG_MODEL_ARGS = {tag: _CIFAR100 if n == 100 else _CIFAR10 for tag, (n, _) in _TAGS.items()}
+
+# architecture -> the tags of RobustBench weights it has (CIFAR-10 first: the first tag is the default cfg)
+_ARCH_TAGS = {
+    'wrn28_10': ('rb_wang2023better_cifar10', 'rb_wang2023better_cifar100', 'rb_wang2023better_cifar10_l2',
+                 'rb_rebuffi2021fixing_cutmix_ddpm_cifar10_l2', 'rb_rebuffi2021fixing_cutmix_ddpm_cifar100',
+                 'rb_gowal2021improving_ddpm_100m_cifar10', 'rb_xu2023exploring_cifar10', 'rb_cui2023decoupled_cifar10',
+                 'rb_cui2023decoupled_cifar100'),
+    'wrn70_16': ('rb_wang2023better_cifar10', 'rb_wang2023better_cifar100', 'rb_wang2023better_cifar10_l2',
+                 'rb_gowal2020uncovering_extra_cifar10', 'rb_gowal2020uncovering_cifar10_l2',
+                 'rb_gowal2020uncovering_extra_cifar10_l2', 'rb_gowal2020uncovering_cifar100',
+                 'rb_gowal2020uncovering_extra_cifar100', 'rb_rebuffi2021fixing_cutmix_ddpm_cifar10',
+                 'rb_rebuffi2021fixing_cutmix_extra_cifar10', 'rb_rebuffi2021fixing_cutmix_ddpm_cifar10_l2',
+                 'rb_rebuffi2021fixing_cutmix_extra_cifar10_l2', 'rb_rebuffi2021fixing_cutmix_ddpm_cifar100',
+                 'rb_gowal2021improving_ddpm_100m_cifar10', 'rb_pang2022robustness_cifar10',
+                 'rb_pang2022robustness_cifar100'),
+    'wrn82_8': ('rb_bartoldson2024adversarial_cifar10',),
+    'wrn94_16': ('rb_bartoldson2024adversarial_cifar10',),
+    'wrn106_16': ('rb_rebuffi2021fixing_cutmix_ddpm_cifar10',),
+}
 
 
 def _weights(arch: str):
     # RobustBench's weights, converted when a session with the data and a GPU builds the tag (not published yet:
     # no location here, so timm does not list them as pretrained; loading goes through timm_hpm.robustbench).
-    return {
-        f'{arch}.rb_wang2023better_cifar10': _cfg(num_classes=10, **_WANG2023),
-        f'{arch}.rb_wang2023better_cifar100': _cfg(num_classes=100, **_WANG2023),
-        f'{arch}.rb_wang2023better_cifar10_l2': _cfg(num_classes=10, **_WANG2023),  # the L2 (eps 0.5) weights
-    }
+    return {f'{name}.{tag}': _cfg(num_classes=_TAGS[tag][0], **_TAGS[tag][1])
+            for tag in _ARCH_TAGS[arch] for name in (arch, f'hpm_{arch}')}
 
 
-default_cfgs = family_cfgs({
-    **_weights('wrn28_10'),
-    **_weights('wrn70_16'),
-    **_weights('hpm_wrn28_10'),
-    **_weights('hpm_wrn70_16'),
-}, _TAG_MODEL_ARGS)
+default_cfgs = family_cfgs({k: v for arch in _ARCH_TAGS for k, v in _weights(arch).items()}, _TAG_MODEL_ARGS)
 
 
 @register_model
@@ -200,3 +253,39 @@ def hpm_wrn28_10(pretrained: bool = False, **kwargs) -> DMWideResNet:
 def hpm_wrn70_16(pretrained: bool = False, **kwargs) -> DMWideResNet:
     """WideResNet-70-16 (DeepMind style) with the HPM l2-reclassifier head."""
     return _create_dm_wrn('hpm_wrn70_16', pretrained, hpm=True, **dict(dict(depth=70, width=16), **kwargs))
+
+
+@register_model
+def wrn82_8(pretrained: bool = False, **kwargs) -> DMWideResNet:
+    """WideResNet-82-8, DeepMind style (SiLU), RobustBench ``DMWideResNet`` keys."""
+    return _create_dm_wrn('wrn82_8', pretrained, **dict(dict(depth=82, width=8), **kwargs))
+
+
+@register_model
+def wrn94_16(pretrained: bool = False, **kwargs) -> DMWideResNet:
+    """WideResNet-94-16, DeepMind style (SiLU), RobustBench ``DMWideResNet`` keys."""
+    return _create_dm_wrn('wrn94_16', pretrained, **dict(dict(depth=94, width=16), **kwargs))
+
+
+@register_model
+def wrn106_16(pretrained: bool = False, **kwargs) -> DMWideResNet:
+    """WideResNet-106-16, DeepMind style (SiLU), RobustBench ``DMWideResNet`` keys."""
+    return _create_dm_wrn('wrn106_16', pretrained, **dict(dict(depth=106, width=16), **kwargs))
+
+
+@register_model
+def hpm_wrn82_8(pretrained: bool = False, **kwargs) -> DMWideResNet:
+    """WideResNet-82-8 (DeepMind style) with the HPM l2-reclassifier head."""
+    return _create_dm_wrn('hpm_wrn82_8', pretrained, hpm=True, **dict(dict(depth=82, width=8), **kwargs))
+
+
+@register_model
+def hpm_wrn94_16(pretrained: bool = False, **kwargs) -> DMWideResNet:
+    """WideResNet-94-16 (DeepMind style) with the HPM l2-reclassifier head."""
+    return _create_dm_wrn('hpm_wrn94_16', pretrained, hpm=True, **dict(dict(depth=94, width=16), **kwargs))
+
+
+@register_model
+def hpm_wrn106_16(pretrained: bool = False, **kwargs) -> DMWideResNet:
+    """WideResNet-106-16 (DeepMind style) with the HPM l2-reclassifier head."""
+    return _create_dm_wrn('hpm_wrn106_16', pretrained, hpm=True, **dict(dict(depth=106, width=16), **kwargs))
