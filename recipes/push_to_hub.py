@@ -37,6 +37,8 @@ def parse_args(argv=None):
                    'clean accuracy by batch order and size (the card then says what validate.py gives)')
     p.add_argument('--natural-results', type=Path, help='eval.json of MSA on the worst natural batching '
                    '(recipes/evaluate.py --batchings class_sorted), in its run folder')
+    p.add_argument('--poisoning-results', type=Path, help='eval.json of recipes/evaluate.py --protocol poison on '
+                                                           'this model (the card reports it)')
     p.add_argument('--training-config', type=Path, help='default: config.yaml next to the run folder')
     p.add_argument('--base-model', help="the base model's Hub id or RobustBench name (card metadata)")
     p.add_argument('--repo-id', required=True)
@@ -77,7 +79,8 @@ def check_results(args, model):
     """Refuse results measured on other weights unless --allow-mismatched-results; returns what the card must say
     (None: the results are these weights')."""
     from timm_hpm.hub import unverified_results
-    reasons = [unverified_results(path, model) for path in (args.results, args.natural_results) if path]
+    reasons = [unverified_results(path, model) for path in (args.results, args.natural_results, args.poisoning_results)
+               if path]
     reason = ' '.join(r for r in reasons if r) or None
     if reason and not args.allow_mismatched_results:
         raise SystemExit(f"refusing to make the card: {reason} It would show another model's figures. Evaluate the "
@@ -127,7 +130,8 @@ def assemble(args) -> Path:
                        training_config=training_config, base_model=args.base_model, license=args.license,
                        license_name=args.license_name, unverified_results=unverified,
                        batch_order=batch_order_row(args.batch_order, model) if args.batch_order else None,
-                       natural_result=load_json(args.natural_results) if args.natural_results else None)
+                       natural_result=load_json(args.natural_results) if args.natural_results else None,
+                       poisoning_result=load_json(args.poisoning_results) if args.poisoning_results else None)
     (out / 'README.md').write_text(card)
     shutil.copy2(args.results, out / 'eval_hpm.json')
     if args.base_results:
@@ -136,6 +140,8 @@ def assemble(args) -> Path:
         shutil.copy2(args.natural_results, out / 'eval_hpm_class_sorted.json')
     if args.batch_order:
         shutil.copy2(args.batch_order, out / 'batch_order.json')
+    if args.poisoning_results:
+        shutil.copy2(args.poisoning_results, out / 'eval_poisoning.json')
     if training_config:
         (out / 'training_config.yaml').write_text(training_config)
     args.cards_dir.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from timm_hpm.analysis import format_summary
 from timm_hpm.eval import stage_label, stage_order
-from timm_hpm.report import markdown_table, paired, print_or_update, tuning_table
+from timm_hpm.report import markdown_table, paired, paired_difference, print_or_update, tuning_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,12 +61,17 @@ def batchings_table(run: dict, rel: Path, name: str, natural: dict = None, natur
     return out
 
 
-def _main_rows(base: dict, static: dict, hpm: dict) -> list:
-    """The main table's rows: the base and the static l2 head under AutoAttack, HPM under MSA stage by stage."""
+def _main_rows(base: dict, static: dict, hpm: dict, control: dict = None) -> list:
+    """The main table's rows: the base, the control and the static l2 head under AutoAttack, HPM under MSA stage by
+    stage."""
     rows = []
     if base:
         rows.append(['base `small_cnn.fmnist_pgdat`', 'fc', 'AutoAttack (standard)', _pct(base['clean_acc']),
                      _pct(base['autoattack_acc']), f"`{base['command']}`"])
+    if control:
+        rows.append(['control `small_cnn.fmnist_control` (the base + PGD-AT with the HPM budget)', 'fc',
+                     'AutoAttack (standard)', _pct(control['clean_acc']), _pct(control['autoattack_acc']),
+                     f"`{control['command']}`"])
     if static:
         rows.append(['HPM `hpm_small_cnn.fmnist_hpm`', 'static l2', 'AutoAttack (standard)', _pct(static['clean_acc']),
                      _pct(static['autoattack_acc']), f"`{static['command']}`"])
@@ -83,10 +88,36 @@ def _main_rows(base: dict, static: dict, hpm: dict) -> list:
     return rows
 
 
+def _paired_lines(results: Path, rel, n_test: int, base, static, hpm, control) -> list:
+    """Paired comparisons on the same images (per-image results of the realised batches): HPM and the static l2
+    head against the base, and HPM and the base against the budget-matched control, with the exact sign test and
+    the paired 95% interval."""
+    flags = {key: robust_flags(results / f'{folder}_{n_test}') if run else None
+             for key, folder, run in (('base', 'eval_base', base), ('hpm', 'eval_hpm', hpm),
+                                      ('static', 'eval_static', static), ('control', 'eval_control', control))}
+    names = {'base': 'the base under AutoAttack', 'hpm': 'HPM under MSA',
+             'static': 'the static l2 head under AutoAttack', 'control': 'the control under AutoAttack'}
+    short = {'base': 'the base', 'hpm': 'HPM', 'static': 'the static l2 head', 'control': 'the control'}
+    lines = []
+    for a, b in (('base', 'hpm'), ('base', 'static'), ('control', 'hpm'), ('control', 'base')):
+        if not (flags[a] and flags[b]):
+            continue
+        c = paired(flags[a], flags[b])
+        d = paired_difference([flags[a][i] for i in sorted(flags[a])], [flags[b][i] for i in sorted(flags[a])])
+        lines.append(f"{names[b]} vs {names[a]}: {c['only_a']} images only {short[a]} keeps, {c['only_b']} only "
+                     f"{short[b]} keeps, difference {100 * c['difference']:+.1f} points (95% CI "
+                     f"{100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f}), exact sign-test p = {c['p']:.2g}")
+    if not lines:
+        return []
+    return ['', f'Paired on the same {n_test} images (per-image results in `{rel}/eval_*_{n_test}/attack/units/`): '
+            + '; '.join(lines) + '.']
+
+
 def study_tables(results: Path, n_test: int, n_sensitivity: int = None, n_batchings: int = None) -> str:
     base = _load(results / f'eval_base_{n_test}' / 'eval.json')
     static = _load(results / f'eval_static_{n_test}' / 'eval.json')
     hpm = _load(results / f'eval_hpm_{n_test}' / 'eval.json')
+    control = _load(results / f'eval_control_{n_test}' / 'eval.json')
     tuning = _load(results / 'tuning' / 'tuning.json')
     sens = _load(results / f'sensitivity_{n_sensitivity or n_test}' / 'sensitivity.json')
     batchings = _load(results / f'eval_hpm_batchings_{n_batchings}' / 'eval.json') if n_batchings else None
@@ -98,20 +129,8 @@ def study_tables(results: Path, n_test: int, n_sensitivity: int = None, n_batchi
                 'row is the best candidate batch that stage produced from the realised batch so far; the worst case '
                 'is the realised batch after all stages.', '']
         out.append(markdown_table(['model', 'head', 'attack', 'clean', 'robust', 'command'],
-                                  _main_rows(base, static, hpm), 'lllrrl'))
-    base_flags = robust_flags(results / f'eval_base_{n_test}') if base else None
-    comparisons = [(name, robust_flags(results / f'{folder}_{n_test}'))
-                   for name, folder, run in (('HPM under MSA', 'eval_hpm', hpm), ('the static l2 head under AutoAttack',
-                                                                              'eval_static', static)) if run]
-    if base_flags and comparisons and all(flags for _, flags in comparisons):
-        lines = []
-        for name, flags in comparisons:
-            c = paired(base_flags, flags)
-            lines.append(f"{name} vs the base under AutoAttack: {c['only_a']} images only the base keeps, "
-                         f"{c['only_b']} only {name.split(' under')[0]} keeps, difference {100 * c['difference']:+.1f} "
-                         f"points, exact sign-test p = {c['p']:.2g}")
-        out += ['', f'Paired on the same {n_test} images (per-image results in `{rel}/eval_*_{n_test}/attack/units/`): '
-                + '; '.join(lines) + '.']
+                                  _main_rows(base, static, hpm, control), 'lllrrl'))
+    out += _paired_lines(results, rel, n_test, base, static, hpm, control)
     if batchings:
         natural_name = f'eval_hpm_class_sorted_b32_{n_batchings}'
         natural = _load(results / natural_name / 'eval.json') if (results / natural_name / 'eval.json').is_file() \

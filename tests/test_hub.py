@@ -152,6 +152,25 @@ def test_card_gives_the_batch_order_figures_of_these_weights_only(run_folder, tm
         _assemble(run_folder, tmp_path, extra=['--batch-order', str(table)])
 
 
+def test_card_gives_the_poisoning_figures_of_these_weights_only(run_folder, tmp_path):
+    """A real --protocol poison run on the weights being pushed goes into the card (its table and command); the
+    same results with other weights are refused."""
+    poison_out = tmp_path / 'poison_run'
+    done = subprocess.run([sys.executable, str(ROOT / 'recipes' / 'evaluate.py'), '--model', f'local-dir:{run_folder}',
+                           '--dataset', 'synthetic', '--eps', '0.1', '--n-examples', '8', '--batch-size', '8',
+                           '--protocol', 'poison', '--poison-steps', '2', '--device', 'cpu', '--out', str(poison_out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = _assemble(run_folder, tmp_path, extra=['--poisoning-results', str(poison_out / 'eval.json')])
+    card = (folder / 'README.md').read_text()
+    assert '### Batching untrusted inputs with trusted ones: batch poisoning' in card
+    assert '| 1 of 8 | Linf eps 0.1 |' in card and '| 2 of 8 | unbounded (anywhere in [0, 1]) |' in card
+    assert (folder / 'eval_poisoning.json').is_file()
+    with pytest.raises(SystemExit, match='measured on another model'):
+        _assemble(None, tmp_path, results=SHIPPED_RESULTS, source=['--model', 'hpm_small_cnn.fmnist_hpm'],
+                  extra=['--poisoning-results', str(poison_out / 'eval.json')])
+
+
 def test_results_without_their_run_folder_are_refused(run_folder, tmp_path):
     copied = tmp_path / 'elsewhere' / 'eval.json'
     copied.parent.mkdir()

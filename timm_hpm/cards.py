@@ -85,18 +85,31 @@ def _training_text(hpm_cfg: Dict[str, Any], base_model: Optional[str], training_
             'the resolved config follows.')
 
 
+def _poisoning(result: Optional[Dict[str, Any]], norm: str) -> Optional[Dict[str, Any]]:
+    if result is None:
+        return None
+    rows = [dict(k=r['k'], batch_size=r['batch_size'],
+                 flipped=f"{_pct(r['flipped_fraction'])} ({r['flipped']} of {r['victims']})",
+                 eps=f"{norm} eps {_eps_text(r['eps'], norm)}" if r['bounded'] else 'unbounded (anywhere in [0, 1])')
+            for r in result['poisoning']]
+    return dict(rows=rows, n_examples=result['n_examples'], batch_size=result['batch_size'],
+                steps=result['settings']['steps'], command=result.get('command', 'unknown'))
+
+
 def render_card(result: Dict[str, Any], repo_id: str, model_config: Dict[str, Any],
                 base_result: Optional[Dict[str, Any]] = None, training_config: Optional[str] = None,
                 base_model: Optional[str] = None, license: str = 'other', license_name: str = 'unknown',
                 template: Optional[Path] = None, unverified_results: Optional[str] = None,
-                batch_order: Optional[Dict[str, Any]] = None, natural_result: Optional[Dict[str, Any]] = None) -> str:
+                batch_order: Optional[Dict[str, Any]] = None, natural_result: Optional[Dict[str, Any]] = None,
+                poisoning_result: Optional[Dict[str, Any]] = None) -> str:
     """The README.md of a Hub repo: YAML metadata (library_name, license, tags, datasets, base_model,
     model-index with clean, AutoAttack-of-the-base and MSA accuracies) and the human-readable card.
 
     ``unverified_results``: why ``result`` may not have been measured on these weights; the card then says so
     above its figures. ``batch_order``: this model's row of ``recipes/batch_order_table.py``'s table.json (its
     ``accuracy`` by order and batch size, plus the table's ``n_test``, ``batch_sizes`` and ``command``);
-    ``natural_result``: the eval.json of MSA on the worst natural batching (``--batchings class_sorted``)."""
+    ``natural_result``: the eval.json of MSA on the worst natural batching (``--batchings class_sorted``);
+    ``poisoning_result``: the eval.json of ``recipes/evaluate.py --protocol poison``."""
     import jinja2
     _check_results(result, base_result)
     dataset = result.get('dataset') or 'unknown'
@@ -139,7 +152,8 @@ def render_card(result: Dict[str, Any], repo_id: str, model_config: Dict[str, An
         per_batching=per_batching, warnings=result.get('warnings', []), input_size=_input_size(model_config),
         training_description=_training_text(args.get('hpm_cfg', {}), base_model, training_config),
         training_config=(training_config or '').strip(),
-        unverified_results=unverified_results, batch_order=order, natural=natural)
+        unverified_results=unverified_results, batch_order=order, natural=natural,
+        poisoning=_poisoning(poisoning_result, result['threat_model']))
     return text
 
 

@@ -64,18 +64,21 @@ def unverified_results(results: Union[str, Path], model: nn.Module) -> Optional[
     cannot be said to be.
 
     evaluate.py records the SHA-256 of the model it evaluated (weights, buffers and head options) in
-    ``<run>/attack/fingerprint.json`` next to ``<run>/eval.json``; it is compared with the same fingerprint of
-    ``model``, taken as evaluate.py takes it (on its [0, 1]-input view).
+    ``<run>/attack/fingerprint.json`` (``<run>/poison/settings.json`` for ``--protocol poison``) next to
+    ``<run>/eval.json``; it is compared with the same fingerprint of ``model``, taken as evaluate.py takes it (on its
+    [0, 1]-input view).
     """
     from .attacks import normalized_view
     from .eval import model_fingerprint
     results = Path(results)
-    path = results.parent / 'attack' / 'fingerprint.json'
+    path, key = results.parent / 'attack' / 'fingerprint.json', 'model'
+    if not path.is_file() and (results.parent / 'poison' / 'settings.json').is_file():
+        path, key = results.parent / 'poison' / 'settings.json', 'model_sha256'
     if not path.is_file():
         return (f'{results} cannot be matched to these weights: {path}, which recipes/evaluate.py writes with '
                 'eval.json, is missing.')
     try:
-        recorded = json.loads(path.read_text())['model']
+        recorded = json.loads(path.read_text())[key]
     except (ValueError, KeyError, TypeError) as error:
         return f'{results} cannot be matched to these weights: {path} is unreadable ({type(error).__name__}: {error}).'
     actual = model_fingerprint(normalized_view(model).eval())
