@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import timm_hpm
 from timm_hpm.attacks import pgd
 from timm_hpm.data import FASHION_MNIST_DIRS, load_fashion_mnist
-from timm_hpm.report import update_section
+from timm_hpm.report import markdown_table, update_section
 
 ARCHS = {'preact_resnet18': dict(), 'small_cnn': dict()}
 
@@ -113,21 +113,19 @@ def bf16_vs_fp32(train_steps, batch, eps, steps, eval_n):
 def markdown(result) -> str:
     lines = [f"Measured with `{result['command']}` ({result['machine']['threads']} threads, torch "
              f"{result['machine']['torch']}).", '',
-             '| base model | batch | PGD steps | plain PGD-AT step (s) | HPM step (s) | HPM / plain |',
-             '|---|---:|---:|---:|---:|---:|']
-    for name, r in result['step_time'].items():
-        lines.append(f"| {name} | {r['batch']} | {r['pgd_steps']} | {r['plain_s']:.3f} | {r['hpm_s']:.3f} | "
-                     f"{r['ratio']:.3f} |")
+             markdown_table(['base model', 'batch', 'PGD steps', 'plain PGD-AT step (s)', 'HPM step (s)',
+                             'HPM / plain'],
+                            [[name, r['batch'], r['pgd_steps'], f"{r['plain_s']:.3f}", f"{r['hpm_s']:.3f}",
+                              f"{r['ratio']:.3f}"] for name, r in result['step_time'].items()], 'lrrrrr')]
     amp = result['bf16_vs_fp32']
     if 'skipped' not in amp:
         lines += ['', f"bf16 autocast vs fp32, HPM fine-tuning of `small_cnn` on Fashion-MNIST from the same random "
                       f"init for {amp['train_steps']} steps (batch {amp['batch']}), clean accuracy on "
                       f"{amp['eval_examples']} test images:", '',
-                  '| precision | images/s | dynamic HPM clean acc | FC clean acc |', '|---|---:|---:|---:|']
-        for name in ('fp32', 'bf16'):
-            r = amp[name]
-            lines.append(f"| {name} | {r['images_per_s']:.0f} | {100 * r['clean_acc']['dynamic']:.1f}% | "
-                         f"{100 * r['clean_acc']['fc']:.1f}% |")
+                  markdown_table(['precision', 'images/s', 'dynamic HPM clean acc', 'FC clean acc'],
+                                 [[name, f"{amp[name]['images_per_s']:.0f}",
+                                   f"{100 * amp[name]['clean_acc']['dynamic']:.1f}%",
+                                   f"{100 * amp[name]['clean_acc']['fc']:.1f}%"] for name in ('fp32', 'bf16')], 'lrrr')]
         lines.append(f"\nbf16 speed-up x{amp['speedup_bf16']:.2f}; accuracy difference (bf16 - fp32): " + ', '.join(
             f'{k} {100 * v:+.1f} points' for k, v in amp['acc_difference_bf16_minus_fp32'].items()) + '.')
     return '\n'.join(lines)

@@ -16,7 +16,7 @@ import timm
 import torch
 
 import timm_hpm
-from timm_hpm.report import update_section
+from timm_hpm.report import markdown_table, update_section
 
 
 def _time(fn, repeats, warmup=1):
@@ -97,17 +97,16 @@ def head_only(batch, dim, classes, repeats):
 def markdown(result) -> str:
     lines = [f"Measured with `{result['command']}` on {result['machine']['processor'] or result['machine']['platform']}, "
              f"{result['machine']['threads']} threads, torch {result['machine']['torch']}.", '',
-             '| model | pass | batch | base (img/s) | HPM (img/s) | HPM / base time |', '|---|---|---:|---:|---:|---:|']
-    for spec, rows in result['models'].items():
-        name, batch = spec.partition(':')[0], rows.get('batch', result['batch'])
-        for what in ('forward', 'forward_backward'):
-            r = rows[what]
-            lines.append(f"| {name} | {what.replace('_', '+')} | {batch} | {r['base_img_s']:.1f} | "
-                         f"{r['hpm_img_s']:.1f} | {r['ratio']:.3f} |")
+             markdown_table(['model', 'pass', 'batch', 'base (img/s)', 'HPM (img/s)', 'HPM / base time'],
+                            [[spec.partition(':')[0], what.replace('_', '+'), rows.get('batch', result['batch']),
+                              f"{rows[what]['base_img_s']:.1f}", f"{rows[what]['hpm_img_s']:.1f}",
+                              f"{rows[what]['ratio']:.3f}"]
+                             for spec, rows in result['models'].items() for what in ('forward', 'forward_backward')],
+                            'llrrrr')]
     lines += ['', 'Head alone, K=1000, D=2048, B=256 (HPM head vs the FC layer it replaces):', '',
-              '| mode | forward: HPM / FC time | forward+backward: HPM / FC time |', '|---|---:|---:|']
-    for mode, r in result['head_imagenet_scale'].items():
-        lines.append(f"| {mode} | {r['forward']['ratio']:.2f} | {r['forward_backward']['ratio']:.2f} |")
+              markdown_table(['mode', 'forward: HPM / FC time', 'forward+backward: HPM / FC time'],
+                             [[mode, f"{r['forward']['ratio']:.2f}", f"{r['forward_backward']['ratio']:.2f}"]
+                              for mode, r in result['head_imagenet_scale'].items()], 'lrr')]
     return '\n'.join(lines)
 
 

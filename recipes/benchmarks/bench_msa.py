@@ -23,7 +23,7 @@ import timm_hpm
 from timm_hpm.attacks import parse_eps
 from timm_hpm.data import load_eval_tensors
 from timm_hpm.eval import MSAConfig, evaluate
-from timm_hpm.report import update_section
+from timm_hpm.report import markdown_table, update_section
 
 
 def run(model, x, y, cfg, protocol, amp, batch_size):
@@ -47,10 +47,9 @@ def markdown(result) -> str:
     lines = [f"Measured with `{result['command']}` ({result['machine']['threads']} threads): "
              f"{result['n_examples']} {result['dataset']} test images, batch {result['batch_size']}, "
              f"Linf eps {result['eps']:.3f}.", '',
-             '| arm | robust acc | forward images | backward images | wall time (s) |', '|---|---:|---:|---:|---:|']
-    for name, a in r.items():
-        lines.append(f"| {name} | {100 * a['robust_acc']:.1f}% | {a['forward_images']} | {a['backward_images']} | "
-                     f"{a['seconds']:.0f} |")
+             markdown_table(['arm', 'robust acc', 'forward images', 'backward images', 'wall time (s)'],
+                            [[name, f"{100 * a['robust_acc']:.1f}%", a['forward_images'], a['backward_images'],
+                              f"{a['seconds']:.0f}"] for name, a in r.items()], 'lrrrr')]
     lines += ['', f"MSA / AutoAttack: x{msa['backward_images'] / max(aa['backward_images'], 1):.2f} backward images, "
                   f"x{msa['seconds'] / aa['seconds']:.2f} wall time; bf16 MSA: x{msa['seconds'] / r['msa_bf16']['seconds']:.2f} "
                   f"faster, robust accuracy {100 * (r['msa_bf16']['robust_acc'] - msa['robust_acc']):+.1f} points."]
