@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 from _recipes import load_recipe
+from conftest import needs_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,3 +70,17 @@ def test_the_use_snippet_runs_as_written():
     exec(compile(snippet, 'README.md (## Use)', 'exec'), namespace)
     assert namespace['logits'].shape == (8, 10) and namespace['out'].fc_logits.shape == (16, 10)
     assert bool(namespace['h'].hpm_head.prototypes_initialized)
+
+
+@needs_fashion_mnist
+def test_the_msa_snippet_runs_as_written():
+    """The msa() snippet continues the first one (its model m)."""
+    readme = (ROOT / 'README.md').read_text()
+    namespace = {}
+    exec(compile(re.search(r'## Use\n\n```python\n(.*?)```', readme, re.S).group(1), 'README.md (## Use)', 'exec'),
+         namespace)
+    snippet = re.search(r'MSA on any batch-dependent model, in memory.*?```python\n(.*?)```', readme, re.S).group(1)
+    exec(compile(snippet, 'README.md (msa snippet)', 'exec'), namespace)
+    result = namespace['result']
+    assert 0 <= result['union_acc'] <= result['robust_acc'] <= result['clean_acc'] <= 1
+    assert 'base/apgd-ce' in result['candidate_acc']
