@@ -84,3 +84,10 @@ def test_the_msa_snippet_runs_as_written():
     result = namespace['result']
     assert 0 <= result['union_acc'] <= result['robust_acc'] <= result['clean_acc'] <= 1
     assert 'base/apgd-ce' in result['candidate_acc']
+
+
+def test_zoo_table_matches_the_manifest():
+    from timm_hpm.zoo import load_manifest, zoo_table
+    readme = (ROOT / 'README.md').read_text()
+    section = re.search(r'<!-- zoo-table:start -->\n(.*?)\n<!-- zoo-table:end -->', readme, re.S).group(1)
+    assert section == zoo_table(load_manifest())

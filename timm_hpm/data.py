@@ -1,5 +1,6 @@
 """Datasets that work offline here: Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package (IDX files),
-with torchvision as the fallback when online, and a synthetic dataset for tests.
+with torchvision as the fallback when online; CIFAR-10/100 (the binary version, read without unpickling, or
+torchvision's python version); ImageNet folders; and a synthetic dataset for tests.
 
 Images are float tensors in [0, 1], (C, H, W); labels are int64.
 """
@@ -15,9 +16,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from .augment import Augment, FolderAugment, imagenet_train_transform, unaugmented
+from .data_folders import CIFAR_BINARY, DatasetUnavailable, load_cifar, load_imagenet, read_cifar_binary
+
 __all__ = ['FASHION_MNIST_DIRS', 'FASHION_MNIST_CLASSES', 'DATASETS', 'DatasetUnavailable', 'read_idx',
-           'load_fashion_mnist', 'load_cifar', 'synthetic_dataset', 'load_eval_tensors', 'build_train_val',
-           'Augment', 'unaugmented']
+           'load_fashion_mnist', 'load_cifar', 'read_cifar_binary', 'CIFAR_BINARY', 'synthetic_dataset',
+           'load_eval_tensors', 'build_train_val', 'Augment', 'FolderAugment', 'imagenet_train_transform',
+           'unaugmented']  # CIFAR/ImageNet readers: timm_hpm/data_folders.py; augmentation: timm_hpm/augment.py
 
 DATASETS = ('fashion_mnist', 'cifar10', 'cifar100', 'imagenet', 'synthetic')
 
@@ -31,10 +36,6 @@ _FILES = {
 }
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype('>i2'), 0x0C: np.dtype('>i4'), 0x0D: np.dtype('>f4'),
                0x0E: np.dtype('>f8')}
-
-
-class DatasetUnavailable(FileNotFoundError):
-    """A dataset's files are not on this machine and cannot be downloaded."""
 
 
 def read_idx(path: Union[str, Path]) -> np.ndarray:
@@ -129,39 +130,10 @@ def synthetic_dataset(n: int = 256, num_classes: int = 10, image_size: Tuple[int
     return TensorDataset(images, labels)
 
 
-def load_cifar(name: str, split: str = 'test', root: Optional[Union[str, Path]] = None, download: bool = True
-               ) -> Dataset:
-    """CIFAR-10/100 through torchvision (images as [0, 1] tensors): from ``root`` (default
-    ``~/.cache/timm_hpm``), downloaded when missing and online."""
-    from torchvision import datasets, transforms
-    cls = {'cifar10': datasets.CIFAR10, 'cifar100': datasets.CIFAR100}[name]
-    root = Path(root or Path.home() / '.cache' / 'timm_hpm')
-    try:
-        return cls(str(root), train=split == 'train', download=download, transform=transforms.ToTensor())
-    except Exception as error:
-        folder = 'cifar-10-batches-py' if name == 'cifar10' else 'cifar-100-python'
-        raise DatasetUnavailable(
-            f'{name} not found under {root} and could not be downloaded ({type(error).__name__}: {error}). Put the '
-            f'extracted python version ({folder}/) in that folder, or pass another root / --data-dir.') from error
-
-
-def load_imagenet(split: str, root: Union[str, Path], input_size=(3, 224, 224), crop_pct: float = 0.875,
-                  interpolation: str = 'bilinear') -> Dataset:
-    """An ImageNet split from an ImageFolder layout (``root/<split>/<wnid>/*.JPEG``), resized and centre-cropped
-    as the model's pretrained cfg says (timm's evaluation transform), as [0, 1] tensors (normalisation belongs to
-    the model)."""
-    from timm.data import create_transform
-    from torchvision import datasets
-    folder = Path(root) / split
-    if not folder.is_dir():
-        raise DatasetUnavailable(f'ImageNet {split} folder not found: {folder} (expected an ImageFolder layout, '
-                                 f'root/{split}/<class>/<image>); pass --data-dir.')
-    # mean 0, std 1: [0, 1] tensors (timm's normalize=False would leave them uint8)
-    transform = create_transform(tuple(input_size), is_training=False, interpolation=interpolation,
-                                 crop_pct=crop_pct, mean=(0.0,) * input_size[0], std=(1.0,) * input_size[0])
-    return datasets.ImageFolder(str(folder), transform=transform)
-
-
+#: CIFAR's binary version (www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz, cifar-100-binary.tar.gz), extracted
+#: under the data folder: (folder, files per split, label bytes per record, which of them is the label). Each record
+#: is its label byte(s) then 3072 pixel bytes (1024 red, 1024 green, 1024 blue, rows in order): the same images in
+#: the same order as torchvision's python version, read without unpickling anything.
 def load_split(dataset: str, split: str, root=None, pretrained_cfg: Optional[dict] = None, synthetic_n: int = 512,
                num_classes: int = 10, image_size=(3, 32, 32), seed: int = 0) -> Dataset:
     """The ``'train'`` or ``'test'`` split of a dataset as [0, 1] tensors (ImageNet's test split is ``val``,
@@ -195,39 +167,6 @@ def load_eval_tensors(dataset: str, n_examples: int, root: Optional[Union[str, P
     return torch.stack([a for a, _ in items]), torch.tensor([int(b) for _, b in items])
 
 
-class Augment(Dataset):
-    """Standard small-image augmentation on [0, 1] tensors: random crop after zero padding, optional horizontal
-    flip. Its randomness depends only on (seed, epoch, index), so it is the same whatever the number of workers
-    or processes and after a resume; call ``set_epoch`` every epoch."""
-
-    def __init__(self, dataset: Dataset, padding: int = 4, flip: bool = True, seed: int = 0):
-        self.dataset, self.padding, self.flip, self.seed = dataset, padding, flip, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        x, y = self.dataset[i]
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
-        if self.padding:
-            h, w = x.shape[-2:]
-            padded = torch.nn.functional.pad(x, (self.padding,) * 4)
-            top, left = torch.randint(0, 2 * self.padding + 1, (2,), generator=g).tolist()
-            x = padded[..., top:top + h, left:left + w]
-        if self.flip and torch.rand((), generator=g) < 0.5:
-            x = x.flip(-1)
-        return x, y
-
-
-def unaugmented(train_set: Dataset) -> Dataset:
-    """The training set without its augmentation (the prototypes are class means of clean training images)."""
-    return train_set.dataset if isinstance(train_set, Augment) else train_set
-
-
 _AUGMENT = {'fashion_mnist': dict(padding=2, flip=False), 'cifar10': dict(padding=4, flip=True),
             'cifar100': dict(padding=4, flip=True), 'synthetic': dict(padding=0, flip=False)}
 
@@ -237,7 +176,8 @@ def build_train_val(dataset: str, root=None, val_examples: int = 512, train_exam
                     synthetic_examples: int = 512, seed: int = 0, pretrained_cfg: Optional[dict] = None):
     """(train, held-out) datasets from the training split: the last ``val_examples`` images are held out
     (never trained on), the training set is the first ``train_examples`` of the rest. Training images are
-    augmented as is standard for the dataset; held-out images are not."""
+    augmented as is standard for the dataset (ImageNet: timm's training transform on the decoded images, see
+    ``imagenet_train_transform``); held-out images are not (ImageNet: the model's evaluation resize and crop)."""
     full = load_split(dataset, 'train', root, pretrained_cfg, synthetic_examples + val_examples, num_classes,
                       image_size, seed)
     n = len(full)
@@ -251,4 +191,8 @@ def build_train_val(dataset: str, root=None, val_examples: int = 512, train_exam
     train = Subset(full, range(stop))
     if augment and dataset in _AUGMENT:
         train = Augment(train, **_AUGMENT[dataset], seed=seed)
+    elif augment and dataset == 'imagenet':
+        cfg = pretrained_cfg or {}
+        train = FolderAugment(train, imagenet_train_transform(cfg.get('input_size', (3, 224, 224)),
+                                                              cfg.get('interpolation', 'bilinear')), seed=seed)
     return train, Subset(full, range(n - val_examples, n))
