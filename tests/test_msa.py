@@ -426,3 +426,25 @@ def test_stage_names_and_labels():
     assert stage_label('combined') == "combinations of every stage's breaks"
     assert stage_label('autoattack') == 'AutoAttack on the target'
     assert stage_label('fc') == 'APGD-CE/T via fc' and stage_label('fc', 'via') == 'via fc'
+
+
+def test_stage_breaks_credit_each_stage_with_what_it_added(tmp_path):
+    """Two units written as the runner writes them: the gains add up to clean - realised, a candidate the realised
+    batch did not take gains nothing but its new breaks are counted, and --n keeps whole units."""
+    import json
+
+    from timm_hpm.eval.results import stage_breaks
+    units = tmp_path / 'units'
+    units.mkdir()
+    unit = {'indices': [0, 1, 2, 3], 'clean': [True, True, True, False], 'union': [False, False, True, False],
+            'realised': [False, True, True, False], 'stages': ['autoattack', 'fc/apgd-ce', 'dynamic/apgd-ce'],
+            'candidates': {'autoattack': [False, True, True, False], 'fc/apgd-ce': [False, True, True, False],
+                           'dynamic/apgd-ce': [True, False, True, False]},  # breaks 1 but loses 0: not taken
+            'passes': {'forward_images': 10, 'backward_images': 4}, 'seconds': 1.5}
+    (units / 'default_000000.json').write_text(json.dumps(unit))
+    (units / 'default_000001.json').write_text(json.dumps(dict(unit, indices=[4, 5, 6, 7])))
+    parts = stage_breaks(tmp_path)
+    assert parts['gain'] == {'autoattack': 2, 'fc': 0, 'dynamic': 0} and parts['new']['dynamic'] == 2
+    assert sum(parts['gain'].values()) == parts['clean'] - parts['realised'] == 6 - 4
+    assert parts['backward_images'] == 8 and parts['robust'][1] and not parts['robust'][4]
+    assert stage_breaks(tmp_path, n=4)['n'] == 4 and stage_breaks(tmp_path, n=7)['n'] == 4

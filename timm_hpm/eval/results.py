@@ -12,7 +12,7 @@ from ..report import markdown_table
 from .run_folder import load_unit
 from .stages import AUTOATTACK, candidate_stage, stage_order
 
-__all__ = ['aggregate', 'format_table']
+__all__ = ['aggregate', 'format_table', 'stage_breaks']
 
 
 def _batching_units(run_dir: Path, batching: str, n: int) -> List[dict]:
@@ -121,3 +121,37 @@ def format_table(result: dict) -> str:
     lines.append(f"passes: {result['passes']['forward_images']} forward / {result['passes']['backward_images']} "
                  f"backward images, {result['attack_seconds']:.1f} s")
     return '\n'.join(lines)
+
+
+def stage_breaks(run_dir: Path, batching: str = 'default', n: Optional[int] = None) -> dict:
+    """What each MSA stage of a run added, from its unit files (finished units; ``n``: only those within the first
+    ``n`` examples, to compare runs of different sizes). Under the cascade a stage attacks only what the stages
+    before it left standing, so each stage is credited with ``new``, the images its candidates broke that were
+    still correct in the realised batch when it ran (taken or not), and ``gain``, how much its candidates that the
+    realised batch took lowered the correct count (the gains add up to clean - realised). Also the per-image
+    realised result (``robust``), the clean, realised and union counts, and the cost (forward/backward images,
+    attack seconds)."""
+    units = [u for u in (load_unit(f) for f in sorted((Path(run_dir) / 'units').glob(f'{batching}_*.json')))
+             if u and (n is None or max(u['indices']) < n)]
+    new: Dict[str, int] = {}
+    gain: Dict[str, int] = {}
+    out = {'n': 0, 'clean': 0, 'realised': 0, 'union': 0, 'forward_images': 0, 'backward_images': 0, 'seconds': 0.0,
+           'robust': {}}
+    for u in units:
+        out['robust'].update({i: bool(r) for i, r in zip(u['indices'], u['realised'])})
+        realised = list(u['clean'])
+        for name in u['stages']:
+            correct, stage = u['candidates'][name], candidate_stage(name)
+            new[stage] = new.get(stage, 0) + sum(1 for r, c in zip(realised, correct) if r and not c)
+            gain.setdefault(stage, 0)
+            if sum(correct) < sum(realised):
+                gain[stage] += sum(realised) - sum(correct)
+                realised = list(correct)
+        out['n'] += len(u['indices'])
+        for key in ('clean', 'realised', 'union'):
+            out[key] += sum(u[key])
+        out['forward_images'] += u['passes']['forward_images']
+        out['backward_images'] += u['passes']['backward_images']
+        out['seconds'] += u['seconds']
+    out['new'], out['gain'] = new, gain
+    return out
