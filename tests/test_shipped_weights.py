@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_files_are_package_data():
-    for name in ('small_cnn.fmnist_pgdat', 'hpm_small_cnn.fmnist_hpm'):
+    for name in ('small_cnn.fmnist_pgdat', 'small_cnn.fmnist_control', 'hpm_small_cnn.fmnist_hpm'):
         path = SHIPPED_WEIGHTS / f'{name}.safetensors'
         assert path.is_file() and path.stat().st_size < 3_000_000, path
     assert 'weights/*.safetensors' in (ROOT / 'pyproject.toml').read_text()
@@ -64,6 +64,12 @@ def test_shipped_models_are_trained():
         acc = (base(x).argmax(1) == y).float().mean().item()
     assert acc == pytest.approx(json.loads((study / f'eval_base_{n}' / 'eval.json').read_text())['clean_acc'],
                                 abs=1e-6) and acc > 0.7
+    control = timm.create_model('small_cnn.fmnist_control', pretrained=True).eval()
+    with torch.no_grad():
+        acc = (control(x).argmax(1) == y).float().mean().item()
+    assert acc == pytest.approx(json.loads((study / f'eval_control_{n}' / 'eval.json').read_text())['clean_acc'],
+                                abs=1e-6)
+    assert not all(torch.equal(a, b) for a, b in zip(control.state_dict().values(), base.state_dict().values()))
     hpm = timm.create_model('hpm_small_cnn.fmnist_hpm', pretrained=True).eval()
     for mode in ('dynamic', 'static'):
         hpm.hpm_head.mode = mode
