@@ -3,7 +3,8 @@
 #   bash recipes/study_fashion_mnist.sh                 # first 1000 test images (what the README reports; sensitivity: 500)
 #   N_TEST=10000 bash recipes/study_fashion_mnist.sh    # the full test set (~40 core-hours of attacks on this CPU)
 # A larger N_TEST reuses the finished batches of the smaller runs in $OUT (evaluate.py --extend-from).
-# Set TRAIN=1 to retrain the base and rerun the sweep instead of using the weights shipped in timm_hpm/weights/.
+# Set TRAIN=1 to retrain the base and the control and rerun the sweep instead of using the weights shipped in
+# timm_hpm/weights/. The held-out design-space study is recipes/study.py (recipes/configs/fashion_mnist_study.yaml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -19,6 +20,10 @@ if [ "${TRAIN:-0}" = 1 ]; then
     $PY recipes/finetune.py --config recipes/configs/fashion_mnist_base.yaml --device cpu \
         $( [ -f runs/fashion_mnist_base/config.yaml ] && echo --resume runs/fashion_mnist_base )
     cp runs/fashion_mnist_base/final/model.safetensors timm_hpm/weights/small_cnn.fmnist_pgdat.safetensors
+    # 1b. the budget-matched control: the base + plain PGD-AT with the HPM fine-tune's budget
+    $PY recipes/finetune.py --config recipes/configs/fashion_mnist_control.yaml --device cpu \
+        $( [ -f runs/fashion_mnist_control/config.yaml ] && echo --resume runs/fashion_mnist_control )
+    cp runs/fashion_mnist_control/final/model.safetensors timm_hpm/weights/small_cnn.fmnist_control.safetensors
     # 2. HPM options and budget, scored on held-out training images; the best run is shipped as hpm_small_cnn.fmnist_hpm
     $PY recipes/tune_hpm.py --sweep recipes/configs/fashion_mnist_hpm_sweep.yaml --out "$OUT/tuning"
     BEST=$($PY -c "import json; print(json.load(open('$OUT/tuning/tuning.json'))['best'])")
@@ -36,10 +41,13 @@ reuse() {
     if (( ${#EXTEND[@]} )); then EXTEND=(--extend-from "${EXTEND[@]}"); fi
 }
 
-# 3. test-set evaluation: base (AutoAttack), the static l2 head (AutoAttack), HPM dynamic (MSA)
+# 3. test-set evaluation: base and budget-matched control (AutoAttack), the static l2 head (AutoAttack), HPM dynamic (MSA)
 reuse eval_base "$OUT/eval_base_$N_TEST"
 $PY recipes/evaluate.py --model small_cnn.fmnist_pgdat --protocol autoattack "${EVAL[@]}" --out "$OUT/eval_base_$N_TEST" \
     "${EXTEND[@]}"
+reuse eval_control "$OUT/eval_control_$N_TEST"
+$PY recipes/evaluate.py --model small_cnn.fmnist_control --protocol autoattack "${EVAL[@]}" \
+    --out "$OUT/eval_control_$N_TEST" "${EXTEND[@]}"
 reuse eval_static "$OUT/eval_static_$N_TEST"
 $PY recipes/evaluate.py --model hpm_small_cnn.fmnist_hpm --hpm-mode static --protocol autoattack "${EVAL[@]}" \
     --out "$OUT/eval_static_$N_TEST" "${EXTEND[@]}"
@@ -59,6 +67,9 @@ $PY recipes/batch_order_table.py --model hpm_small_cnn.fmnist_hpm small_cnn.fmni
 $PY recipes/evaluate.py --model hpm_small_cnn.fmnist_hpm --protocol msa --dataset fashion_mnist --eps 0.1 \
     --batch-size 32 --device cpu --n-examples "$N_BATCHINGS" --batchings class_sorted \
     --out "$OUT/eval_hpm_class_sorted_b32_$N_BATCHINGS"
+# 3d. batch poisoning: k of the 250 members of each fixed batch perturbed to flip the untouched ones
+$PY recipes/evaluate.py --model hpm_small_cnn.fmnist_hpm --protocol poison --dataset fashion_mnist --eps 0.1 \
+    --n-examples "$N_BATCHINGS" --batch-size 250 --poison-steps 50 --device cpu --out "$OUT/poison_hpm_$N_BATCHINGS"
 # 4. sensitivity analysis (FC head vs l2 head of the HPM model)
 $PY recipes/sensitivity.py --model hpm_small_cnn.fmnist_hpm --dataset fashion_mnist --eps-max 0.2 \
     --n-examples "$N_SENS" --out "$OUT/sensitivity_$N_SENS"
@@ -68,4 +79,5 @@ $PY recipes/push_to_hub.py --model hpm_small_cnn.fmnist_hpm --training-config "$
     --results "$OUT/eval_hpm_$N_TEST/eval.json" --base-results "$OUT/eval_base_$N_TEST/eval.json" \
     --batch-order "$OUT/batch_order_$N_TEST/table.json" \
     --natural-results "$OUT/eval_hpm_class_sorted_b32_$N_BATCHINGS/eval.json" \
+    --poisoning-results "$OUT/poison_hpm_$N_BATCHINGS/eval.json" \
     --base-model timm-hpm/small_cnn.fmnist_pgdat --repo-id timm-hpm/hpm_small_cnn.fmnist_hpm --license apache-2.0 --dry-run

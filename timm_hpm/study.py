@@ -48,6 +48,7 @@ class Candidate:
     hpm: Dict[str, Any] = field(default_factory=dict)
     eval_batch_size: Optional[int] = None  # None: the study's scoring batch size
     run: Optional[str] = None  # the fine-tune whose model this is (None: its own; another candidate's run)
+    changes: Dict[str, Any] = field(default_factory=dict)  # what the candidate changes (the table's column)
 
 
 
@@ -59,7 +60,8 @@ def _control_for(overrides: Dict[str, Any], common: Dict[str, Any], seed: int) -
     extra = ''.join(f"_{k.split('.')[-1]}-{v}" for k, v in matched.items()
                     if k != 'train.max_steps' and common.get(k) != v)
     return Candidate(f'control_{budget}{extra}/seed{seed}', 'control', seed, budget,
-                     {**common, **matched, 'train.seed': seed})
+                     {**common, **matched, 'train.seed': seed},
+                     changes={k: v for k, v in matched.items() if common.get(k) != v})
 
 
 def expand_study(study: dict) -> List[Candidate]:
@@ -97,7 +99,8 @@ def expand_study(study: dict) -> List[Candidate]:
                 ctl = _control_for(overrides, common, seed)
                 out.setdefault(ctl.name, ctl)
                 c = Candidate(f'{name}/seed{seed}', 'hpm', seed, ctl.budget, overrides, ctl.name,
-                              eval_batch_size=eval_bs, run=f'{model_of}/seed{seed}' if model_of else None)
+                              eval_batch_size=eval_bs, run=f'{model_of}/seed{seed}' if model_of else None,
+                              changes=options)
             out[c.name] = c
     return sorted(out.values(), key=lambda c: (c.kind != 'control', c.budget, c.name))
 
@@ -160,7 +163,7 @@ def study_rows(candidates: Sequence[Candidate], scores: Dict[str, dict], base: O
         if s is None:
             continue
         row = {'name': c.name, 'kind': c.kind, 'budget': c.budget, 'seed': c.seed, 'clean_acc': s['clean_acc'],
-               'robust_acc': s['robust_acc'], 'overrides': {k: v for k, v in c.overrides.items() if k != 'train.seed'},
+               'robust_acc': s['robust_acc'], 'overrides': dict(c.changes),
                'inference': c.hpm, 'eval_batch_size': c.eval_batch_size}
         reference = scores.get(c.control) if c.kind == 'hpm' else base if c.kind == 'inference' else None
         if reference is not None:
