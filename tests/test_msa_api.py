@@ -126,3 +126,23 @@ def test_the_realised_batch_combines_breaks_from_different_stages():
     assert batch.correct.tolist() == [False] * 5 + [True]
     assert batch.stages[-1] == 'combined/round1' and len(batch.stages) == 3  # nothing left for round 2
     assert torch.equal(_Threshold()(batch.x_adv).argmax(1) == y, batch.correct)
+
+
+def test_msa_sees_an_hpm_model_behind_a_normalising_view():
+    """timm's ImageNet-style models are attacked through timm_hpm.attacks.normalized_view: msa() still finds the
+    HPM head's views."""
+    import timm
+
+    from timm_hpm.attacks import NormalizedInput
+    torch.manual_seed(0)
+    model = timm.create_model('hpm_preact_resnet18', in_chans=1, img_size=8, num_classes=K).eval()
+    model.hpm_head.prototypes_initialized.fill_(True)
+    view = NormalizedInput(model, mean=(0.5,), std=(0.25,))
+    x, _ = _patterns(8, 4)
+    with torch.no_grad():
+        y = view(x).argmax(1)  # the dynamic head's own predictions: every image starts correct
+    cfg = MSAConfig(eps=0.03, autoattack=False, apgd_iters=2, n_target_classes=1, target_n_target_classes=1,
+                    combine_rounds=0)
+    result = msa(view, x, y, 0.03, config=cfg)
+    assert result['clean_acc'] == 1.0
+    assert {name.split('/')[0] for name in result['candidate_acc']} == {'fc', 'static', 'soft', 'dynamic'}

@@ -24,6 +24,7 @@ import torch.nn as nn
 from ..attacks import apgd, apgd_targeted, check_images
 from ..models._hpm import is_hpm_model
 from .autoattack import make_autoattack, run_autoattack
+from .checks import unwrap
 from .realised import RealisedBatch
 from .stages import AUTOATTACK, candidate_name
 from .views import ModelView, hpm_views
@@ -179,9 +180,10 @@ def msa(
     num_classes = getattr(model, 'num_classes', None)
     check_images(x, y, num_classes)
     batch_size = batch_size or x.shape[0]
+    hpm = is_hpm_model(unwrap(model))  # also behind a normalising view (timm_hpm.attacks.normalized_view)
     if surrogates is None:
-        surrogates = dict(hpm_views(model, cfg.surrogates, None)[1]) if is_hpm_model(model) else {}
-    target = ModelView(model, 'dynamic' if is_hpm_model(model) else None, batch_dependent=batch_dependent)
+        surrogates = dict(hpm_views(model, cfg.surrogates, None)[1]) if hpm else {}
+    target = ModelView(model, 'dynamic' if hpm else None, batch_dependent=batch_dependent)
     views = {name: s if isinstance(s, ModelView) else ModelView(s, batch_dependent=True)
              for name, s in surrogates.items()}
     if not any(_same_view(v, target) for v in views.values()):
