@@ -448,3 +448,21 @@ def test_stage_breaks_credit_each_stage_with_what_it_added(tmp_path):
     assert sum(parts['gain'].values()) == parts['clean'] - parts['realised'] == 6 - 4
     assert parts['backward_images'] == 8 and parts['robust'][1] and not parts['robust'][4]
     assert stage_breaks(tmp_path, n=4)['n'] == 4 and stage_breaks(tmp_path, n=7)['n'] == 4
+
+
+def test_a_run_of_the_earlier_msa_defaults_resumes_with_equivalent_options(tmp_path):
+    """settings.json written before MSA v2 (no target_n_target_classes, combine_rounds, surrogate_models): resumed
+    with the options that run used it is accepted, with the v2 defaults refused."""
+    import json
+    from dataclasses import replace
+    model, x, y = small_hpm()
+    old = MSAConfig(eps=0.05, **FAST, target_n_target_classes=3, combine_rounds=0)
+    evaluate(model, x[:16], y[:16], old, tmp_path, batch_size=16, progress=False)
+    stored = json.loads((tmp_path / 'settings.json').read_text())
+    for key in ('target_n_target_classes', 'combine_rounds', 'surrogate_models'):
+        del stored['msa'][key]
+    (tmp_path / 'settings.json').write_text(json.dumps(stored))
+    evaluate(model, x[:16], y[:16], old, tmp_path, batch_size=16, progress=False)  # resumes: nothing recomputed
+    with pytest.raises(ValueError, match='other settings'):
+        evaluate(model, x[:16], y[:16], replace(old, target_n_target_classes=9), tmp_path, batch_size=16,
+                 progress=False)

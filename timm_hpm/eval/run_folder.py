@@ -77,6 +77,18 @@ def data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def _as_run(previous: dict) -> dict:
+    """Stored settings with what a run of an earlier version actually did filled in for the options added since
+    (MSA v2: APGD-T through the target had the surrogates' target count, no transfer models, no combination round),
+    so such a run resumes or is extended with equivalent options."""
+    msa = previous.get('msa')
+    if isinstance(msa, dict) and 'target_n_target_classes' not in msa:
+        msa = dict(msa, target_n_target_classes=msa.get('n_target_classes'), combine_rounds=0,
+                   surrogate_models=msa.get('surrogate_models', []))
+        previous = dict(previous, msa=msa)
+    return previous
+
+
 def check_settings(run_dir: Path, protocol: str, batch_size: int, batchings: Sequence[str], n: int, amp: bool,
                    cfg: MSAConfig, process_index: int) -> dict:
     """The run's settings; a folder that holds a run with other settings is refused, never overwritten."""
@@ -84,7 +96,7 @@ def check_settings(run_dir: Path, protocol: str, batch_size: int, batchings: Seq
                     msa=cfg.to_dict())
     settings_path = run_dir / 'settings.json'
     if settings_path.exists():
-        previous = json.loads(settings_path.read_text())
+        previous = _as_run(json.loads(settings_path.read_text()))
         if previous != settings:
             raise ValueError(f'{run_dir} holds a run with other settings ({previous}); use a new --out folder or '
                              'the same settings to resume.')
@@ -115,7 +127,7 @@ def _extendable(source: Path, settings: dict, model_fp: str) -> tuple:
     if not (source / 'settings.json').exists():
         raise FileNotFoundError(f'{source} is not an evaluation run folder (no settings.json); pass the --out '
                                 'folder of an earlier run.')
-    previous = json.loads((source / 'settings.json').read_text())
+    previous = _as_run(json.loads((source / 'settings.json').read_text()))
     differences = sorted(k for k in set(previous) | set(settings)
                          if k not in ('n_examples', 'batchings') and previous.get(k) != settings.get(k))
     if differences:
