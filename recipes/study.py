@@ -59,8 +59,13 @@ def main(argv=None):
         scores = {}
         for c in tqdm(candidates, desc='study candidates'):
             path = scores_dir / f"{c.name.replace('/', '__')}.json"
+            definition = dict(kind=c.kind, overrides=c.overrides, model=c.model, hpm=c.hpm, run=c.run,
+                              eval_batch_size=c.eval_batch_size or scoring.get('batch_size', 250), scoring=scoring)
             if path.exists():
                 scores[c.name] = json.loads(path.read_text())
+                if scores[c.name].get('definition', definition) != definition:
+                    raise SystemExit(f'{path} scored {c.name} as {scores[c.name]["definition"]}, the study now '
+                                     f'defines it as {definition}: rename the candidate or delete that file.')
                 continue
             if c.kind == 'inference':
                 model = timm.create_model(c.model, pretrained=True).eval()
@@ -75,7 +80,7 @@ def main(argv=None):
             if x is None:
                 x, y = held_out(base_cfg, scoring.get('n_val', 2000), model)
             record = score_model(model, x, y, eps, norm, scoring, c.eval_batch_size or scoring.get('batch_size', 250))
-            record.update(train_seconds=seconds, candidate=c.name)
+            record.update(train_seconds=seconds, candidate=c.name, definition=definition)
             write_text_atomic(path, json.dumps(record))
             scores[c.name] = record
         base = None

@@ -54,7 +54,10 @@ def test_every_candidate_gets_the_control_with_its_budget_and_seed():
     assert cands['control_2_trainable-head/seed0'].overrides == {'train.max_steps': 2, 'train.trainable': 'head',
                                                                  'train.seed': 0}
     assert cands['control_4/seed0'].overrides == {'train.max_steps': 4, 'train.seed': 0}
-    assert cands['shipped/seed0'].kind == 'inference' and cands['shipped/seed0'].control is None
+    assert cands['shipped/seed0'].kind == 'inference' and cands['shipped/seed0'].control is None  # vs the base
+    with_budget = {c.name: c for c in expand_study({**STUDY, 'candidates': {
+        'shipped': {'inference': {'alpha': 0.0}, 'model': 'hpm_x.tag', 'train.max_steps': 3}}})}
+    assert with_budget['shipped/seed0'].control == 'control_3/seed0' and 'control_3/seed0' in with_budget
     assert cands['hpm_b4/seed0'].run == 'hpm/seed0' and cands['hpm_b4/seed0'].eval_batch_size == 4
     kinds = [c.kind for c in expand_study(STUDY)]
     assert kinds[:4] == ['control'] * 4 and 'control' not in kinds[4:]  # the four controls first
@@ -111,3 +114,8 @@ def test_the_study_recipe_end_to_end_and_resumes(tiny_study):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p.name: p.read_text() for p in (tiny_study / 'out' / 'scores').iterdir()} == before
+    changed = yaml.safe_load((tiny_study / 'study.yaml').read_text())
+    changed['candidates']['hpm'] = {'model.hpm.alpha': 0.25}  # same name, another model: its score is refused
+    (tiny_study / 'study.yaml').write_text(yaml.safe_dump(changed))
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert refused.returncode != 0 and 'rename the candidate' in refused.stderr

@@ -69,7 +69,9 @@ def expand_study(study: dict) -> List[Candidate]:
     its seeds (a candidate's own ``seeds`` wins), plus one control per (budget, seed) that a candidate needs.
 
     A candidate's options: config overrides (``train.max_steps: 600``, ``model.hpm.alpha: 0.25``, ...), or the
-    keys ``inference`` (head options applied to ``model`` without training), ``model``, ``seeds``,
+    keys ``inference`` (head options applied to ``model`` without training; with ``train.max_steps``, the budget
+    that model was fine-tuned with, it is read against that budget's control, else against the base), ``model``,
+    ``seeds``,
     ``eval_batch_size`` and ``model_of`` (score another candidate's fine-tuned model, e.g. at another batch size)."""
     unknown = set(study) - {'config', 'control_config', 'common', 'seeds', 'scoring', 'candidates', 'base_model'}
     if unknown:
@@ -92,8 +94,12 @@ def expand_study(study: dict) -> List[Candidate]:
                        if k not in ('seeds', 'eval_batch_size')}
         for seed in ([0] if hpm is not None else cand_seeds):
             if hpm is not None:
-                c = Candidate(f'{name}/seed{seed}', 'inference', seed, 0, {}, None, model or study.get('model'),
-                              dict(hpm), eval_bs)
+                # read against the control of the budget the shipped model was fine-tuned with, when given
+                ctl = _control_for({**common, **options}, common, seed) if 'train.max_steps' in options else None
+                if ctl is not None:
+                    out.setdefault(ctl.name, ctl)
+                c = Candidate(f'{name}/seed{seed}', 'inference', seed, ctl.budget if ctl else 0, {},
+                              ctl.name if ctl else None, model or study.get('model'), dict(hpm), eval_bs)
             else:
                 overrides = {**common, **options, 'train.seed': seed}
                 ctl = _control_for(overrides, common, seed)
@@ -165,9 +171,9 @@ def study_rows(candidates: Sequence[Candidate], scores: Dict[str, dict], base: O
         row = {'name': c.name, 'kind': c.kind, 'budget': c.budget, 'seed': c.seed, 'clean_acc': s['clean_acc'],
                'robust_acc': s['robust_acc'], 'overrides': dict(c.changes),
                'inference': c.hpm, 'eval_batch_size': c.eval_batch_size}
-        reference = scores.get(c.control) if c.kind == 'hpm' else base if c.kind == 'inference' else None
+        reference = scores.get(c.control) if c.control else base if c.kind == 'inference' else None
         if reference is not None:
-            row['vs'] = c.control if c.kind == 'hpm' else 'base'
+            row['vs'] = c.control or 'base'
             row['difference'] = paired_difference(reference['robust'], s['robust'])
             row['sign_test'] = paired(dict(enumerate(reference['robust'])), dict(enumerate(s['robust'])))['p']
         rows.append(row)
