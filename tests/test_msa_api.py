@@ -36,8 +36,18 @@ class TransductiveBN(nn.Module):
         return self.bn(self.fc(F.avg_pool2d(F.relu(self.conv(x)), 2).flatten(1)))
 
 
-@pytest.fixture(scope='module')
-def transductive():
+@pytest.fixture()
+def one_thread():
+    """Training and attack on one thread: the float reductions, and so the trained model and the attack's path,
+    are then the same whatever the machine's core count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def transductive(one_thread):
     torch.manual_seed(0)
     model = TransductiveBN()
     opt = torch.optim.Adam(model.parameters(), 1e-2)
