@@ -3,7 +3,6 @@ Fashion-MNIST entry (reduced budget, dry-run push, a second run skips every step
 entry at full model size (recipes/benchmarks/rehearse_zoo.py)."""
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -196,9 +195,6 @@ def test_build_fashion_mnist_entry_reduced_budget(tmp_path):
     assert other.returncode != 0 and 'holds a build with other settings (max_steps)' in other.stderr
 
 
-@pytest.mark.skipif(not os.environ.get('TIMM_HPM_REHEARSAL'),
-                    reason='2-3 minutes on 2 busy cores: TIMM_HPM_REHEARSAL=1 runs it (the whole zoo: '
-                           'recipes/benchmarks/rehearse_zoo.py)')
 def test_rehearsal_wrn28_10_cifar10_full_size(tmp_path):
     """The CIFAR-10 WRN-28-10 entry at full size (36.5M parameters, random weights in RobustBench's layout) on a
     fabricated CIFAR-10 folder: base export, 2 fine-tuning steps, AutoAttack and MSA (the dynamic surrogate and the
