@@ -10,13 +10,11 @@ from torch.utils.data import Dataset, Subset
 __all__ = ['Augment', 'FolderAugment', 'imagenet_train_transform', 'unaugmented']
 
 
-class Augment(Dataset):
-    """Standard small-image augmentation on [0, 1] tensors: random crop after zero padding, optional horizontal
-    flip. Its randomness depends only on (seed, epoch, index), so it is the same whatever the number of workers
-    or processes and after a resume; call ``set_epoch`` every epoch."""
+class _EpochSeeded(Dataset):
+    """A view on ``dataset`` whose sample ``i`` is drawn with randomness seeded by (seed, epoch, i) only."""
 
-    def __init__(self, dataset: Dataset, padding: int = 4, flip: bool = True, seed: int = 0):
-        self.dataset, self.padding, self.flip, self.seed = dataset, padding, flip, seed
+    def __init__(self, dataset: Dataset, seed: int = 0):
+        self.dataset, self.seed = dataset, seed
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -25,9 +23,23 @@ class Augment(Dataset):
     def __len__(self):
         return len(self.dataset)
 
+    def sample_key(self, i: int) -> int:
+        """The seed of sample ``i``'s randomness in the current epoch."""
+        return (self.seed * 1_000_003 + self.epoch) * 10_000_019 + i
+
+
+class Augment(_EpochSeeded):
+    """Standard small-image augmentation on [0, 1] tensors: random crop after zero padding, optional horizontal
+    flip. Its randomness depends only on (seed, epoch, index), so it is the same whatever the number of workers
+    or processes and after a resume; call ``set_epoch`` every epoch."""
+
+    def __init__(self, dataset: Dataset, padding: int = 4, flip: bool = True, seed: int = 0):
+        super().__init__(dataset, seed)
+        self.padding, self.flip = padding, flip
+
     def __getitem__(self, i):
         x, y = self.dataset[i]
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+        g = torch.Generator().manual_seed(self.sample_key(i))
         if self.padding:
             h, w = x.shape[-2:]
             padded = torch.nn.functional.pad(x, (self.padding,) * 4)
@@ -46,7 +58,7 @@ def imagenet_train_transform(input_size=(3, 224, 224), interpolation: str = 'bil
                             mean=(0.0,) * input_size[0], std=(1.0,) * input_size[0])
 
 
-class FolderAugment(Dataset):
+class FolderAugment(_EpochSeeded):
     """A training transform applied to the decoded images of an image folder (``Subset`` of an ``ImageFolder``
     whose own transform is the evaluation one: ``dataset`` is the unaugmented view). The transform's randomness
     (Python's ``random`` and torch's, which timm's and torchvision's transforms draw from) is seeded by (seed,
@@ -54,20 +66,14 @@ class FolderAugment(Dataset):
     workers or processes and after a resume; call ``set_epoch`` every epoch."""
 
     def __init__(self, dataset: Subset, transform, seed: int = 0):
-        self.dataset, self.transform, self.seed = dataset, transform, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self):
-        return len(self.dataset)
+        super().__init__(dataset, seed)
+        self.transform = transform
 
     def __getitem__(self, i):
         folder = self.dataset.dataset
         path, y = folder.samples[self.dataset.indices[i]]
         image = folder.loader(path)
-        key = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + i
+        key = self.sample_key(i)
         state = random.getstate()
         try:
             random.seed(key)
@@ -81,4 +87,4 @@ class FolderAugment(Dataset):
 
 def unaugmented(train_set: Dataset) -> Dataset:
     """The training set without its augmentation (the prototypes are class means of clean training images)."""
-    return train_set.dataset if isinstance(train_set, (Augment, FolderAugment)) else train_set
+    return train_set.dataset if isinstance(train_set, _EpochSeeded) else train_set
