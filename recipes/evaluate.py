@@ -70,6 +70,13 @@ def parse_args(argv=None):
                    help='do not add the recorded base model as a surrogate')
     p.add_argument('--combine-rounds', type=int, default=3,
                    help="whole-batch combinations of every stage's breaks after the last stage (0: none)")
+    p.add_argument('--no-score-iterates', action='store_true',
+                   help="do not score every whole batch a batch-dependent surrogate's APGD evaluates on the target "
+                        "(MSA v2; only the per-sample best images of each run are scored)")
+    p.add_argument('--no-surrogate-apgd', action='store_true',
+                   help="skip MSA's whole-batch APGD through the surrogates; with --surrogate-autoattack --no-cascade "
+                        "--combine-rounds 0 --no-score-iterates --no-base-surrogate: the paper's protocol (AutoAttack "
+                        "on each surrogate, transferred, per-sample worst case), for comparison only")
     p.add_argument('--poison-steps', type=int, default=100, help='with --protocol poison: PGD steps per attack')
     p.add_argument('--autoattack-iters', type=int, default=None, help="default: AutoAttack's own (100)")
     p.add_argument('--square-queries', type=int, default=None, help="default: AutoAttack's own (5000)")
@@ -207,7 +214,9 @@ def run_attacks(args, eps, batchings, model, x, y, out, accelerator, metadata):
     cfg = MSAConfig(eps=eps, norm=args.norm, surrogates=tuple(args.surrogates), surrogate_models=tuple(others),
                     apgd_iters=args.apgd_iters, n_target_classes=args.n_target_classes,
                     target_n_target_classes=args.target_n_target_classes, combine_rounds=args.combine_rounds,
-                    autoattack_iters=args.autoattack_iters, square_queries=args.square_queries,
+                    score_iterates=not args.no_score_iterates, surrogate_apgd=not args.no_surrogate_apgd,
+                    autoattack_iters=args.autoattack_iters,
+                    square_queries=args.square_queries,
                     surrogate_autoattack=args.surrogate_autoattack, cascade=not args.no_cascade, seed=args.seed)
     evaluate(model, x, y, cfg, out / 'attack', protocol=args.protocol, batch_size=args.batch_size,
              batchings=batchings, amp=args.amp == 'bf16', save_adversarial=args.save_adv,

@@ -197,6 +197,7 @@ def test_the_recipes_choices_and_msa_defaults_are_the_packages_and_the_readmes()
     for key in ('apgd_iters', 'n_target_classes', 'target_n_target_classes', 'combine_rounds'):
         assert getattr(args, key) == getattr(cfg, key) == int(documented[key]), key
     assert list(args.surrogates) == list(cfg.surrogates) == documented['surrogates'].split(',')
+    assert (not args.no_score_iterates) == cfg.score_iterates == (documented['score_iterates'] == 'True')
     assert f'{cfg.apgd_iters} iterations' in readme and f'{cfg.n_target_classes} target classes per surrogate' in readme
     assert f"AutoAttack's {cfg.target_n_target_classes} through the target" in readme
     assert f'up to {cfg.combine_rounds} whole-batch combinations' in readme

@@ -148,6 +148,7 @@ def test_autoattack_own_accuracy_is_not_trusted_for_batch_dependent_models(tmp_p
     cfg = MSAConfig(eps=eps, autoattack_version='custom', autoattack_attacks=attacks, autoattack_iters=20)
     ours = attack_batch(ModelView(model, batch_dependent=True), {}, x, y, cfg, seed=0, num_classes=K)
     assert sum(ours['candidates']['autoattack']) / n == fixed_batch_truth  # ours: the same images, scored whole
+    assert sum(ours['autoattack_own']) / n == own  # AutoAttack's own verdict is kept beside, for the comparison
 
 
 def small_hpm(seed=0, n=48):
@@ -451,18 +452,18 @@ def test_stage_breaks_credit_each_stage_with_what_it_added(tmp_path):
 
 
 def test_a_run_of_the_earlier_msa_defaults_resumes_with_equivalent_options(tmp_path):
-    """settings.json written before MSA v2 (no target_n_target_classes, combine_rounds, surrogate_models): resumed
-    with the options that run used it is accepted, with the v2 defaults refused."""
+    """settings.json written before MSA v2 (no target_n_target_classes, combine_rounds, surrogate_models) or v3 (no
+    score_iterates): resumed with the options that run used it is accepted, with the newer defaults refused."""
     import json
     from dataclasses import replace
     model, x, y = small_hpm()
-    old = MSAConfig(eps=0.05, **FAST, target_n_target_classes=3, combine_rounds=0)
+    old = MSAConfig(eps=0.05, **FAST, target_n_target_classes=3, combine_rounds=0, score_iterates=False)
     evaluate(model, x[:16], y[:16], old, tmp_path, batch_size=16, progress=False)
     stored = json.loads((tmp_path / 'settings.json').read_text())
-    for key in ('target_n_target_classes', 'combine_rounds', 'surrogate_models'):
+    for key in ('target_n_target_classes', 'combine_rounds', 'surrogate_models', 'score_iterates'):
         del stored['msa'][key]
     (tmp_path / 'settings.json').write_text(json.dumps(stored))
     evaluate(model, x[:16], y[:16], old, tmp_path, batch_size=16, progress=False)  # resumes: nothing recomputed
-    with pytest.raises(ValueError, match='other settings'):
-        evaluate(model, x[:16], y[:16], replace(old, target_n_target_classes=9), tmp_path, batch_size=16,
-                 progress=False)
+    for newer in (dict(target_n_target_classes=9), dict(score_iterates=True)):
+        with pytest.raises(ValueError, match='other settings'):
+            evaluate(model, x[:16], y[:16], replace(old, **newer), tmp_path, batch_size=16, progress=False)

@@ -8,6 +8,10 @@ surface (full eps), momentum 0.75, step size 2 eps halved at the checkpoints
 ``p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)`` when fewer than ``rho = 0.75`` of the
 steps since the last checkpoint increased the loss, or when neither the step size nor the best loss changed;
 a sample whose step is halved restarts from its best point.
+
+The per-sample best images it returns come from different iterates: for a batch-dependent model they were never
+evaluated together. ``observe`` sees every whole batch the attack evaluates (with the model's logits on it), so that
+a caller can score those concrete batches instead (MSA does, see :mod:`timm_hpm.eval.msa`).
 """
 from __future__ import annotations
 
@@ -62,12 +66,17 @@ def _loss_fn(loss: str, y: torch.Tensor, target: Optional[torch.Tensor]) -> Call
     }[loss]
 
 
-def _loss_and_grad(model: Model, x_adv: torch.Tensor, loss_fn):
+Observer = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+def _loss_and_grad(model: Model, x_adv: torch.Tensor, loss_fn, observe: Optional[Observer] = None):
     with torch.enable_grad():
         x_adv = x_adv.detach().requires_grad_(True)
         logits = model(x_adv)
         losses = loss_fn(logits)
         grad, = torch.autograd.grad(losses.sum(), x_adv)
+    if observe is not None:
+        observe(x_adv.detach(), logits.detach())
     return losses.detach(), logits.detach(), grad.detach()
 
 
@@ -85,17 +94,19 @@ def apgd(
         momentum: float = 0.75,
         random_start: bool = True,
         generator: Optional[torch.Generator] = None,
+        observe: Optional[Observer] = None,
 ) -> torch.Tensor:
     """APGD on the whole batch ``x``; returns per-sample best adversarial images: a sample's first misclassified
     iterate if any (then kept), else its highest-loss one. ``loss``: one of :data:`APGD_LOSSES` (the targeted two
-    need ``target``)."""
+    need ``target``). ``observe(x_adv, logits)`` is called with every batch the model is evaluated on (the start,
+    each iterate, each restart from the best points)."""
     check_norm(norm)
     loss_fn = _loss_fn(loss, y, target)
     view = (-1,) + (1,) * (x.ndim - 1)
     x = x.detach()
     x_adv = random_init(x, eps, norm, generator, boundary=True) if random_start else x.clone()
     step = torch.full((x.shape[0],), 2.0 * eps, device=x.device, dtype=x.dtype)
-    losses, logits, grad = _loss_and_grad(model, x_adv, loss_fn)
+    losses, logits, grad = _loss_and_grad(model, x_adv, loss_fn, observe)
     ever_fooled = logits.argmax(1) != y
     x_first_fooled = torch.where(ever_fooled.view(view), x_adv, x)
     x_best, best_loss = x_adv.clone(), losses.clone()
@@ -109,7 +120,7 @@ def apgd(
         if k > 0:
             z = project(x_adv + momentum * (z - x_adv) + (1 - momentum) * (x_adv - x_prev), x, eps, norm)
         x_prev, x_adv = x_adv, z
-        new_losses, logits, grad = _loss_and_grad(model, x_adv, loss_fn)
+        new_losses, logits, grad = _loss_and_grad(model, x_adv, loss_fn, observe)
         fooled_now = logits.argmax(1) != y
         newly = fooled_now & ~ever_fooled
         x_first_fooled[newly] = x_adv[newly]
@@ -127,7 +138,7 @@ def apgd(
         x_adv = torch.where(reduce.view(view), x_best, x_adv)
         x_prev = torch.where(reduce.view(view), x_best, x_prev)
         if reduce.any():
-            grad = torch.where(reduce.view(view), _loss_and_grad(model, x_adv, loss_fn)[2], grad)
+            grad = torch.where(reduce.view(view), _loss_and_grad(model, x_adv, loss_fn, observe)[2], grad)
         reduced_at_last_mark, best_at_last_mark, last_mark = reduce, best_loss.clone(), k + 1
         increases.zero_()
     return torch.where(ever_fooled.view(view), x_first_fooled, x_best).detach()
@@ -142,11 +153,12 @@ def apgd_targeted(
         n_iter: int = 100,
         n_target_classes: int = 9,
         generator: Optional[torch.Generator] = None,
+        observe: Optional[Observer] = None,
 ) -> Iterator[torch.Tensor]:
     """APGD-T: one run per target among the top ``n_target_classes`` wrong classes of the clean logits.
 
     Targeted DLR needs >= 4 classes; with fewer, targeted cross-entropy is used. Yields one candidate batch per
-    target rank (each a realisable whole batch), lazily: a caller that has broken every sample stops early.
+    target rank, lazily: a caller that has broken every sample stops early. ``observe``: as in :func:`apgd`.
     """
     with torch.no_grad():
         logits = model(x)
@@ -154,4 +166,5 @@ def apgd_targeted(
     order = logits.scatter(1, y[:, None], float('-inf')).argsort(dim=1, descending=True)
     loss = 'dlr-targeted' if num_classes >= 4 else 'ce-targeted'
     for rank in range(min(n_target_classes, num_classes - 1)):
-        yield apgd(model, x, y, eps, norm, n_iter, loss=loss, target=order[:, rank], generator=generator)
+        yield apgd(model, x, y, eps, norm, n_iter, loss=loss, target=order[:, rank], generator=generator,
+                   observe=observe)

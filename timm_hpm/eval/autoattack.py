@@ -84,18 +84,19 @@ def make_autoattack(
     return adversary
 
 
-def run_autoattack(adversary, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Adversarial images from AutoAttack's cascade. Its own accuracy is *not* returned on purpose: it re-batches
-    still-robust points, which changes a batch-dependent model's predictions; score the images yourself on
-    fixed batches."""
+def run_autoattack(adversary, x: torch.Tensor, y: torch.Tensor, batch_size: int, return_own: bool = False):
+    """Adversarial images from AutoAttack's cascade. Its own verdict is not the figure: it re-batches still-robust
+    points, which changes a batch-dependent model's predictions; score the images yourself on fixed batches. With
+    ``return_own``, also AutoAttack's own per-sample verdict (its printout's accuracy, for the comparison of
+    evaluations): ``(x_adv, own_correct)``."""
     logger = logging.getLogger('auto-attack')
     previous = logger.level
     logger.setLevel(logging.ERROR)  # its warnings that the model is dynamic are expected here: that is why we re-score
     try:
         if adversary.backend == 'pyautoattack':
-            x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+            x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
         else:
-            x_adv = adversary.run_standard_evaluation(x, y, bs=batch_size)
+            x_adv, y_adv = adversary.run_standard_evaluation(x, y, bs=batch_size, return_labels=True)
     finally:
         logger.setLevel(previous)
-    return x_adv.detach()
+    return (x_adv.detach(), (y_adv == y).detach()) if return_own else x_adv.detach()

@@ -6,9 +6,13 @@ whole batch of images within eps of the clean ones, scored by one forward of the
 AutoAttack's standard cascade on the target, its images re-scored on the fixed batch (never AutoAttack's own
 accuracy); for each surrogate (views on the target's weights: ``fc``, ``static``, ``soft``, ``dynamic``; then
 other models, e.g. the base the HPM weights were fine-tuned from) white-box APGD-CE and APGD-T on the whole batch,
-the loss summed over it; optionally each surrogate's AutoAttack cascade; finally whole-batch combinations of every
-stage's breaks. Cascade: a sample broken in the realised batch is not attacked again (batch-independent surrogates
-attack the still-robust samples only), but every candidate batch is scored whole. The per-sample union over all
+the loss summed over it, and for a batch-dependent surrogate every whole batch each APGD run evaluated (its
+per-sample best images come from different iterates, which the target never saw together; each iterate is a
+concrete batch: the one that broke the most is a candidate, and every break counts in the union); optionally each
+surrogate's AutoAttack cascade (alone, without the whole-batch APGD: the paper's protocol, AutoAttack on each
+surrogate transferred with a per-sample worst case); finally whole-batch combinations of every stage's breaks.
+Cascade: a sample broken in the realised batch is not attacked again (batch-independent surrogates attack the
+still-robust samples only), but every candidate batch is scored whole. The per-sample union over all
 candidates is a bound that need not be realisable in one batch, reported beside the realised figure.
 """
 from __future__ import annotations
@@ -21,11 +25,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..attacks import apgd, apgd_targeted, check_images
+from ..attacks import accuracy, apgd, apgd_targeted, check_images
 from ..models._hpm import is_hpm_model
 from .autoattack import make_autoattack, run_autoattack
 from .checks import unwrap
-from .realised import RealisedBatch
+from .realised import IterateScores, RealisedBatch
 from .stages import AUTOATTACK, candidate_name
 from .views import ModelView, hpm_views
 
@@ -43,6 +47,8 @@ class MSAConfig:
     n_target_classes: int = 3  # APGD-T targets per surrogate (cost: see the MSA benchmark)
     target_n_target_classes: int = 9  # through the target itself (its own view among the surrogates): AutoAttack's 9
     combine_rounds: int = 3  # whole-batch combinations of every stage's breaks after the last stage (0: none)
+    score_iterates: bool = True  # every whole batch a batch-dependent surrogate's APGD evaluates, scored on the target
+    surrogate_apgd: bool = True  # whole-batch APGD-CE/APGD-T through each surrogate (off: the paper's protocol)
     autoattack: bool = True  # the standard AutoAttack cascade on the target, re-scored on fixed batches
     autoattack_version: str = 'standard'
     autoattack_attacks: Optional[Sequence[str]] = None  # with autoattack_version='custom'
@@ -68,29 +74,47 @@ def _same_view(a: nn.Module, b: nn.Module) -> bool:
 
 def _surrogate_stage(batch: RealisedBatch, name: str, surrogate: nn.Module, n_targets: int, cfg: 'MSAConfig',
                      generator: torch.Generator, active: Callable[[], torch.Tensor]) -> None:
-    """White-box APGD-CE and APGD-T (``n_targets`` target classes) through one surrogate, each scored on the target."""
+    """White-box APGD-CE and APGD-T (``n_targets`` target classes) through one surrogate, each scored on the target;
+    for a batch-dependent surrogate also every whole batch each run evaluated (``cfg.score_iterates``)."""
     x, y = batch.x, batch.y
     todo = active()
     # Batch-independent surrogates may attack the sub-batch of robust samples; batch-dependent ones see the whole
-    # batch (its composition is part of the model).
+    # batch (its composition is part of the model), so each batch they evaluate is a concrete candidate.
     batch_dependent = getattr(surrogate, 'batch_dependent', True)
     idx = torch.arange(x.shape[0], device=x.device) if batch_dependent else todo.nonzero().flatten()
     xs, ys = x[idx], y[idx]
+    iterates: List[Optional[IterateScores]] = [None]
+
+    def new_iterates() -> None:
+        if batch_dependent and cfg.score_iterates:
+            same = _same_view(surrogate, batch.target)  # its logits are the target's: no extra pass
+            iterates[0] = IterateScores(batch, lambda xa, logits: (logits.argmax(1) == y) if same
+                                        else accuracy(batch.target, xa, y))
+
+    def observe(x_adv: torch.Tensor, logits: torch.Tensor) -> None:
+        if iterates[0] is not None:
+            iterates[0](x_adv, logits)
 
     def scatter(x_sub: torch.Tensor) -> torch.Tensor:
         out = x.clone()
         out[idx] = x_sub
         return out
 
-    batch.consider(candidate_name(name, 'apgd-ce'),
-                   scatter(apgd(surrogate, xs, ys, cfg.eps, cfg.norm, cfg.apgd_iters, loss='ce', generator=generator)),
-                   todo)
+    def take(attack: str, x_sub: torch.Tensor, replace: torch.Tensor) -> None:
+        batch.consider(candidate_name(name, attack), scatter(x_sub), replace)
+        if iterates[0] is not None:
+            batch.consider_iterates(candidate_name(name, attack), iterates[0], active())
+        new_iterates()
+
+    new_iterates()
+    take('apgd-ce', apgd(surrogate, xs, ys, cfg.eps, cfg.norm, cfg.apgd_iters, loss='ce', generator=generator,
+                         observe=observe), todo)
     for rank, x_t in enumerate(apgd_targeted(surrogate, xs, ys, cfg.eps, cfg.norm, cfg.apgd_iters,
-                                             n_target_classes=n_targets, generator=generator)):
+                                             n_target_classes=n_targets, generator=generator, observe=observe)):
         todo = active()
         if not bool(todo.any()):
             break
-        batch.consider(candidate_name(name, f'apgd-t{rank + 1}'), scatter(x_t), todo)
+        take(f'apgd-t{rank + 1}', x_t, todo)
 
 
 def attack_batch(
@@ -103,7 +127,8 @@ def attack_batch(
         num_classes: int,
 ) -> dict:
     """MSA on one fixed batch. Returns per-sample correctness (lists of bools) of the target on the clean
-    batch, on each candidate batch, and on the final realised batch, and the realised images."""
+    batch, on each candidate batch, and on the final realised batch, AutoAttack's own verdict (``autoattack_own``,
+    None without the AutoAttack stage), and the realised images."""
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     batch = RealisedBatch(target, x, y)
@@ -111,23 +136,28 @@ def attack_batch(
     def active() -> torch.Tensor:
         return batch.correct.clone() if cfg.cascade else batch.clean.clone()
 
+    autoattack_own = None
     if cfg.autoattack:
         if bool(batch.clean.any()):
-            # Plain AutoAttack's figure: all its images, re-scored on this fixed batch.
+            # Plain AutoAttack's figure: all its images, re-scored on this fixed batch (its own verdict is kept
+            # beside, never used: it shows what AutoAttack's printout would claim).
             adversary = make_autoattack(target, cfg.eps, cfg.norm, version=cfg.autoattack_version,
                                         attacks=cfg.autoattack_attacks, seed=seed, device=x.device,
                                         num_classes=num_classes, n_iter=cfg.autoattack_iters,
                                         square_queries=cfg.square_queries)
-            batch.consider(AUTOATTACK, run_autoattack(adversary, x, y, batch_size=x.shape[0]),
-                           torch.ones_like(batch.clean))
+            x_aa, autoattack_own = run_autoattack(adversary, x, y, batch_size=x.shape[0], return_own=True)
+            batch.consider(AUTOATTACK, x_aa, torch.ones_like(batch.clean))
+            autoattack_own = (autoattack_own & batch.clean).tolist()
         else:
             batch.candidates[AUTOATTACK] = batch.clean.clone()
+            autoattack_own = batch.clean.tolist()
 
     for name, surrogate in surrogates.items():
         if not bool(active().any()):
             break
         n_targets = cfg.target_n_target_classes if _same_view(surrogate, target) else cfg.n_target_classes
-        _surrogate_stage(batch, name, surrogate, n_targets, cfg, generator, active)
+        if cfg.surrogate_apgd:
+            _surrogate_stage(batch, name, surrogate, n_targets, cfg, generator, active)
         if cfg.surrogate_autoattack and bool(active().any()):
             adversary = make_autoattack(surrogate, cfg.eps, cfg.norm, version='custom',
                                         attacks=['apgd-ce', 'apgd-t', 'fab-t'], seed=seed, device=x.device,
@@ -137,6 +167,7 @@ def attack_batch(
     batch.combine(cfg.combine_rounds)
     return {
         'clean': batch.clean.tolist(),
+        'autoattack_own': autoattack_own,
         'candidates': {k: v.tolist() for k, v in batch.candidates.items()},
         'realised': batch.correct.tolist(),
         'union': batch.union.tolist(),

@@ -6,9 +6,9 @@ from typing import Callable, Dict, List
 import torch
 
 from ..attacks import accuracy
-from .stages import COMBINED, candidate_name
+from .stages import COMBINED, ITERATES, candidate_name
 
-__all__ = ['RealisedBatch']
+__all__ = ['RealisedBatch', 'IterateScores']
 
 
 class RealisedBatch:
@@ -32,6 +32,23 @@ class RealisedBatch:
         x_cand = self.x_adv.clone()
         x_cand[replace] = x_adv[replace]
         self._score(name, x_cand)
+
+    def consider_iterates(self, name: str, iterates: 'IterateScores', replace: torch.Tensor) -> None:
+        """The whole batches an attack evaluated (:class:`IterateScores`): the one that broke the most is a
+        candidate as it was evaluated (``<name>:best-iterate``) and spliced into the realised batch for the samples
+        ``replace`` selects (``<name>:best-iterate-spliced``, keeping the earlier breaks), each scored whole; every
+        sample some batch broke counts in the union and in :meth:`combine` (``<name>:iterates``: per sample, correct
+        in every batch the attack evaluated; not one batch)."""
+        if iterates.best_x is None:
+            return
+        self._score(f'{name}:best-iterate', iterates.best_x)
+        self.consider(f'{name}:best-iterate-spliced', iterates.best_x, replace)
+        correct = self.clean & ~iterates.broken
+        self.candidates[name + ITERATES] = correct
+        self.union &= correct
+        broken = iterates.broken.nonzero().flatten()
+        self.breaks.append((broken, iterates.images[broken]))
+        self.stages.append(name + ITERATES)
 
     def _score(self, name: str, x_cand: torch.Tensor) -> None:
         correct = accuracy(self.target, x_cand, self.y) & self.clean
@@ -59,3 +76,27 @@ class RealisedBatch:
             for i in pending:
                 x_cand[i] = options[i][r]
             self._score(candidate_name(COMBINED, f'round{r + 1}'), x_cand)
+
+
+class IterateScores:
+    """An ``observe`` hook for :func:`timm_hpm.attacks.apgd`: every whole batch the attack evaluates, scored on the
+    target. An attack's per-sample best images come from different iterates, which a batch-dependent target never
+    saw together; each iterate is a concrete batch within eps, so a sample it breaks is a realisable break.
+
+    ``score(x_adv, logits)`` gives the target's per-sample correctness on ``x_adv``: the surrogate's ``logits`` when
+    the surrogate is the target itself (no extra pass), else one forward of the target.
+    """
+
+    def __init__(self, batch: RealisedBatch, score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        self.batch, self.score = batch, score
+        self.broken = torch.zeros_like(batch.clean)
+        self.images = batch.x.clone()  # per sample: the first batch's image that broke it
+        self.best_x, self.best_correct = None, int(batch.clean.sum()) + 1
+
+    def __call__(self, x_adv: torch.Tensor, logits: torch.Tensor) -> None:
+        correct = self.score(x_adv, logits) & self.batch.clean
+        new = self.batch.clean & ~correct & ~self.broken
+        self.images[new] = x_adv[new]
+        self.broken |= new
+        if int(correct.sum()) < self.best_correct:
+            self.best_x, self.best_correct = x_adv.clone(), int(correct.sum())

@@ -79,14 +79,16 @@ def data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
 
 def _as_run(previous: dict) -> dict:
     """Stored settings with what a run of an earlier version actually did filled in for the options added since
-    (MSA v2: APGD-T through the target had the surrogates' target count, no transfer models, no combination round),
-    so such a run resumes or is extended with equivalent options."""
+    (before MSA v2: APGD-T through the target had the surrogates' target count, no transfer models, no combination
+    round; before v3: no iterate was scored, the whole-batch APGD always ran), so such a run resumes or is extended
+    with equivalent options."""
     msa = previous.get('msa')
     if isinstance(msa, dict) and 'target_n_target_classes' not in msa:
         msa = dict(msa, target_n_target_classes=msa.get('n_target_classes'), combine_rounds=0,
                    surrogate_models=msa.get('surrogate_models', []))
-        previous = dict(previous, msa=msa)
-    return previous
+    if isinstance(msa, dict):
+        msa = {'score_iterates': False, 'surrogate_apgd': True, **msa}
+    return dict(previous, msa=msa) if isinstance(msa, dict) else previous
 
 
 def check_settings(run_dir: Path, protocol: str, batch_size: int, batchings: Sequence[str], n: int, amp: bool,

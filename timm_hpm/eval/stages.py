@@ -2,19 +2,26 @@
 
 A unit file's ``candidates`` are named ``autoattack`` (AutoAttack's cascade on the target) or
 ``<surrogate>/<attack>`` (``fc/apgd-ce``, ``fc/apgd-t1``, ..., ``fc/autoattack``, and ``combined/round1``, ...); a
-*stage* is the part before the slash (``autoattack``, ``fc``, ``static``, ..., ``combined``). ``realised`` and
-``union`` are the batch after every stage and the per-sample union over all candidates.
+*stage* is the part before the slash (``autoattack``, ``fc``, ``static``, ..., ``combined``). For a batch-dependent
+surrogate each APGD run also has ``<surrogate>/<attack>:best-iterate`` (the whole batch it evaluated that broke the
+most), ``...:best-iterate-spliced`` (that batch's images in the realised batch) and ``...:iterates`` (per sample:
+correct in every batch the run evaluated; a per-sample union, not one batch). ``realised`` and ``union`` are the
+batch after every stage and the per-sample union over all candidates.
 """
 from __future__ import annotations
 
 from typing import Iterable, List, Optional
 
-__all__ = ['AUTOATTACK', 'COMBINED', 'candidate_name', 'candidate_stage', 'stage_order', 'stage_label']
+__all__ = ['AUTOATTACK', 'COMBINED', 'ITERATES', 'candidate_name', 'candidate_stage', 'is_per_sample_union',
+           'stage_order', 'stage_label']
 
 #: The stage (and candidate) of AutoAttack's cascade run on the target itself.
 AUTOATTACK = 'autoattack'
 #: The stage after the last surrogate: whole-batch combinations of every stage's breaks.
 COMBINED = 'combined'
+
+#: The suffix of a candidate that is the per-sample union over every batch one attack run evaluated.
+ITERATES = ':iterates'
 
 
 def candidate_name(surrogate: Optional[str], attack: str) -> str:
@@ -25,6 +32,11 @@ def candidate_name(surrogate: Optional[str], attack: str) -> str:
 def candidate_stage(name: str) -> str:
     """The stage a candidate belongs to: ``fc/apgd-t1`` -> ``fc``, ``autoattack`` -> ``autoattack``."""
     return name.split('/')[0]
+
+
+def is_per_sample_union(name: str) -> bool:
+    """Whether a candidate is a per-sample union over several batches (``...:iterates``), not one batch."""
+    return name.endswith(ITERATES)
 
 
 def stage_order(settings: dict, stages: Iterable[str]) -> List[str]:
