@@ -38,7 +38,8 @@ def main(argv=None):
 
     import timm_hpm
     from timm_hpm.runfiles import run_lock, write_text_atomic
-    from timm_hpm.study import expand_study, finetune, held_out, plot_study, score_model, study_rows, study_table
+    from timm_hpm.study import (expand_study, finetune, held_out, plot_study, score_model, scoring_config, study_rows,
+                                study_table)
     from timm_hpm.train import load_config
 
     study = yaml.safe_load(args.study.read_text())
@@ -52,6 +53,7 @@ def main(argv=None):
     scoring = study.get('scoring', {})
     base_cfg = load_config(config)
     eps, norm = base_cfg.eps, base_cfg.attack.norm
+    attack = scoring_config(eps, norm, scoring).to_dict()  # in every score's definition: a changed attack is stale
     scores_dir = args.out / 'scores'
     scores_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(args.out, '--out'):
@@ -60,12 +62,10 @@ def main(argv=None):
         for c in tqdm(candidates, desc='study candidates'):
             path = scores_dir / f"{c.name.replace('/', '__')}.json"
             definition = dict(kind=c.kind, overrides=c.overrides, model=c.model, hpm=c.hpm, run=c.run,
-                              eval_batch_size=c.eval_batch_size or scoring.get('batch_size', 250), scoring=scoring)
+                              eval_batch_size=c.eval_batch_size or scoring.get('batch_size', 250), scoring=scoring,
+                              attack=attack)
             if path.exists():
-                scores[c.name] = json.loads(path.read_text())
-                if scores[c.name].get('definition', definition) != definition:
-                    raise SystemExit(f'{path} scored {c.name} as {scores[c.name]["definition"]}, the study now '
-                                     f'defines it as {definition}: rename the candidate or delete that file.')
+                scores[c.name] = stored_score(path, c.name, definition)
                 continue
             if c.kind == 'inference':
                 model = timm.create_model(c.model, pretrained=True).eval()
@@ -86,12 +86,14 @@ def main(argv=None):
         base = None
         if study.get('base_model'):
             path = scores_dir / 'base.json'
+            definition = dict(kind='base', model=study['base_model'], eval_batch_size=scoring.get('batch_size', 250),
+                              scoring=scoring, attack=attack)
             if not path.exists():
                 model = timm.create_model(study['base_model'], pretrained=True).eval()
                 x, y = (x, y) if x is not None else held_out(base_cfg, scoring.get('n_val', 2000), model)
-                write_text_atomic(path, json.dumps(score_model(model, x, y, eps, norm, scoring,
-                                                               scoring.get('batch_size', 250))))
-            base = json.loads(path.read_text())
+                record = score_model(model, x, y, eps, norm, scoring, scoring.get('batch_size', 250))
+                write_text_atomic(path, json.dumps(dict(record, definition=definition)))
+            base = stored_score(path, 'the base', definition)
         rows = study_rows(candidates, scores, base)
         table = study_table(rows)
         write_text_atomic(args.out / 'study.json', json.dumps(
@@ -103,6 +105,16 @@ def main(argv=None):
         plot_study(rows, args.out / 'study.png', f"held-out robust vs clean accuracy ({len(rows)} models)")
     print(table)
     return rows
+
+
+def stored_score(path: Path, name: str, definition: dict) -> dict:
+    """A finished score, refused when it was made with another definition (the candidate, the scoring options or
+    the attack itself changed since: a score file from before definitions recorded the attack is stale too)."""
+    record = json.loads(path.read_text())
+    if record.get('definition') != definition:
+        raise SystemExit(f'{path} scored {name} as {record.get("definition")}, the study now defines it as '
+                         f'{definition}: rename the candidate or delete that file to rescore it.')
+    return record
 
 
 if __name__ == '__main__':

@@ -2,6 +2,7 @@
 
     python recipes/study_table.py --n-test 1000 --n-sensitivity 500 --n-batchings 250                    # print
     python recipes/study_table.py --n-test 1000 --n-sensitivity 500 --n-batchings 250 --update README.md  # the README
+    (``--hpm-run eval_hpm_msa3_1000``: the HPM figures from that run folder)
 """
 import argparse
 import json
@@ -88,13 +89,14 @@ def _main_rows(base: dict, static: dict, hpm: dict, control: dict = None) -> lis
     return rows
 
 
-def _paired_lines(results: Path, rel, n_test: int, base, static, hpm, control) -> list:
+def _paired_lines(results: Path, rel, n_test: int, base, static, hpm, control, hpm_run: str) -> list:
     """Paired comparisons on the same images (per-image results of the realised batches): HPM and the static l2
     head against the base, and HPM and the base against the budget-matched control, with the exact sign test and
     the paired 95% interval."""
-    flags = {key: robust_flags(results / f'{folder}_{n_test}') if run else None
-             for key, folder, run in (('base', 'eval_base', base), ('hpm', 'eval_hpm', hpm),
-                                      ('static', 'eval_static', static), ('control', 'eval_control', control))}
+    flags = {key: robust_flags(results / folder) if run else None
+             for key, folder, run in (('base', f'eval_base_{n_test}', base), ('hpm', hpm_run, hpm),
+                                      ('static', f'eval_static_{n_test}', static),
+                                      ('control', f'eval_control_{n_test}', control))}
     names = {'base': 'the base under AutoAttack', 'hpm': 'HPM under MSA',
              'static': 'the static l2 head under AutoAttack', 'control': 'the control under AutoAttack'}
     short = {'base': 'the base', 'hpm': 'HPM', 'static': 'the static l2 head', 'control': 'the control'}
@@ -113,10 +115,13 @@ def _paired_lines(results: Path, rel, n_test: int, base, static, hpm, control) -
             + '; '.join(lines) + '.']
 
 
-def study_tables(results: Path, n_test: int, n_sensitivity: int = None, n_batchings: int = None) -> str:
+def study_tables(results: Path, n_test: int, n_sensitivity: int = None, n_batchings: int = None,
+                 hpm_run: str = None) -> str:
+    """The tables; ``hpm_run``: the HPM model's MSA run folder under ``results`` (default ``eval_hpm_<n_test>``)."""
+    hpm_run = hpm_run or f'eval_hpm_{n_test}'
     base = _load(results / f'eval_base_{n_test}' / 'eval.json')
     static = _load(results / f'eval_static_{n_test}' / 'eval.json')
-    hpm = _load(results / f'eval_hpm_{n_test}' / 'eval.json')
+    hpm = _load(results / hpm_run / 'eval.json')
     control = _load(results / f'eval_control_{n_test}' / 'eval.json')
     tuning = _load(results / 'tuning' / 'tuning.json')
     sens = _load(results / f'sensitivity_{n_sensitivity or n_test}' / 'sensitivity.json')
@@ -125,12 +130,13 @@ def study_tables(results: Path, n_test: int, n_sensitivity: int = None, n_batchi
     rel = results.relative_to(ROOT) if results.is_relative_to(ROOT) else results
     if base or static or hpm:
         out += [f'Test set: the first {n_test} of the 10,000 Fashion-MNIST test images, Linf eps 0.1, fixed batches of '
-                f"{(hpm or base or static)['batch_size']}. Results: `{rel}/eval_*_{n_test}/eval.json`. An MSA stage "
-                'row is the best candidate batch that stage produced from the realised batch so far; the worst case '
-                'is the realised batch after all stages.', '']
+                f"{(hpm or base or static)['batch_size']}. Results: `{rel}/eval_*_{n_test}/eval.json`"
+                + (f" (HPM: `{rel}/{hpm_run}/eval.json`)" if hpm_run != f'eval_hpm_{n_test}' else '')
+                + '. An MSA stage row is the best candidate batch that stage produced from the realised batch so '
+                'far; the worst case is the realised batch after all stages.', '']
         out.append(markdown_table(['model', 'head', 'attack', 'clean', 'robust', 'command'],
                                   _main_rows(base, static, hpm, control), 'lllrrl'))
-    out += _paired_lines(results, rel, n_test, base, static, hpm, control)
+    out += _paired_lines(results, rel, n_test, base, static, hpm, control, hpm_run)
     if batchings:
         natural_name = f'eval_hpm_class_sorted_b32_{n_batchings}'
         natural = _load(results / natural_name / 'eval.json') if (results / natural_name / 'eval.json').is_file() \
@@ -164,10 +170,11 @@ def main():
     parser.add_argument('--n-sensitivity', type=int, help='test images of the sensitivity run (default: --n-test)')
     parser.add_argument('--n-batchings', type=int,
                         help='test images of the per-batching MSA run (eval_hpm_batchings_N)')
+    parser.add_argument('--hpm-run', help="the HPM model's MSA run folder under --results (default eval_hpm_<n-test>)")
     parser.add_argument('--update', type=Path, help='rewrite the section between the markers in this file')
     args = parser.parse_args()
-    print_or_update(study_tables(args.results.resolve(), args.n_test, args.n_sensitivity, args.n_batchings),
-                    args.update, 'fmnist-study')
+    print_or_update(study_tables(args.results.resolve(), args.n_test, args.n_sensitivity, args.n_batchings,
+                                 args.hpm_run), args.update, 'fmnist-study')
 
 
 if __name__ == '__main__':

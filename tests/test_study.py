@@ -114,6 +114,12 @@ def test_the_study_recipe_end_to_end_and_resumes(tiny_study):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p.name: p.read_text() for p in (tiny_study / 'out' / 'scores').iterdir()} == before
+    stale = json.loads(before['hpm__seed0.json'])  # scored by an earlier attack (MSA v2 scored no iterate)
+    stale['definition']['attack']['score_iterates'] = False
+    (tiny_study / 'out' / 'scores' / 'hpm__seed0.json').write_text(json.dumps(stale))
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert refused.returncode != 0 and 'delete that file to rescore' in refused.stderr
+    (tiny_study / 'out' / 'scores' / 'hpm__seed0.json').write_text(before['hpm__seed0.json'])
     changed = yaml.safe_load((tiny_study / 'study.yaml').read_text())
     changed['candidates']['hpm'] = {'model.hpm.alpha': 0.25}  # same name, another model: its score is refused
     (tiny_study / 'study.yaml').write_text(yaml.safe_dump(changed))

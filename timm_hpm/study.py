@@ -121,19 +121,28 @@ def held_out(cfg, n: int, model) -> tuple:
     return torch.stack([a for a, _ in items]), torch.tensor([int(b) for _, b in items])
 
 
+def scoring_config(eps: float, norm: str, scoring: dict):
+    """The attack that scores the study's models (an :class:`~timm_hpm.eval.MSAConfig` without AutoAttack), from
+    the study's ``scoring`` options (``apgd_iters``, ``n_target_classes``, ``combine_rounds``); everything else is
+    MSA's default, so its ``to_dict()`` belongs in a score's definition (a changed attack makes old scores stale)."""
+    from .eval import MSAConfig
+    return MSAConfig(eps=eps, norm=norm, autoattack=False, apgd_iters=scoring.get('apgd_iters', 20),
+                     n_target_classes=scoring.get('n_target_classes', 3),
+                     target_n_target_classes=scoring.get('n_target_classes', 3),
+                     combine_rounds=scoring.get('combine_rounds', 3))
+
+
 def score_model(model, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, scoring: dict,
                 batch_size: int) -> dict:
     """Per-image clean and robust correctness of ``model`` (eval mode; an HPM model's dynamic head) on fixed
     batches: whole-batch APGD-CE and APGD-T (``scoring``: ``apgd_iters``, ``n_target_classes``) through the target
-    and, for an HPM model, through its head's modes; the realised batches count."""
+    and, for an HPM model, through its head's modes, every iterate through a batch-dependent view scored; the
+    realised batches count (:func:`scoring_config`)."""
     from .attacks import normalized_view
-    from .eval import MSAConfig, msa
+    from .eval import msa
     from .models import is_hpm_model
     view = normalized_view(model).eval()
-    cfg = MSAConfig(eps=eps, norm=norm, autoattack=False, apgd_iters=scoring.get('apgd_iters', 20),
-                    n_target_classes=scoring.get('n_target_classes', 3),
-                    target_n_target_classes=scoring.get('n_target_classes', 3),
-                    combine_rounds=scoring.get('combine_rounds', 3))
+    cfg = scoring_config(eps, norm, scoring)
     hpm = is_hpm_model(model)
     surrogates = None if hpm else {}
     result = msa(view, x, y, eps, surrogates=surrogates, batch_size=batch_size, config=cfg, batch_dependent=hpm)
