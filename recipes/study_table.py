@@ -35,15 +35,35 @@ def robust_flags(run_dir: Path, batching: str = 'default'):
     return flags
 
 
-def batchings_table(run: dict, rel: Path, name: str, natural: dict = None, natural_name: str = None) -> list:
+def _msa_differences(run: dict, headline: dict = None) -> str:
+    """How a run's MSA settings differ from the headline run's (empty when they agree or there is no headline)."""
+    if headline is None:
+        return ''
+
+    def as_run(msa: dict) -> dict:  # what an older run did for the options added since (as run_folder reads it)
+        msa = {'score_iterates': False, 'surrogate_apgd': True, **msa}
+        if 'target_n_target_classes' not in msa:  # before MSA v2
+            msa = dict(msa, target_n_target_classes=msa['n_target_classes'], combine_rounds=0, surrogate_models=[])
+        return msa
+    a, b = as_run(run['settings']['msa']), as_run(headline['settings']['msa'])
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return ', '.join(f'{k}={json.dumps(a.get(k))} (headline: {json.dumps(b.get(k))})' for k in keys)
+
+
+def batchings_table(run: dict, rel: Path, name: str, natural: dict = None, natural_name: str = None,
+                    headline: dict = None) -> list:
     """MSA per batching of one run: every stage, the realised worst case, the worst batching and the union; with
-    ``natural``, the run on the worst natural batching (class-sorted, as a class-folder dataset gives) as a row."""
+    ``natural``, the run on the worst natural batching (class-sorted, as a class-folder dataset gives) as a row;
+    with ``headline`` (the HPM run of the main table), how this run's MSA settings differ from it."""
     n = run['n_examples']
     stages = stage_order(run['settings'], next(iter(run['batchings'].values()))['per_surrogate_acc'])
+    differences = _msa_differences(run, headline)
     out = [f"MSA per batching (the dynamic head's output depends on its batch): the first {n} test images, "
            f"fixed batches of {run['batch_size']}{' (single: 1)' if 'single' in run['batchings'] else ''}, "
-           f"full strength as above. Results: `{rel}/{name}/eval.json`, "
-           f"`{run['command']}`."
+           + (f'full strength but with earlier MSA settings than the run above ({differences}; these rows and the '
+              'class-sorted one are weaker evaluations than the headline)' if differences
+              else 'full strength as above')
+           + f". Results: `{rel}/{name}/eval.json`, `{run['command']}`."
            + (f" With {n} images in batches of {run['batch_size']} the shuffled batch has the same members as the "
               'default one (a single batch), so the shuffled row is a second MSA run with other random starts, not '
               'another batch composition.' if n <= run['batch_size'] and 'shuffled' in run['batchings'] else ''), '']
@@ -141,7 +161,8 @@ def study_tables(results: Path, n_test: int, n_sensitivity: int = None, n_batchi
         natural_name = f'eval_hpm_class_sorted_b32_{n_batchings}'
         natural = _load(results / natural_name / 'eval.json') if (results / natural_name / 'eval.json').is_file() \
             else None
-        out += [''] + batchings_table(batchings, rel, f'eval_hpm_batchings_{n_batchings}', natural, natural_name)
+        out += [''] + batchings_table(batchings, rel, f'eval_hpm_batchings_{n_batchings}', natural, natural_name,
+                                      hpm)
         if natural is not None:
             out += ['', f"The worst natural batching (class-sorted, batches of {natural['batch_size']}: what timm's "
                     f"`validate.py` on class folders gives) is not in the worst case above, which covers the three "

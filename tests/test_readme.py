@@ -32,12 +32,15 @@ def test_study_tables_match_the_committed_results():
     n_sens = int(re.search(r'static l2 head, same weights; first (\d+) test images', section).group(1))
     n_batchings = re.search(r'MSA per batching .*?: the first (\d+) test images', section)
     n_batchings = n_batchings and int(n_batchings.group(1))
+    hpm_run = re.search(r'\(HPM: `results/fashion_mnist/([^/`]+)/eval.json`\)', section)
+    hpm_run = hpm_run.group(1) if hpm_run else f'eval_hpm_{n_test}'
     tables = load_recipe('study_table').study_tables(ROOT / 'results' / 'fashion_mnist', n_test, n_sens,
-                                                                     n_batchings)
+                                                                     n_batchings, hpm_run)
     assert section == tables, (f'run: python recipes/study_table.py --n-test {n_test} --n-sensitivity {n_sens} '
-                               f'--n-batchings {n_batchings} --update README.md')
-    for name in ('eval_base', 'eval_static', 'eval_hpm'):
+                               f'--n-batchings {n_batchings} --hpm-run {hpm_run} --update README.md')
+    for name in ('eval_base', 'eval_static'):
         assert (ROOT / 'results' / 'fashion_mnist' / f'{name}_{n_test}' / 'eval.json').is_file(), name
+    assert (ROOT / 'results' / 'fashion_mnist' / hpm_run / 'eval.json').is_file(), hpm_run
     assert f'![sensitivity](results/fashion_mnist/sensitivity_{n_sens}/sensitivity.png)' in readme
 
 

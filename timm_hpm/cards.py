@@ -148,6 +148,8 @@ def render_card(result: Dict[str, Any], repo_id: str, model_config: Dict[str, An
         eval_command=result.get('command', 'unknown'),
         base_eval_command=(base_result or {}).get('command'),
         surrogates=', '.join(result['settings']['msa']['surrogates']),
+        transfer=', '.join(result['settings']['msa'].get('surrogate_models', [])),
+        score_iterates=result['settings']['msa'].get('score_iterates', False),
         batchings=', '.join(result.get('batchings', {})), batch_size=result.get('batch_size'),
         per_batching=per_batching, warnings=result.get('warnings', []), input_size=_input_size(model_config),
         training_description=_training_text(args.get('hpm_cfg', {}), base_model, training_config),
