@@ -39,13 +39,8 @@ def _msa_differences(run: dict, headline: dict = None) -> str:
     """How a run's MSA settings differ from the headline run's (empty when they agree or there is no headline)."""
     if headline is None:
         return ''
-
-    def as_run(msa: dict) -> dict:  # what an older run did for the options added since (as run_folder reads it)
-        msa = {'score_iterates': False, 'surrogate_apgd': True, **msa}
-        if 'target_n_target_classes' not in msa:  # before MSA v2
-            msa = dict(msa, target_n_target_classes=msa['n_target_classes'], combine_rounds=0, surrogate_models=[])
-        return msa
-    a, b = as_run(run['settings']['msa']), as_run(headline['settings']['msa'])
+    from timm_hpm.eval.run_folder import settings_as_run  # what an older run did for the options added since
+    a, b = (settings_as_run(r['settings'])['msa'] for r in (run, headline))
     keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     return ', '.join(f'{k}={json.dumps(a.get(k))} (headline: {json.dumps(b.get(k))})' for k in keys)
 

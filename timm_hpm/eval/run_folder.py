@@ -16,7 +16,7 @@ from ..runfiles import write_atomic, write_text_atomic
 from .msa import MSAConfig
 
 __all__ = ['unit_path', 'write_json_atomic', 'load_unit', 'model_fingerprint', 'data_fingerprint',
-           'check_settings', 'check_fingerprint', 'reusable_units', 'copy_reusable']
+           'check_settings', 'check_fingerprint', 'reusable_units', 'copy_reusable', 'settings_as_run']
 
 _logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _as_run(previous: dict) -> dict:
+def settings_as_run(previous: dict) -> dict:
     """Stored settings with what a run of an earlier version actually did filled in for the options added since
     (before MSA v2: APGD-T through the target had the surrogates' target count, no transfer models, no combination
     round; before v3: no iterate was scored, the whole-batch APGD always ran), so such a run resumes or is extended
@@ -98,7 +98,7 @@ def check_settings(run_dir: Path, protocol: str, batch_size: int, batchings: Seq
                     msa=cfg.to_dict())
     settings_path = run_dir / 'settings.json'
     if settings_path.exists():
-        previous = _as_run(json.loads(settings_path.read_text()))
+        previous = settings_as_run(json.loads(settings_path.read_text()))
         if previous != settings:
             raise ValueError(f'{run_dir} holds a run with other settings ({previous}); use a new --out folder or '
                              'the same settings to resume.')
@@ -129,7 +129,7 @@ def _extendable(source: Path, settings: dict, model_fp: str) -> tuple:
     if not (source / 'settings.json').exists():
         raise FileNotFoundError(f'{source} is not an evaluation run folder (no settings.json); pass the --out '
                                 'folder of an earlier run.')
-    previous = _as_run(json.loads((source / 'settings.json').read_text()))
+    previous = settings_as_run(json.loads((source / 'settings.json').read_text()))
     differences = sorted(k for k in set(previous) | set(settings)
                          if k not in ('n_examples', 'batchings') and previous.get(k) != settings.get(k))
     if differences:
