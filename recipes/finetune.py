@@ -14,6 +14,7 @@ step budget. The steps below follow accelerate's examples/cv_example.py; what th
 """
 import argparse
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -74,6 +75,7 @@ def train(accelerator, cfg, resume: bool, budget_changes: dict) -> Path:
     """The run in accelerate's examples/cv_example.py order: data and model, ``prepare``, resume (or initialise
     the prototypes), the loop, save. One function on purpose, read top to bottom: what it calls lives in
     timm_hpm/train/ (tested there)."""
+    import torch
     import yaml
     from accelerate.utils import set_seed
     from timm.optim import create_optimizer_v2
@@ -99,6 +101,8 @@ def train(accelerator, cfg, resume: bool, budget_changes: dict) -> Path:
         synthetic_examples=cfg.data.synthetic_examples, seed=t.seed, pretrained_cfg=model.pretrained_cfg)
     trainable, frozen = select_trainable(model, t.trainable)
     logger.info('training %d parameter tensors (%s)', len(trainable), t.trainable)
+    if t.channels_last:  # as timm's train.py: before the optimizer, which then holds NHWC momenta
+        model.to(memory_format=torch.channels_last)
     train_loader = DataLoader(train_set, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
                               num_workers=cfg.data.num_workers)
     init_loader = DataLoader(unaugmented(train_set), batch_size=t.eval_batch_size, shuffle=False)
@@ -129,8 +133,9 @@ def train(accelerator, cfg, resume: bool, budget_changes: dict) -> Path:
     if budget_changes:
         log.budget_change(state['global_step'], budget_changes)
 
-    # The loop: an epoch (or what the budget leaves of it), then held-out metrics and a checkpoint.
-    for epoch in range(state['epoch'], t.epochs):
+    # The loop: an epoch (or what the budget leaves of it), then held-out metrics and a checkpoint; as many epochs
+    # as the step budget takes (train.max_steps may span several).
+    for epoch in range(state['epoch'], math.ceil(total_steps / updates_per_epoch)):
         if state['global_step'] >= total_steps:
             break
         train_loader.set_epoch(epoch)
@@ -154,6 +159,8 @@ def train(accelerator, cfg, resume: bool, budget_changes: dict) -> Path:
     write_fingerprints(accelerator, run_dir, raw, prototypes=t.objective == 'hpm')
     if accelerator.is_main_process:
         raw.eval()
+        if t.channels_last:  # safetensors stores contiguous tensors only; the exported weights are plain ones
+            raw.to(memory_format=torch.contiguous_format)
         save_for_hub(raw, run_dir / 'final')
         logger.info('wrote %s (load with timm.create_model("local-dir:%s", pretrained=True))', run_dir / 'final',
                     run_dir / 'final')
@@ -167,6 +174,7 @@ def train_epoch(accelerator, model, optimizer, scheduler, train_loader, frozen, 
     the epoch or the step budget ends (``state['global_step']`` counts them; a checkpoint every
     ``train.checkpoint_every``). Returns the batches done in the epoch, the images trained on (all processes) and
     the ``time.perf_counter()`` at its start."""
+    import torch
     from tqdm import tqdm
 
     from timm_hpm.train import adversarial_examples, save_run_checkpoint, set_frozen_eval, step_generator, training_loss
@@ -182,6 +190,8 @@ def train_epoch(accelerator, model, optimizer, scheduler, train_loader, frozen, 
                disable=not accelerator.is_local_main_process)
     tic, images, batches_done = time.perf_counter(), 0, skip
     for x, y in bar:
+        if t.channels_last and x.ndim == 4:  # the batch as the model's weights (PGD's noise is drawn as before)
+            x = x.contiguous(memory_format=torch.channels_last)
         with accelerator.accumulate(model):
             g = step_generator(t.seed, epoch * 10_000_000 + batches_done, accelerator.process_index)
             x_adv = adversarial_examples(raw, x, y, cfg, g, cfg.eps_scale(epoch + batches_done / len(train_loader)))

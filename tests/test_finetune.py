@@ -210,14 +210,54 @@ def test_trades_runs_for_both_objectives(tmp_path, objective, name):
     assert timm_hpm.is_hpm_model(model) == (objective == 'hpm')
 
 
-def test_max_steps_budget_carries_the_whole_lr_schedule(tmp_path):
-    """A run cut by max_steps anneals its cosine schedule over those steps (not over the full epochs)."""
-    result = _run(['--output-dir', str(tmp_path / 'r'), '--max-steps', '4', '--set', 'train.log_every=1',
-                   'train.eval_pgd_steps=0', 'train.epochs=3'])
+@pytest.mark.parametrize('max_steps, epochs, epochs_run', [(4, 3, 1), (7, 1, 2)])
+def test_max_steps_is_the_budget_and_carries_the_whole_lr_schedule(tmp_path, max_steps, epochs, epochs_run):
+    """max_steps is the step budget whatever train.epochs says (4 optimizer steps per epoch here): a budget shorter
+    than the epochs stops early, a longer one runs more epochs (a 600-step budget once stopped at the end of the
+    first 429-step epoch), and the cosine schedule anneals over exactly those steps."""
+    result = _run(['--output-dir', str(tmp_path / 'r'), '--max-steps', str(max_steps), '--set', 'train.log_every=1',
+                   'train.eval_pgd_steps=0', f'train.epochs={epochs}'])
     assert result.returncode == 0, result.stderr[-3000:]
-    lrs = [r['lr'] for r in map(json.loads, (tmp_path / 'r' / 'log.jsonl').read_text().splitlines()) if 'lr' in r]
+    records = [json.loads(line) for line in (tmp_path / 'r' / 'log.jsonl').read_text().splitlines()]
+    lrs = [r['lr'] for r in records if 'lr' in r]
+    assert [r['step'] for r in records if 'lr' in r] == list(range(1, max_steps + 1))
+    assert [r['epoch'] for r in records if 'epoch_end' in r] == list(range(epochs_run))
     base_lr = load_config(CONFIG).train.lr
-    # timm's cosine in step mode: lr_k = base_lr * (1 + cos(pi k / 4)) / 2 after k updates
+    # timm's cosine in step mode: lr_k = base_lr * (1 + cos(pi k / n)) / 2 after k of n updates
     import math
-    expected = [base_lr * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(1, 5)]
+    expected = [base_lr * (1 + math.cos(math.pi * k / max_steps)) / 2 for k in range(1, max_steps + 1)]
     assert lrs == pytest.approx(expected, rel=1e-4, abs=1e-9)
+
+
+def test_channels_last_changes_only_the_memory_layout(tmp_path, monkeypatch):
+    """train.channels_last puts the model and the training batches in NHWC and changes nothing else: the losses
+    and the final weights are the default layout's within float rounding. Three input channels: with one, NHWC and
+    NCHW strides coincide. L2 PGD: Linf PGD steps along sign(grad), which can turn a rounding difference in a
+    near-zero gradient into another adversarial example (and a loss that differs in the third digit)."""
+    import timm_hpm.train
+    from _recipes import load_recipe
+    finetune = load_recipe('finetune')
+    training_loss = timm_hpm.train.training_loss
+    seen = []
+
+    def spy(model, x, x_adv, y, cfg):  # the layouts each training step sees: (option, batch NHWC, weights NHWC)
+        nhwc = torch.channels_last
+        seen.append((cfg.train.channels_last, x.is_contiguous(memory_format=nhwc) and not x.is_contiguous(),
+                     all(p.is_contiguous(memory_format=nhwc) for p in model.parameters() if p.ndim == 4)))
+        return training_loss(model, x, x_adv, y, cfg)
+    monkeypatch.setattr(timm_hpm.train, 'training_loss', spy)
+    runs = {}
+    for channels_last in (False, True):
+        out = tmp_path / f'channels_last_{channels_last}'
+        finetune.main(['--config', str(CONFIG), '--output-dir', str(out), '--max-steps', '3', '--device', 'cpu',
+                       '--set', 'model.model_args={in_chans: 3, img_size: 8, num_classes: 4}', 'attack.norm=L2',
+                       'attack.eps=0.5', f'train.channels_last={str(channels_last).lower()}'])  # saved at step 2
+        runs[channels_last] = out
+    assert seen == [(False, False, False)] * 3 + [(True, True, True)] * 3
+    losses = {k: [r['loss'] for r in map(json.loads, (out / 'log.jsonl').read_text().splitlines()) if 'loss' in r]
+              for k, out in runs.items()}
+    assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], rel=1e-5)
+    plain, nhwc = (load_file(str(runs[k] / 'final' / 'model.safetensors')) for k in (False, True))
+    assert plain.keys() == nhwc.keys()
+    for name in plain:
+        torch.testing.assert_close(nhwc[name], plain[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -145,7 +145,10 @@ def save_checkpoint(accelerator, folder: Path, model: torch.nn.Module, optimizer
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / TRAINER_STATE).unlink(missing_ok=True)  # incomplete until written again, last
-        write_atomic(folder / MODEL, lambda tmp: save_model(accelerator.unwrap_model(model), str(tmp)))
+        # force_contiguous (not the default of older safetensors): a channels_last model's 4-D weights are not
+        # contiguous, which safetensors refuses; load_model copies them back into the model's own layout.
+        write_atomic(folder / MODEL, lambda tmp: save_model(accelerator.unwrap_model(model), str(tmp),
+                                                            force_contiguous=True))
         write_atomic(folder / OPTIMIZER, lambda tmp: torch.save(optimizer.state_dict(), tmp))
     accelerator.wait_for_everyone()
     write_atomic(folder / _rng_file(accelerator.process_index), lambda tmp: torch.save(_rng_state(), tmp))

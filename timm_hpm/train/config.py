@@ -69,7 +69,9 @@ class TrainSection:
     # 'base': adversarially train the plain model (FC head only), e.g. the base an HPM head is put on later.
     objective: str = 'hpm'
     epochs: int = 1
-    max_steps: Optional[int] = None  # stop after this many optimizer steps; the LR schedule spans them
+    # The step budget when set: this many optimizer steps, over as many epochs as they take (epochs is then unused,
+    # as max_steps in transformers' Trainer); the LR schedule spans them.
+    max_steps: Optional[int] = None
     trainable: str = 'head'  # 'head', 'head+last_stage' or 'all'
     lambda_fc: float = 1.0
     opt: str = 'sgd'
@@ -83,6 +85,9 @@ class TrainSection:
     clip_grad: Optional[float] = None
     seed: int = 0
     mixed_precision: str = 'no'  # 'no', 'bf16' (CPU and GPU) or 'fp16' (GPU)
+    # Model and input batches in torch.channels_last (NHWC): faster convolutions on GPUs (tensor cores), the same
+    # results up to float rounding; the saved weights stay in the default layout.
+    channels_last: bool = False
     init_prototype_batches: Optional[int] = None  # None: the whole training set
     checkpoint_every: int = 200  # optimizer steps; also at every epoch end
     keep_checkpoints: int = 2
@@ -161,6 +166,8 @@ class FinetuneConfig:
             self.train.mixed_precision = 'no'
         if self.train.mixed_precision not in ('no', 'bf16', 'fp16'):
             raise ConfigError("train.mixed_precision must be 'no', 'bf16' or 'fp16'")
+        if not isinstance(self.train.channels_last, bool):
+            raise ConfigError(f'train.channels_last must be true or false, got {self.train.channels_last!r}')
         for key in ('epochs', 'grad_accum', 'checkpoint_every', 'keep_checkpoints', 'log_every'):
             if getattr(self.train, key) < 1:
                 raise ConfigError(f'train.{key} must be >= 1')

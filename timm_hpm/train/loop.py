@@ -16,7 +16,8 @@ _logger = logging.getLogger(__name__)
 
 def step_budget(cfg: FinetuneConfig, n_images: int, n_batches: int, num_processes: int) -> Tuple[int, int]:
     """``(updates_per_epoch, total_steps)``: the optimizer steps in one epoch of ``n_batches`` batches (before
-    sharding over ``num_processes``), and the run's step budget (``train.max_steps``, else all epochs)."""
+    sharding over ``num_processes``), and the run's step budget: ``train.max_steps`` when set (as many epochs as it
+    takes, ``train.epochs`` then unused, as max_steps in transformers' Trainer), else all ``train.epochs``."""
     t = cfg.train
     updates_per_epoch = n_batches // (t.grad_accum * num_processes)
     if updates_per_epoch < 1:
@@ -27,11 +28,11 @@ def step_budget(cfg: FinetuneConfig, n_images: int, n_batches: int, num_processe
 
 def step_scheduler(optimizer, cfg: FinetuneConfig, updates_per_epoch: int):
     """timm's scheduler ``train.sched``, updated per optimizer step (``step_update(k)`` sets the rate of step k,
-    so a resume needs no saved scheduler). It spans the budget: all epochs, or max_steps when that ends the run
-    earlier; the warm-up keeps its length in optimizer steps."""
+    so a resume needs no saved scheduler). It spans the step budget (``step_budget``); the warm-up keeps its length
+    in optimizer steps."""
     from timm.scheduler import create_scheduler_v2
     t = cfg.train
-    budget = min(t.max_steps or t.epochs * updates_per_epoch, t.epochs * updates_per_epoch)
+    budget = t.max_steps or t.epochs * updates_per_epoch
     scheduler, _ = create_scheduler_v2(optimizer, sched=t.sched, num_epochs=1,
                                        warmup_epochs=t.warmup_epochs * updates_per_epoch / budget,
                                        min_lr=t.min_lr, step_on_epochs=False, updates_per_epoch=budget)
