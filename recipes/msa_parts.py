@@ -6,8 +6,8 @@
 Per run: clean, realised and union counts on the first ``--n`` examples (the units that cover them), each stage's
 gain (how much its candidates that the realised batch took lowered the correct count; the cascade credits a stage
 only with what the stages before it left standing), the images only this run's realised batches break compared
-with the first run, and the cost (backward images and attack seconds) against ``--autoattack`` (a standard
-AutoAttack run on the same images) when given.
+with the first run, and the cost (backward images and attack seconds, in all and by stage for runs that recorded
+it) against ``--autoattack`` (a standard AutoAttack run on the same images) when given.
 """
 import argparse
 from pathlib import Path
@@ -37,13 +37,20 @@ def parts_table(runs, n=None, autoattack=None, batching='default') -> str:
         only_first = sum(1 for i in common if p['robust'][i] and not first[i])
         cost = (f"x{p['backward_images'] / ref['backward_images']:.2f} / x{p['seconds'] / ref['seconds']:.2f}"
                 if ref and ref['n'] == p['n'] else 'unknown')
+        by_stage = p['stage_backward_images']
+        if by_stage is None:
+            by_stage = 'not recorded'
+        elif ref and ref['n'] == p['n']:
+            by_stage = ', '.join(f"{s} x{b / ref['backward_images']:.2f}" for s, b in by_stage.items())
+        else:
+            by_stage = ', '.join(f'{s} {b}' for s, b in by_stage.items())
         rows.append([f'`{run}`', p['n'], p['clean'], p['realised'], p['union'],
                      *(p['gain'].get(s, '') for s in stages), f'{only_this} / {only_first}', p['backward_images'],
-                     f"{p['seconds']:.0f}", cost])
+                     f"{p['seconds']:.0f}", cost, by_stage])
     return markdown_table(['run', 'images', 'clean', 'realised', 'union', *(f'gain: {s}' for s in stages),
                            'broken only here / only in the first run', 'backward images', 'attack s',
-                           'cost vs AutoAttack (backward images / s)'],
-                          rows, 'lrrrr' + 'r' * len(stages) + 'rrrr')
+                           'cost vs AutoAttack (backward images / s)', 'backward images by stage'],
+                          rows, 'lrrrr' + 'r' * len(stages) + 'rrrrl')
 
 
 def main(argv=None):

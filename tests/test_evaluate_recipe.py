@@ -212,3 +212,54 @@ def test_help_imports_nothing_heavy():
     result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == '[]'
+
+
+@pytest.fixture(scope='module')
+def rgb_model_dir(tmp_path_factory):
+    """A tiny HPM model on three channels: with one, NHWC and NCHW strides coincide."""
+    folder = tmp_path_factory.mktemp('rgb_model')
+    torch.manual_seed(0)
+    model = timm.create_model('hpm_preact_resnet18', in_chans=3, img_size=8, num_classes=4).eval()
+    model.hpm_head.prototypes_initialized.fill_(True)
+    save_for_hub(model, folder)
+    return folder
+
+
+def test_channels_last_changes_only_the_memory_layout(rgb_model_dir, tmp_path, monkeypatch):
+    """--channels-last runs the model on NHWC images and changes nothing else: every per-sample result of MSA
+    (clean, each stage's breaks, realised) and the model's fingerprint are the default layout's. L2: AutoAttack's L2
+    step flattens the attack's images with ``.view``, which NHWC images would break."""
+    from _recipes import load_recipe
+    recipe = load_recipe('evaluate')
+    load_model, layouts = recipe.load_model, set()
+
+    def spy(*args, **kwargs):  # records the layout of the images the stem convolution sees
+        model = load_model(*args, **kwargs)
+        stem = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        stem.register_forward_pre_hook(lambda module, inputs: layouts.add(
+            inputs[0].is_contiguous(memory_format=torch.channels_last) and not inputs[0].is_contiguous()))
+        return model
+    monkeypatch.setattr(recipe, 'load_model', spy)
+    args = ['--model', f'local-dir:{rgb_model_dir}', '--dataset', 'synthetic', '--norm', 'L2', '--eps', '0.05',
+            '--n-examples', '16', '--batch-size', '8', '--batchings', 'default', '--apgd-iters', '1',
+            '--autoattack-iters', '1', '--square-queries', '2', '--n-target-classes', '1',
+            '--target-n-target-classes', '1', '--combine-rounds', '1', '--device', 'cpu']
+    runs = {}
+    for channels_last in (False, True):
+        layouts.clear()
+        runs[channels_last] = tmp_path / f'channels_last_{channels_last}'
+        recipe.main(args + ['--channels-last'] * channels_last + ['--out', str(runs[channels_last])])
+        assert layouts == {channels_last}
+    units = sorted(p.name for p in (runs[False] / 'attack' / 'units').glob('*.json'))
+    assert units == sorted(p.name for p in (runs[True] / 'attack' / 'units').glob('*.json')) and len(units) == 2
+
+    def unit(run, name):
+        timed = ('seconds', 'stage_seconds')
+        return {k: v for k, v in json.loads((run / 'attack' / 'units' / name).read_text()).items() if k not in timed}
+    plain = [unit(runs[False], name) for name in units]
+    assert plain == [unit(runs[True], name) for name in units]
+    held = [r for u in plain for r, c in zip(u['realised'], u['clean']) if c]  # of the clean-correct images
+    assert True in held and False in held  # both outcomes are compared
+    assert _stable(runs[True] / 'eval.json') == _stable(runs[False] / 'eval.json')
+    assert (runs[True] / 'attack' / 'fingerprint.json').read_text() == \
+        (runs[False] / 'attack' / 'fingerprint.json').read_text()

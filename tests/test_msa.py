@@ -180,6 +180,29 @@ def test_msa_worst_case_below_every_surrogate_and_autoattack(tmp_path):
     assert result['per_surrogate_acc']['autoattack'] == result['autoattack_acc']
 
 
+def test_each_stage_records_its_cost(tmp_path):
+    """A unit records each stage's backward images (they add up to the unit's, the clean forward has none) and
+    seconds; stage_breaks sums them over the units, and says None for a run with a unit from before they were
+    recorded."""
+    from timm_hpm.eval.results import stage_breaks
+    model, x, y = small_hpm(n=16)
+    evaluate(model, x, y, MSAConfig(eps=0.05, **FAST), tmp_path, protocol='msa', batch_size=8, progress=False)
+    units = sorted((tmp_path / 'units').glob('default_*.json'))
+    for path in units:
+        unit = json.loads(path.read_text())
+        stages = unit['stage_passes']
+        assert list(stages)[0] == 'autoattack' and list(stages)[-1] == 'combined'
+        assert sum(s['backward_images'] for s in stages.values()) == unit['passes']['backward_images']
+        assert stages['autoattack']['backward_images'] > 0 and stages['combined']['backward_images'] == 0
+        assert set(unit['stage_seconds']) == set(stages) and all(t >= 0 for t in unit['stage_seconds'].values())
+    parts = stage_breaks(tmp_path)
+    assert sum(parts['stage_backward_images'].values()) == parts['backward_images']
+    unit = json.loads(units[0].read_text())
+    del unit['stage_passes']
+    units[0].write_text(json.dumps(unit))
+    assert stage_breaks(tmp_path)['stage_backward_images'] is None
+
+
 def _strip(result):
     return {k: v for k, v in result.items() if k not in ('attack_seconds', 'machine')}
 

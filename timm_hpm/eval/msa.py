@@ -30,7 +30,7 @@ from ..models._hpm import is_hpm_model
 from .autoattack import make_autoattack, run_autoattack
 from .checks import unwrap
 from .realised import IterateScores, RealisedBatch
-from .stages import AUTOATTACK, candidate_name
+from .stages import AUTOATTACK, COMBINED, candidate_name
 from .views import ModelView, hpm_views
 
 __all__ = ['MSAConfig', 'attack_batch', 'msa']
@@ -117,6 +117,28 @@ def _surrogate_stage(batch: RealisedBatch, name: str, surrogate: nn.Module, n_ta
         take(f'apgd-t{rank + 1}', x_t, todo)
 
 
+class _StageCost:
+    """What each stage of one batch's attack cost: images through forward and backward passes (the views'
+    PassCounters, each counted once; none when the views count nothing) and seconds, from the previous ``close``."""
+
+    def __init__(self, views):
+        self._counters = list({id(c): c for c in (getattr(v, 'counter', None) for v in views) if c is not None}
+                              .values())
+        self.passes: Dict[str, Dict[str, int]] = {}
+        self.seconds: Dict[str, float] = {}
+        self._last = self._now()
+
+    def _now(self):
+        return (time.perf_counter(), sum(c.forward for c in self._counters), sum(c.backward for c in self._counters))
+
+    def close(self, stage: str) -> None:
+        now = self._now()
+        self.seconds[stage] = round(now[0] - self._last[0], 3)
+        if self._counters:
+            self.passes[stage] = {'forward_images': now[1] - self._last[1], 'backward_images': now[2] - self._last[2]}
+        self._last = now
+
+
 def attack_batch(
         target: nn.Module,
         surrogates: Dict[str, nn.Module],
@@ -132,6 +154,7 @@ def attack_batch(
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     batch = RealisedBatch(target, x, y)
+    cost = _StageCost([target, *surrogates.values()])
 
     def active() -> torch.Tensor:
         return batch.correct.clone() if cfg.cascade else batch.clean.clone()
@@ -151,6 +174,7 @@ def attack_batch(
         else:
             batch.candidates[AUTOATTACK] = batch.clean.clone()
             autoattack_own = batch.clean.tolist()
+        cost.close(AUTOATTACK)
 
     for name, surrogate in surrogates.items():
         if not bool(active().any()):
@@ -164,7 +188,9 @@ def attack_batch(
                                         num_classes=num_classes, n_iter=cfg.autoattack_iters)
             batch.consider(candidate_name(name, 'autoattack'), run_autoattack(adversary, x, y, batch_size=x.shape[0]),
                            active())
+        cost.close(name)
     batch.combine(cfg.combine_rounds)
+    cost.close(COMBINED)
     return {
         'clean': batch.clean.tolist(),
         'autoattack_own': autoattack_own,
@@ -172,6 +198,8 @@ def attack_batch(
         'realised': batch.correct.tolist(),
         'union': batch.union.tolist(),
         'stages': batch.stages,
+        'stage_passes': cost.passes,
+        'stage_seconds': cost.seconds,
         'seconds': time.perf_counter() - start,
         'x_adv': batch.x_adv,
     }

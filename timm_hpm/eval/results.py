@@ -142,7 +142,8 @@ def stage_breaks(run_dir: Path, batching: str = 'default', n: Optional[int] = No
     still correct in the realised batch when it ran (taken or not), and ``gain``, how much its candidates that the
     realised batch took lowered the correct count (the gains add up to clean - realised). Also the per-image
     realised result (``robust``), the clean, realised and union counts, and the cost (forward/backward images,
-    attack seconds)."""
+    attack seconds; ``stage_backward_images``: each stage's backward images, None when a unit did not record them,
+    as runs before stage costs were recorded)."""
     units = [u for u in (load_unit(f) for f in sorted((Path(run_dir) / 'units').glob(f'{batching}_*.json')))
              if u and (n is None or max(u['indices']) < n)]
     new: Dict[str, int] = {}
@@ -165,5 +166,12 @@ def stage_breaks(run_dir: Path, batching: str = 'default', n: Optional[int] = No
         out['forward_images'] += u['passes']['forward_images']
         out['backward_images'] += u['passes']['backward_images']
         out['seconds'] += u['seconds']
-    out['new'], out['gain'] = new, gain
+    per_stage: Optional[Dict[str, int]] = {} if units else None
+    for u in units:
+        if per_stage is None or 'stage_passes' not in u:
+            per_stage = None
+            break
+        for stage, passes in u['stage_passes'].items():
+            per_stage[stage] = per_stage.get(stage, 0) + passes['backward_images']
+    out['new'], out['gain'], out['stage_backward_images'] = new, gain, per_stage
     return out
