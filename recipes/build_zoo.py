@@ -4,6 +4,7 @@
     python recipes/build_zoo.py hpm_wrn28_10.rb_wang2023better_cifar10 --launcher accelerate
     python recipes/build_zoo.py hpm_wrn28_10.rb_wang2023better_cifar10 --launcher accelerate --push
     python recipes/build_zoo.py <tag> --status                                   # which steps are done
+    python recipes/build_zoo.py <tag> --until finetune                           # stop after a step
     python recipes/build_zoo.py --table                                          # the README's zoo table
     python recipes/build_zoo.py --list
 
@@ -54,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument('--cards-dir', type=Path, help='where push_to_hub.py writes the card (default <out>/cards; give '
                                                   'hub_cards to update the repository\'s cards)')
     p.add_argument('--push', action='store_true', help='upload (default: a dry run, nothing sent)')
+    p.add_argument('--until', metavar='STEP', help='stop after this step (e.g. finetune: fine-tune on one machine, '
+                                                   'evaluate on another); the same command without it goes on')
     args = p.parse_args(argv)
     if not (args.table or args.list) and not args.tag:
         p.error('name an entry (see --list), or --table / --list')
@@ -107,13 +110,17 @@ def main(argv=None) -> int:
         check_build_record(opts.out / 'build.json', record)
     except ZooError as error:
         raise SystemExit(f'error: {error}')
+    if args.until and args.until not in [step.name for step in steps]:
+        raise SystemExit(f'--until {args.until}: not a step of this build; its steps: '
+                         f'{", ".join(step.name for step in steps)}')
     opts.out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(opts.out / 'build.json', json.dumps(record, indent=2))
-    return run_steps(entry, opts)
+    return run_steps(entry, opts, args.until)
 
 
-def run_steps(entry, opts) -> int:
-    """Each step of the build in order, skipped when done; a failed step stops the build (rerun to resume)."""
+def run_steps(entry, opts, until=None) -> int:
+    """Each step of the build in order, skipped when done; a failed step stops the build (rerun to resume).
+    ``until``: the name of the last step to run."""
     from timm_hpm.runfiles import write_text_atomic
     from timm_hpm.zoo import export_base, format_command, plan_steps
     timings = {}
@@ -143,6 +150,10 @@ def run_steps(entry, opts) -> int:
             print(f'[build_zoo] {step.name} ended without {step.done}', file=sys.stderr)
             return 1
         timings[step.name] = round(time.perf_counter() - tic, 1)
+        if step.name == until:
+            print(f'[build_zoo] {entry.tag}: stopped after {until} (--until) in {opts.out} ({json.dumps(timings)}); '
+                  'the same command without --until goes on')
+            return 0
     print(f'[build_zoo] {entry.tag}: built in {opts.out} ({json.dumps(timings)})')
     return 0
 

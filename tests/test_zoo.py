@@ -5,6 +5,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -168,10 +169,18 @@ def _build(*args):
 @needs_fashion_mnist
 def test_build_fashion_mnist_entry_reduced_budget(tmp_path):
     """The shipped entry built by the one command on a reduced budget: fine-tuning, the base under AutoAttack, the
-    HPM model under MSA, the dry-run Hub folder with its card; a second run skips every step."""
+    HPM model under MSA, the dry-run Hub folder with its card; a second run skips every step. The build is started
+    with --until finetune (stops there) and finished by the same command without it."""
     out = tmp_path / 'build'
+    wrong = _build(FMNIST, '--out', str(out), *FMNIST_BUDGET, '--until', 'evaluate')
+    assert wrong.returncode != 0 and 'not a step of this build; its steps: finetune, eval_base' in wrong.stderr
+    half = _build(FMNIST, '--out', str(out), *FMNIST_BUDGET, '--until', 'finetune')
+    assert half.returncode == 0, half.stdout[-3000:] + half.stderr[-3000:]
+    assert 'stopped after finetune (--until)' in half.stdout and (out / 'finetune' / 'final').is_dir()
+    assert not (out / 'eval_base').exists()
     first = _build(FMNIST, '--out', str(out), *FMNIST_BUDGET)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert 'finetune: done, skipped' in first.stdout
     assert 'dry run: would upload' in first.stdout
     hub = sorted(p.name for p in (out / 'hub').iterdir())
     assert hub == ['README.md', 'config.json', 'eval_base.json', 'eval_hpm.json', 'model.safetensors',
@@ -197,8 +206,9 @@ def test_build_fashion_mnist_entry_reduced_budget(tmp_path):
 
 def test_rehearsal_wrn28_10_cifar10_full_size(tmp_path):
     """The CIFAR-10 WRN-28-10 entry at full size (36.5M parameters, random weights in RobustBench's layout) on a
-    fabricated CIFAR-10 folder: base export, 2 fine-tuning steps, AutoAttack and MSA (the dynamic surrogate and the
-    base) on 2 images with 1 iteration, the dry-run Hub folder (the other CIFAR/ImageNet entries: python recipes/benchmarks/rehearse_zoo.py)."""
+    fabricated CIFAR-10 folder: base export, 2 fine-tuning steps (build_zoo.py --until finetune), the test images
+    relabelled, then AutoAttack and MSA (the dynamic surrogate and the base) on 2 images with 1 iteration and the
+    dry-run Hub folder (the other CIFAR/ImageNet entries: python recipes/benchmarks/rehearse_zoo.py)."""
     rehearse = load_recipe(RECIPES / 'benchmarks' / 'rehearse_zoo.py')
     timings = rehearse.rehearse(RB_TAGS[0], tmp_path, extra=['--eval-set', 'n_examples=2', 'batch_size=2',
                                                                    'surrogates=dynamic'])
@@ -208,7 +218,30 @@ def test_rehearsal_wrn28_10_cifar10_full_size(tmp_path):
     final = timm.create_model(f'local-dir:{build / "finetune" / "final"}', pretrained=True)
     assert sum(p.numel() for p in final.parameters()) > 36e6  # the real size
     hpm = json.loads((build / 'eval_hpm' / 'eval.json').read_text())
-    assert hpm['n_examples'] == 2 and hpm['clean_acc'] > 0  # labels are the base's predictions: attacks had work
+    # one test image labelled with the base's prediction, one with the fine-tuned model's: both attacks had work
+    assert hpm['n_examples'] == 2 and timings['clean_acc']['eval_base'] > 0 and timings['clean_acc']['eval_hpm'] > 0
     assert (build / 'hub' / 'README.md').is_file()
     config = yaml.safe_load((build / 'finetune' / 'config.yaml').read_text())
     assert config['model']['base'] == 'rb:Wang2023Better_WRN-28-10' and config['train']['mixed_precision'] == 'bf16'
+
+
+def test_a_rehearsal_past_its_limit_stops_the_build_and_its_running_step():
+    """build_zoo.py runs each step in a child process: on a timeout the whole process group is stopped, not
+    build_zoo.py alone (which would leave the step computing and holding its run folder's lock)."""
+    rehearse = load_recipe(RECIPES / 'benchmarks' / 'rehearse_zoo.py')
+    step = 'import time; time.sleep(120)'
+    build = (f'import subprocess, sys, time; step = subprocess.Popen([sys.executable, "-c", {step!r}]); '
+             'print(step.pid, flush=True); time.sleep(120)')
+    output, returncode = rehearse._run_build([sys.executable, '-c', build], timeout=10)
+    assert returncode is None
+    stat = Path(f'/proc/{int(output.split()[0])}/stat')
+
+    def running() -> bool:  # neither gone nor dead and unreaped
+        try:
+            return stat.read_text().rsplit(')', 1)[1].split()[0] != 'Z'
+        except FileNotFoundError:
+            return False
+    deadline = time.time() + 10  # SIGKILL is sure, but a process closes its files before it is done exiting
+    while running() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not running()
