@@ -229,6 +229,42 @@ def test_resume_after_failure_gives_the_same_result(tmp_path, monkeypatch):
     assert json.dumps(_strip(resumed), sort_keys=True) == json.dumps(_strip(reference), sort_keys=True)
 
 
+def test_a_batch_stopped_between_stages_resumes_at_its_next_stage(tmp_path, monkeypatch):
+    """A batch stopped in its third stage (static, after AutoAttack and fc) restarts from its stage checkpoint:
+    the earlier stages are not run again, and the unit (every candidate, the realised batch, the union, the
+    passes of each stage and in all) is the uninterrupted run's. A checkpoint of other images is ignored."""
+    import importlib
+    from timm_hpm.eval.run_folder import StageCheckpoint
+    msa_module = importlib.import_module('timm_hpm.eval.msa')  # the module (timm_hpm.eval.msa is also a function)
+    model, x, y = small_hpm(n=16)
+    cfg = MSAConfig(eps=0.05, **FAST)
+    run = dict(protocol='msa', batch_size=16, batchings=('default',), progress=False)
+    evaluate(model, x, y, cfg, tmp_path / 'ref', **run)
+    real, ran, stop = msa_module._surrogate_stage, [], ['static']
+
+    def stopped_in_static(batch, name, *args, **kwargs):
+        ran.append(name)
+        if name in stop:
+            stop.clear()
+            raise KeyboardInterrupt('killed')
+        return real(batch, name, *args, **kwargs)
+    monkeypatch.setattr(msa_module, '_surrogate_stage', stopped_in_static)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, x, y, cfg, tmp_path / 'run', **run)
+    unit = tmp_path / 'run' / 'units' / 'default_000000.json'
+    checkpoint = StageCheckpoint(unit, run_folder_module.data_fingerprint(x, y))
+    assert not unit.exists() and checkpoint.load()[1]['done'] == ['autoattack', 'fc']
+    assert StageCheckpoint(unit, 'other images').load() is None
+    ran.clear()
+    evaluate(model, x, y, cfg, tmp_path / 'run', **run)
+    assert ran == ['static', 'soft', 'dynamic'] and not checkpoint.path.exists()
+
+    def stable(path):
+        return {k: v for k, v in json.loads(path.read_text()).items() if k not in ('seconds', 'stage_seconds')}
+    reference = stable(tmp_path / 'ref' / 'units' / 'default_000000.json')
+    assert stable(unit) == reference and reference['passes']['backward_images'] > 0
+
+
 def test_resume_refuses_other_settings(tmp_path):
     model, x, y = small_hpm()
     evaluate(model, x[:16], y[:16], MSAConfig(eps=0.05, **FAST), tmp_path, batch_size=16, progress=False)
@@ -396,7 +432,7 @@ def test_a_unit_file_is_never_seen_half_written(tmp_path, monkeypatch):
     written = []
 
     def killed(src, dst):
-        if Path(dst).parent.name == 'units':
+        if Path(dst).parent.name == 'units' and Path(dst).suffix == '.json':  # not the stage checkpoints
             written.append(Path(src).read_text())  # the whole unit was written, under a temporary name
             raise KeyboardInterrupt('killed before the rename')
         real_replace(src, dst)

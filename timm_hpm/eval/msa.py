@@ -119,17 +119,24 @@ def _surrogate_stage(batch: RealisedBatch, name: str, surrogate: nn.Module, n_ta
 
 class _StageCost:
     """What each stage of one batch's attack cost: images through forward and backward passes (the views'
-    PassCounters, each counted once; none when the views count nothing) and seconds, from the previous ``close``."""
+    PassCounters, each counted once; none when the views count nothing) and seconds, from the previous ``close``
+    (the first stage's include the clean batch's forward). ``passes``/``seconds``: those of a resumed unit's
+    finished stages."""
 
-    def __init__(self, views):
+    def __init__(self, views, passes: Optional[Dict[str, Dict[str, int]]] = None,
+                 seconds: Optional[Dict[str, float]] = None):
         self._counters = list({id(c): c for c in (getattr(v, 'counter', None) for v in views) if c is not None}
                               .values())
-        self.passes: Dict[str, Dict[str, int]] = {}
-        self.seconds: Dict[str, float] = {}
+        self.passes: Dict[str, Dict[str, int]] = dict(passes or {})
+        self.seconds: Dict[str, float] = dict(seconds or {})
         self._last = self._now()
 
     def _now(self):
         return (time.perf_counter(), sum(c.forward for c in self._counters), sum(c.backward for c in self._counters))
+
+    def totals(self) -> Dict[str, int]:
+        _, forward, backward = self._now()
+        return {'forward_images': forward, 'backward_images': backward}
 
     def close(self, stage: str) -> None:
         now = self._now()
@@ -147,20 +154,50 @@ def attack_batch(
         cfg: MSAConfig,
         seed: int,
         num_classes: int,
+        checkpoint=None,
 ) -> dict:
     """MSA on one fixed batch. Returns per-sample correctness (lists of bools) of the target on the clean
     batch, on each candidate batch, and on the final realised batch, AutoAttack's own verdict (``autoattack_own``,
-    None without the AutoAttack stage), and the realised images."""
+    None without the AutoAttack stage), and the realised images.
+
+    ``checkpoint`` (e.g. :class:`~timm_hpm.eval.run_folder.StageCheckpoint`; ``load()`` -> ``(tensors, meta)`` or
+    None, ``save(tensors, meta)``): the batch's progress is saved after each stage before the combinations, and a
+    batch that was stopped resumes at its next stage with the same result as an uninterrupted one (the random
+    generator's state is saved with it). ``passes_before`` in the result: the passes the finished stages of an
+    earlier start made (zero without one); ``seconds`` includes their time."""
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
-    batch = RealisedBatch(target, x, y)
-    cost = _StageCost([target, *surrogates.values()])
+    views = [target, *surrogates.values()]
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is None:
+        before = {'seconds': 0.0, 'forward_images': 0, 'backward_images': 0}
+        cost = _StageCost(views)  # before the clean pass: the stages' passes add up to the batch's
+        at_start = cost.totals()
+        batch, done, autoattack_own = RealisedBatch(target, x, y), [], None
+    else:
+        tensors, meta = saved
+        batch = RealisedBatch.restore(target, x, y, tensors, meta['batch'])
+        generator.set_state(tensors['generator'])
+        done, autoattack_own, before = list(meta['done']), meta['autoattack_own'], meta['before']
+        cost = _StageCost(views, meta['stage_passes'], meta['stage_seconds'])
+        at_start = {k: v - before[k] for k, v in cost.totals().items()}  # counts the earlier start's passes
 
     def active() -> torch.Tensor:
         return batch.correct.clone() if cfg.cascade else batch.clean.clone()
 
-    autoattack_own = None
-    if cfg.autoattack:
+    def finish(stage: str) -> None:
+        cost.close(stage)
+        done.append(stage)
+        if checkpoint is not None:
+            tensors, meta = batch.state()
+            tensors['generator'] = generator.get_state()
+            passes = {k: v - at_start[k] for k, v in cost.totals().items()}
+            checkpoint.save(tensors, {'batch': meta, 'done': done, 'autoattack_own': autoattack_own,
+                                      'stage_passes': cost.passes, 'stage_seconds': cost.seconds,
+                                      'before': {'seconds': before['seconds'] + time.perf_counter() - start,
+                                                 **passes}})
+
+    if cfg.autoattack and AUTOATTACK not in done:
         if bool(batch.clean.any()):
             # Plain AutoAttack's figure: all its images, re-scored on this fixed batch (its own verdict is kept
             # beside, never used: it shows what AutoAttack's printout would claim).
@@ -174,9 +211,11 @@ def attack_batch(
         else:
             batch.candidates[AUTOATTACK] = batch.clean.clone()
             autoattack_own = batch.clean.tolist()
-        cost.close(AUTOATTACK)
+        finish(AUTOATTACK)
 
     for name, surrogate in surrogates.items():
+        if name in done:
+            continue
         if not bool(active().any()):
             break
         n_targets = cfg.target_n_target_classes if _same_view(surrogate, target) else cfg.n_target_classes
@@ -188,7 +227,7 @@ def attack_batch(
                                         num_classes=num_classes, n_iter=cfg.autoattack_iters)
             batch.consider(candidate_name(name, 'autoattack'), run_autoattack(adversary, x, y, batch_size=x.shape[0]),
                            active())
-        cost.close(name)
+        finish(name)
     batch.combine(cfg.combine_rounds)
     cost.close(COMBINED)
     return {
@@ -200,7 +239,8 @@ def attack_batch(
         'stages': batch.stages,
         'stage_passes': cost.passes,
         'stage_seconds': cost.seconds,
-        'seconds': time.perf_counter() - start,
+        'seconds': before['seconds'] + time.perf_counter() - start,
+        'passes_before': {k: before[k] for k in ('forward_images', 'backward_images')},
         'x_adv': batch.x_adv,
     }
 

@@ -1,7 +1,7 @@
 """The realised batch of MSA: one concrete adversarial batch, built from candidate batches, always scored whole."""
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -27,6 +27,32 @@ class RealisedBatch:
         self.candidates: Dict[str, torch.Tensor] = {}
         self.breaks: List[tuple] = []  # (indices, images) a candidate broke, in the order they ran
         self.stages: List[str] = []
+
+    def state(self) -> Tuple[Dict[str, torch.Tensor], dict]:
+        """Everything but the target and the clean images, as tensors and JSON (names, orders): what
+        :meth:`restore` needs to go on with the same batch."""
+        tensors = {'clean': self.clean, 'x_adv': self.x_adv, 'correct': self.correct, 'union': self.union}
+        tensors.update({f'candidate{i}': c for i, c in enumerate(self.candidates.values())})
+        for i, (indices, images) in enumerate(self.breaks):
+            tensors[f'break{i}.indices'], tensors[f'break{i}.images'] = indices, images
+        return ({k: v.detach().cpu().clone() for k, v in tensors.items()},  # own memory: the realised batch's
+                # correctness is often a candidate's tensor, which safetensors refuses to save twice
+                {'candidates': list(self.candidates), 'n_breaks': len(self.breaks), 'stages': list(self.stages)})
+
+    @classmethod
+    def restore(cls, target: Callable, x: torch.Tensor, y: torch.Tensor, tensors: Dict[str, torch.Tensor],
+                meta: dict) -> 'RealisedBatch':
+        """The batch :meth:`state` saved, on ``x``, ``y`` (no pass through the target)."""
+        batch = cls.__new__(cls)
+        batch.target, batch.x, batch.y = target, x, y
+        device = x.device
+        batch.clean, batch.x_adv, batch.correct, batch.union = (tensors[k].to(device)
+                                                                for k in ('clean', 'x_adv', 'correct', 'union'))
+        batch.candidates = {name: tensors[f'candidate{i}'].to(device) for i, name in enumerate(meta['candidates'])}
+        batch.breaks = [(tensors[f'break{i}.indices'].to(device), tensors[f'break{i}.images'].to(device))
+                        for i in range(meta['n_breaks'])]
+        batch.stages = list(meta['stages'])
+        return batch
 
     def consider(self, name: str, x_adv: torch.Tensor, replace: torch.Tensor) -> None:
         x_cand = self.x_adv.clone()

@@ -16,7 +16,8 @@ from ..runfiles import write_atomic, write_text_atomic
 from .msa import MSAConfig
 
 __all__ = ['unit_path', 'write_json_atomic', 'load_unit', 'model_fingerprint', 'data_fingerprint',
-           'check_settings', 'check_fingerprint', 'reusable_units', 'copy_reusable', 'settings_as_run']
+           'check_settings', 'check_fingerprint', 'reusable_units', 'copy_reusable', 'settings_as_run',
+           'StageCheckpoint']
 
 _logger = logging.getLogger(__name__)
 
@@ -48,6 +49,44 @@ def load_unit(path: Path, indices: Optional[Sequence[int]] = None) -> Optional[d
         _logger.warning('unit file %s is unreadable (%s); recomputing that batch', path, problem)
         return None
     return unit
+
+
+class StageCheckpoint:
+    """A unit's progress after each finished stage of MSA (:func:`timm_hpm.eval.attack_batch`), so a batch that
+    was stopped resumes at its next stage instead of from the start: one safetensors file next to the unit's
+    (``<batching>_<index>.stages.safetensors``: the realised batch's tensors and the random generator's state, the
+    bookkeeping as JSON in the file's metadata; nothing unpickled), written atomically after each stage and removed
+    once the unit's result is written. A file that cannot be read or holds other images is ignored, with a warning
+    (the batch starts over)."""
+
+    def __init__(self, unit: Path, data_sha256: str):
+        self.path = Path(unit).with_suffix('.stages.safetensors')
+        self.data_sha256 = data_sha256
+
+    def load(self):
+        if not self.path.exists():
+            return None
+        from safetensors import safe_open
+        try:
+            with safe_open(str(self.path), framework='pt') as f:
+                meta = json.loads(f.metadata()['msa_progress'])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            problem = None if meta.get('data_sha256') == self.data_sha256 else 'it holds other images'
+        except Exception as error:  # a truncated or foreign file: safetensors' and json's errors alike
+            problem = f'{type(error).__name__}: {error}'
+        if problem is not None:
+            _logger.warning('stage checkpoint %s is unusable (%s); that batch starts over', self.path, problem)
+            return None
+        _logger.info('%s: resuming after stages %s', self.path.name, ', '.join(meta['done']))
+        return tensors, meta
+
+    def save(self, tensors: Dict[str, torch.Tensor], meta: dict) -> None:
+        from safetensors.torch import save_file
+        metadata = {'msa_progress': json.dumps(dict(meta, data_sha256=self.data_sha256))}
+        write_atomic(self.path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def _hash_tensor(h, t: torch.Tensor) -> None:

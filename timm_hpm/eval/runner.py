@@ -30,8 +30,8 @@ from .checks import check_eval_ready, protocol_warnings, unwrap
 from .msa import MSAConfig, attack_batch
 from .views import ModelView, PassCounter, hpm_views
 from .results import aggregate
-from .run_folder import (check_fingerprint, check_settings, copy_reusable, data_fingerprint, load_unit,
-                         reusable_units, unit_path, write_json_atomic)
+from .run_folder import (StageCheckpoint, check_fingerprint, check_settings, copy_reusable, data_fingerprint,
+                         load_unit, reusable_units, unit_path, write_json_atomic)
 
 __all__ = ['evaluate', 'sanity_checks']
 
@@ -133,23 +133,27 @@ def _compute_units(todo: list, model: nn.Module, x: torch.Tensor, y: torch.Tenso
         before = counter.as_dict()
         xb, yb = x[idx], y[idx]
         seed = cfg.seed * 1_000_003 + index * 101 + BATCHINGS.index(batching)
-        result = attack_batch(target, surrogates, xb, yb, cfg, seed=seed, num_classes=num_classes)
+        path = unit_path(run_dir, batching, index)
+        checkpoint = StageCheckpoint(path, data_fingerprint(xb, yb)) if protocol == 'msa' else None
+        result = attack_batch(target, surrogates, xb, yb, cfg, seed=seed, num_classes=num_classes,
+                              checkpoint=checkpoint)
         x_adv = result.pop('x_adv')
         delta = (x_adv - xb).flatten(1)
         norm = delta.abs().amax(1) if cfg.norm == 'Linf' else delta.norm(dim=1)
         if float(norm.max()) > cfg.eps * (1 + 1e-4) + 1e-6 or x_adv.min() < 0 or x_adv.max() > 1:
             raise RuntimeError(f'an adversarial image left the threat model (max {cfg.norm} {float(norm.max())}); '
                                'this is a bug, please report it.')
-        after = counter.as_dict()
-        result['passes'] = {k: after[k] - before[k] for k in after}
+        after, earlier = counter.as_dict(), result.pop('passes_before')  # earlier: the stages a stopped start made
+        result['passes'] = {k: after[k] - before[k] + earlier[k] for k in after}
         result['indices'] = idx
         result['data_sha256'] = data_fingerprint(xb, yb)
-        path = unit_path(run_dir, batching, index)
         if save_adversarial:
             from safetensors.torch import save_file
             write_atomic(path.with_suffix('.safetensors'), lambda tmp: save_file(
                 {'x_adv': x_adv.contiguous(), 'indices': torch.tensor(idx)}, str(tmp)))
         write_json_atomic(path, result)
+        if checkpoint is not None:
+            checkpoint.remove()
 
 
 def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: MSAConfig, run_dir: Path,
