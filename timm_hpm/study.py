@@ -208,7 +208,8 @@ def study_table(rows: Sequence[dict]) -> str:
 
 
 def plot_study(rows: Sequence[dict], path: Path, title: str) -> None:
-    """Robust against clean accuracy for every candidate (controls as squares), a PNG at ``path``."""
+    """Robust against clean accuracy for every candidate (controls as squares), each point named (its candidate,
+    without the seed when there is one seed), a PNG at ``path``."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -219,6 +220,11 @@ def plot_study(rows: Sequence[dict], path: Path, title: str) -> None:
         if pts:
             ax.scatter([100 * r['clean_acc'] for r in pts], [100 * r['robust_acc'] for r in pts], marker=markers[kind],
                        label=kind, alpha=0.8)
+    one_seed = len({r['seed'] for r in rows}) == 1
+    for r in rows:
+        name = r['name'].split('/')[0] if one_seed else r['name']
+        ax.annotate(name, (100 * r['clean_acc'], 100 * r['robust_acc']), textcoords='offset points', xytext=(4, 3),
+                    fontsize=7)
     ax.set_xlabel('clean accuracy (%)')
     ax.set_ylabel('robust accuracy, held-out (%)')
     ax.set_title(title)
