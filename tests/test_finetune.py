@@ -247,12 +247,17 @@ def test_channels_last_changes_only_the_memory_layout(tmp_path, monkeypatch):
         return training_loss(model, x, x_adv, y, cfg)
     monkeypatch.setattr(timm_hpm.train, 'training_loss', spy)
     runs = {}
-    for channels_last in (False, True):
-        out = tmp_path / f'channels_last_{channels_last}'
-        finetune.main(['--config', str(CONFIG), '--output-dir', str(out), '--max-steps', '3', '--device', 'cpu',
-                       '--set', 'model.model_args={in_chans: 3, img_size: 8, num_classes: 4}', 'attack.norm=L2',
-                       'attack.eps=0.5', f'train.channels_last={str(channels_last).lower()}'])  # saved at step 2
-        runs[channels_last] = out
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # with 2 threads the two layouts' kernels round differently: losses 2e-4 apart
+    try:
+        for channels_last in (False, True):
+            out = tmp_path / f'channels_last_{channels_last}'
+            finetune.main(['--config', str(CONFIG), '--output-dir', str(out), '--max-steps', '3', '--device', 'cpu',
+                           '--set', 'model.model_args={in_chans: 3, img_size: 8, num_classes: 4}', 'attack.norm=L2',
+                           'attack.eps=0.5', f'train.channels_last={str(channels_last).lower()}'])  # saved at step 2
+            runs[channels_last] = out
+    finally:
+        torch.set_num_threads(threads)
     assert seen == [(False, False, False)] * 3 + [(True, True, True)] * 3
     losses = {k: [r['loss'] for r in map(json.loads, (out / 'log.jsonl').read_text().splitlines()) if 'loss' in r]
               for k, out in runs.items()}
