@@ -59,7 +59,7 @@ $PY recipes/evaluate.py --model hpm_small_cnn.fmnist_hpm --protocol msa "${EVAL[
     --out "$OUT/eval_hpm_msa3_$N_TEST" "${EXTEND[@]}"
 # 3a. how a weaker evaluation would read: the paper's protocol (AutoAttack on each surrogate view, transferred, a
 #     per-sample worst case) on the first N_LADDER images, and the MSA run cut to the same images (copied batches)
-N_LADDER=${N_LADDER:-500}
+N_LADDER=${N_LADDER:-250}  # one batch of 250: the paper protocol took 4,407 s of attacks at one thread
 $PY recipes/evaluate.py --model hpm_small_cnn.fmnist_hpm --protocol msa "${COMMON[@]}" --n-examples "$N_LADDER" \
     --batchings default --surrogate-autoattack --no-surrogate-apgd --no-cascade --combine-rounds 0 \
     --no-score-iterates --no-base-surrogate --out "$OUT/eval_hpm_paper_$N_LADDER"
