@@ -26,14 +26,19 @@ def _stable(path):
     return {k: v for k, v in json.loads(Path(path).read_text()).items() if k not in VOLATILE}
 
 
-@pytest.fixture(scope='module')
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp('model')
+def _tiny_hpm_folder(tmp_path_factory, name: str, in_chans: int) -> Path:
+    """A local-dir folder of a tiny HPM model (random weights, seed 0, prototypes marked initialised)."""
+    folder = tmp_path_factory.mktemp(name)
     torch.manual_seed(0)
-    model = timm.create_model('hpm_preact_resnet18', in_chans=1, img_size=8, num_classes=4).eval()
+    model = timm.create_model('hpm_preact_resnet18', in_chans=in_chans, img_size=8, num_classes=4).eval()
     model.hpm_head.prototypes_initialized.fill_(True)
     save_for_hub(model, folder)
     return folder
+
+
+@pytest.fixture(scope='module')
+def model_dir(tmp_path_factory):
+    return _tiny_hpm_folder(tmp_path_factory, 'model', in_chans=1)
 
 
 @pytest.fixture(scope='module')
@@ -217,12 +222,7 @@ def test_help_imports_nothing_heavy():
 @pytest.fixture(scope='module')
 def rgb_model_dir(tmp_path_factory):
     """A tiny HPM model on three channels: with one, NHWC and NCHW strides coincide."""
-    folder = tmp_path_factory.mktemp('rgb_model')
-    torch.manual_seed(0)
-    model = timm.create_model('hpm_preact_resnet18', in_chans=3, img_size=8, num_classes=4).eval()
-    model.hpm_head.prototypes_initialized.fill_(True)
-    save_for_hub(model, folder)
-    return folder
+    return _tiny_hpm_folder(tmp_path_factory, 'rgb_model', in_chans=3)
 
 
 def test_channels_last_changes_only_the_memory_layout(rgb_model_dir, tmp_path, monkeypatch):
