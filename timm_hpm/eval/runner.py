@@ -133,8 +133,8 @@ def _compute_units(todo: list, model: nn.Module, x: torch.Tensor, y: torch.Tenso
         before = counter.as_dict()
         xb, yb = x[idx], y[idx]
         seed = cfg.seed * 1_000_003 + index * 101 + BATCHINGS.index(batching)
-        path = unit_path(run_dir, batching, index)
-        checkpoint = StageCheckpoint(path, data_fingerprint(xb, yb)) if protocol == 'msa' else None
+        path, data_sha256 = unit_path(run_dir, batching, index), data_fingerprint(xb, yb)
+        checkpoint = StageCheckpoint(path, data_sha256) if protocol == 'msa' else None
         result = attack_batch(target, surrogates, xb, yb, cfg, seed=seed, num_classes=num_classes,
                               checkpoint=checkpoint)
         x_adv = result.pop('x_adv')
@@ -146,7 +146,7 @@ def _compute_units(todo: list, model: nn.Module, x: torch.Tensor, y: torch.Tenso
         after, earlier = counter.as_dict(), result.pop('passes_before')  # earlier: the stages a stopped start made
         result['passes'] = {k: after[k] - before[k] + earlier[k] for k in after}
         result['indices'] = idx
-        result['data_sha256'] = data_fingerprint(xb, yb)
+        result['data_sha256'] = data_sha256
         if save_adversarial:
             from safetensors.torch import save_file
             write_atomic(path.with_suffix('.safetensors'), lambda tmp: save_file(
