@@ -109,7 +109,7 @@ def train(accelerator, cfg, resume: bool, budget_changes: dict) -> Path:
     updates_per_epoch, total_steps = step_budget(cfg, len(train_set), len(train_loader), accelerator.num_processes)
     optimizer = create_optimizer_v2([p for p in model.parameters() if p.requires_grad], opt=t.opt, lr=t.lr,
                                     weight_decay=t.weight_decay, momentum=t.momentum)
-    scheduler = step_scheduler(optimizer, cfg, updates_per_epoch)
+    scheduler = step_scheduler(optimizer, cfg, updates_per_epoch, total_steps)
 
     model, optimizer, train_loader, init_loader = accelerator.prepare(model, optimizer, train_loader, init_loader)
     raw = accelerator.unwrap_model(model)

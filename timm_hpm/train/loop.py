@@ -26,16 +26,15 @@ def step_budget(cfg: FinetuneConfig, n_images: int, n_batches: int, num_processe
     return updates_per_epoch, t.max_steps or t.epochs * updates_per_epoch
 
 
-def step_scheduler(optimizer, cfg: FinetuneConfig, updates_per_epoch: int):
+def step_scheduler(optimizer, cfg: FinetuneConfig, updates_per_epoch: int, total_steps: int):
     """timm's scheduler ``train.sched``, updated per optimizer step (``step_update(k)`` sets the rate of step k,
-    so a resume needs no saved scheduler). It spans the step budget (``step_budget``); the warm-up keeps its length
-    in optimizer steps."""
+    so a resume needs no saved scheduler). It spans ``total_steps``, the step budget of :func:`step_budget`; the
+    warm-up keeps its length in optimizer steps."""
     from timm.scheduler import create_scheduler_v2
     t = cfg.train
-    budget = t.max_steps or t.epochs * updates_per_epoch
     scheduler, _ = create_scheduler_v2(optimizer, sched=t.sched, num_epochs=1,
-                                       warmup_epochs=t.warmup_epochs * updates_per_epoch / budget,
-                                       min_lr=t.min_lr, step_on_epochs=False, updates_per_epoch=budget)
+                                       warmup_epochs=t.warmup_epochs * updates_per_epoch / total_steps,
+                                       min_lr=t.min_lr, step_on_epochs=False, updates_per_epoch=total_steps)
     return scheduler
 
 
