@@ -44,11 +44,14 @@ def main(argv=None):
 
     study = yaml.safe_load(args.study.read_text())
     candidates = expand_study(study)
+    keep = {c.name for c in candidates}
     if args.only:
         wanted = set(args.only)
+        unknown = wanted - {c.name.split('/')[0] for c in candidates}
+        if unknown:
+            raise SystemExit(f'--only {sorted(unknown)}: not candidates of {args.study}')
         keep = {c.name for c in candidates if c.name.split('/')[0] in wanted}
         keep |= {c.control for c in candidates if c.name in keep and c.control}
-        candidates = [c for c in candidates if c.name in keep]
     config, control_config = (REPO / study['config'], REPO / study['control_config'])
     scoring = study.get('scoring', {})
     base_cfg = load_config(config)
@@ -59,6 +62,7 @@ def main(argv=None):
     with run_lock(args.out, '--out'):
         x = y = None
         scores = {}
+        # --only limits what is fine-tuned and scored; the table has every candidate scored so far
         for c in tqdm(candidates, desc='study candidates'):
             path = scores_dir / f"{c.name.replace('/', '__')}.json"
             definition = dict(kind=c.kind, overrides=c.overrides, model=c.model, hpm=c.hpm, run=c.run,
@@ -66,6 +70,8 @@ def main(argv=None):
                               attack=attack)
             if path.exists():
                 scores[c.name] = stored_score(path, c.name, definition)
+                continue
+            if c.name not in keep:
                 continue
             if c.kind == 'inference':
                 model = timm.create_model(c.model, pretrained=True).eval()

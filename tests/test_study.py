@@ -100,6 +100,10 @@ def tiny_study(tmp_path):
 def test_the_study_recipe_end_to_end_and_resumes(tiny_study):
     cmd = [sys.executable, str(ROOT / 'recipes' / 'study.py'), '--study', str(tiny_study / 'study.yaml'),
            '--out', str(tiny_study / 'out'), '--runs', str(tiny_study / 'runs')]
+    only = subprocess.run(cmd + ['--only', 'hpm'], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert only.returncode == 0, only.stderr[-3000:]
+    result = json.loads((tiny_study / 'out' / 'study.json').read_text())
+    assert [r['name'] for r in result['rows']] == ['control_1/seed0', 'hpm/seed0']  # hpm and its control only
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert first.returncode == 0, first.stderr[-3000:]
     result = json.loads((tiny_study / 'out' / 'study.json').read_text())
@@ -114,6 +118,11 @@ def test_the_study_recipe_end_to_end_and_resumes(tiny_study):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p.name: p.read_text() for p in (tiny_study / 'out' / 'scores').iterdir()} == before
+    again = subprocess.run(cmd + ['--only', 'hpm'], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]  # runs nothing; the table keeps every finished score
+    assert [r['name'] for r in json.loads((tiny_study / 'out' / 'study.json').read_text())['rows']] == names
+    unknown = subprocess.run(cmd + ['--only', 'hmp'], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert unknown.returncode != 0 and "--only ['hmp']: not candidates" in unknown.stderr
     stale = json.loads(before['hpm__seed0.json'])  # scored by an earlier attack (MSA v2 scored no iterate)
     stale['definition']['attack']['score_iterates'] = False
     (tiny_study / 'out' / 'scores' / 'hpm__seed0.json').write_text(json.dumps(stale))
