@@ -53,10 +53,11 @@ $PY recipes/evaluate.py --model small_cnn.fmnist_control --protocol autoattack "
 reuse eval_static "$OUT/eval_static_$N_TEST"
 $PY recipes/evaluate.py --model hpm_small_cnn.fmnist_hpm --hpm-mode static --protocol autoattack "${EVAL[@]}" \
     --out "$OUT/eval_static_$N_TEST" "${EXTEND[@]}"
-# (MSA v3, the defaults since every iterate is scored; eval_hpm_$N_TEST holds the earlier defaults' run)
-reuse eval_hpm_msa3 "$OUT/eval_hpm_msa3_$N_TEST"
+# (MSA v4, the defaults since the transfer from the base was dropped; eval_hpm_msa3_$N_TEST and eval_hpm_$N_TEST
+# hold the runs of earlier defaults)
+reuse eval_hpm_msa4 "$OUT/eval_hpm_msa4_$N_TEST"
 $PY recipes/evaluate.py --model hpm_small_cnn.fmnist_hpm --protocol msa "${EVAL[@]}" --batchings default \
-    --out "$OUT/eval_hpm_msa3_$N_TEST" "${EXTEND[@]}"
+    --out "$OUT/eval_hpm_msa4_$N_TEST" "${EXTEND[@]}"
 # 3a. how a weaker evaluation would read: the paper's protocol (AutoAttack on each surrogate view, transferred, a
 #     per-sample worst case) on the first N_LADDER images, and the MSA run cut to the same images (copied batches)
 N_LADDER=${N_LADDER:-250}  # one batch of 250: the paper protocol took 4,407 s of attacks at one thread
@@ -64,8 +65,8 @@ $PY recipes/evaluate.py --model hpm_small_cnn.fmnist_hpm --protocol msa "${COMMO
     --batchings default --surrogate-autoattack --no-surrogate-apgd --no-cascade --combine-rounds 0 \
     --no-score-iterates --no-base-surrogate --out "$OUT/eval_hpm_paper_$N_LADDER"
 $PY recipes/evaluate.py --model hpm_small_cnn.fmnist_hpm --protocol msa "${COMMON[@]}" --n-examples "$N_LADDER" \
-    --batchings default --out "$OUT/eval_hpm_msa3_$N_LADDER" --extend-from "$OUT/eval_hpm_msa3_$N_TEST"
-$PY recipes/weaker_evaluations.py --msa "$OUT/eval_hpm_msa3_$N_LADDER" --paper "$OUT/eval_hpm_paper_$N_LADDER"
+    --batchings default --out "$OUT/eval_hpm_msa4_$N_LADDER" --extend-from "$OUT/eval_hpm_msa4_$N_TEST"
+$PY recipes/weaker_evaluations.py --msa "$OUT/eval_hpm_msa4_$N_LADDER" --paper "$OUT/eval_hpm_paper_$N_LADDER"
 # 3b. MSA per batching (default, shuffled, single = batch size 1) on fewer images: ~1500-1800 s per 250 images for
 #     each batching of 250, ~17 s per image (median 18.5 s) for single on this CPU. At the default N_BATCHINGS=250 (= the batch
 #     size) the shuffled batch has the same members as the default one: a second MSA run with other random starts.
@@ -88,7 +89,7 @@ $PY recipes/sensitivity.py --model hpm_small_cnn.fmnist_hpm --dataset fashion_mn
 # 5. the Hub-ready folder and the generated card (hub_cards/hpm_small_cnn.fmnist_hpm.md); nothing is uploaded
 BEST=$($PY -c "import json; print(json.load(open('$OUT/tuning/tuning.json'))['best'])")
 $PY recipes/push_to_hub.py --model hpm_small_cnn.fmnist_hpm --training-config "$OUT/tuning/configs/$BEST.yaml" \
-    --results "$OUT/eval_hpm_msa3_$N_TEST/eval.json" --base-results "$OUT/eval_base_$N_TEST/eval.json" \
+    --results "$OUT/eval_hpm_msa4_$N_TEST/eval.json" --base-results "$OUT/eval_base_$N_TEST/eval.json" \
     --batch-order "$OUT/batch_order_$N_TEST/table.json" \
     --natural-results "$OUT/eval_hpm_class_sorted_b32_$N_BATCHINGS/eval.json" \
     --poisoning-results "$OUT/poison_hpm_$N_BATCHINGS/eval.json" \

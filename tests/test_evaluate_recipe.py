@@ -203,9 +203,29 @@ def test_the_recipes_choices_and_msa_defaults_are_the_packages_and_the_readmes()
         assert getattr(args, key) == getattr(cfg, key) == int(documented[key]), key
     assert list(args.surrogates) == list(cfg.surrogates) == documented['surrogates'].split(',')
     assert (not args.no_score_iterates) == cfg.score_iterates == (documented['score_iterates'] == 'True')
+    assert args.base_surrogate is False and not cfg.surrogate_models and documented['base_surrogate'] == 'False'
     assert f'{cfg.apgd_iters} iterations' in readme and f'{cfg.n_target_classes} target classes per surrogate' in readme
     assert f"AutoAttack's {cfg.target_n_target_classes} through the target" in readme
     assert f'up to {cfg.combine_rounds} whole-batch combinations' in readme
+
+
+def test_surrogate_models_are_the_named_ones_and_the_recorded_base_only_on_request():
+    from _recipes import load_recipe
+    recipe = load_recipe('evaluate')
+
+    def names(*extra, model='hpm_small_cnn.fmnist_hpm', protocol='msa'):
+        args = recipe.parse_args(['--model', model, '--dataset', 'fashion_mnist', '--eps', '0.1', '--protocol',
+                                  protocol, *extra])
+        return recipe.surrogate_model_names(args)
+
+    assert names() == [] and names('--no-base-surrogate') == []
+    assert names('--base-surrogate') == ['small_cnn.fmnist_pgdat']
+    assert names('--surrogate-model', 'x', '--base-surrogate') == ['x', 'small_cnn.fmnist_pgdat']
+    assert names('--surrogate-model', 'small_cnn.fmnist_pgdat', '--base-surrogate') == ['small_cnn.fmnist_pgdat']
+    assert names('--surrogate-model', 'x', '--surrogate-model', 'y') == ['x', 'y']
+    assert names('--base-surrogate', '--no-pretrained') == []  # random weights: no recorded base applies
+    assert names('--base-surrogate', model='small_cnn.fmnist_pgdat') == []  # not an HPM tag: nothing recorded
+    assert names('--base-surrogate', protocol='autoattack') == []
 
 
 def test_help_imports_nothing_heavy():

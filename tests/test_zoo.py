@@ -127,7 +127,10 @@ def test_plan_steps_commands_and_resume(entries, tmp_path):
     base, hpm = steps['eval_base'].command, steps['eval_hpm'].command
     assert base[base.index('--model') + 1] == f'local-dir:{tmp_path / "base"}' and '--apgd-iters' not in base
     assert base[base.index('--square-queries') + 1] == '3' and base[base.index('--n-examples') + 1] == '4'
-    assert hpm[hpm.index('--surrogate-model') + 1] == f'local-dir:{tmp_path / "base"}'
+    assert '--surrogate-model' not in hpm  # evaluate.py's default: no transfer from the base
+    with_base = override_eval(entry, {'base_surrogate': True})
+    hpm_b = {s.name: s for s in plan_steps(with_base, opts)}['eval_hpm'].command
+    assert hpm_b[hpm_b.index('--surrogate-model') + 1] == f'local-dir:{tmp_path / "base"}'
     assert hpm[hpm.index('--apgd-iters') + 1] == '1' and hpm[hpm.index('--batchings') + 1] == 'default'
     assert '--dry-run' in steps['hub_dry_run'].command
     (tmp_path / 'finetune').mkdir()

@@ -42,7 +42,7 @@ class EvalSettings:
     norm: str = 'Linf'
     batchings: Tuple[str, ...] = ('default',)
     surrogates: Tuple[str, ...] = _SURROGATES
-    base_surrogate: bool = True
+    base_surrogate: bool = False  # evaluate.py's --base-surrogate (off there too: see its help)
     apgd_iters: Optional[int] = None
     n_target_classes: Optional[int] = None
     target_n_target_classes: Optional[int] = None
@@ -138,7 +138,7 @@ def _parse_eval(where: str, raw: dict) -> EvalSettings:
             if isinstance(values, str) or not values or set(values) - set(allowed):
                 _fail(f'{where}.{key}', f'a non-empty list of {allowed}, got {values!r}')
             raw[key] = tuple(values)
-    if not isinstance(raw.get('base_surrogate', True), bool):
+    if not isinstance(raw.get('base_surrogate', False), bool):
         _fail(f'{where}.base_surrogate', 'true or false')
     return EvalSettings(**raw)
 
