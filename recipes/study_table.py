@@ -2,7 +2,7 @@
 
     python recipes/study_table.py --n-test 1000 --n-sensitivity 500 --n-batchings 250                    # print
     python recipes/study_table.py --n-test 1000 --n-sensitivity 500 --n-batchings 250 --update README.md  # the README
-    (``--hpm-run eval_hpm_msa3_1000``: the HPM figures from that run folder)
+    (``--hpm-run eval_hpm_msa4_1000``: the HPM figures from that run folder)
 """
 import argparse
 import json

@@ -1,12 +1,12 @@
 """How a weaker evaluation would read (issue #14): the figure each common evaluation of a batch-dependent model
 reports, beside MSA's, from two finished runs on the same images and batches (``timm_hpm/eval/ladder.py``).
 
-    python recipes/weaker_evaluations.py --msa results/fashion_mnist/eval_hpm_msa3_500 \\
-        --paper results/fashion_mnist/eval_hpm_paper_500                      # print
+    python recipes/weaker_evaluations.py --msa results/fashion_mnist/eval_hpm_msa4_250 \\
+        --paper results/fashion_mnist/eval_hpm_paper_250                      # print
     python recipes/weaker_evaluations.py ... --update README.md               # the README's generated section
 
 The paper-protocol run is ``recipes/evaluate.py`` with ``--surrogate-autoattack --no-surrogate-apgd --no-cascade
---combine-rounds 0 --no-score-iterates --no-base-surrogate`` (AutoAttack on the target and on each surrogate view,
+--combine-rounds 0 --no-score-iterates`` (AutoAttack on the target and on each surrogate view,
 every candidate scored on the fixed batches, the per-sample worst case).
 """
 import argparse
