@@ -27,6 +27,8 @@ def parse_args(argv=None):
     p.add_argument('--runs', type=Path, default=Path('runs/study'), help='where the candidates are fine-tuned')
     p.add_argument('--only', nargs='*', help='candidates (names without /seed) to run; default all')
     p.add_argument('--device', default='cpu', choices=['cpu', 'auto'], help='the fine-tunes\' device')
+    p.add_argument('--update', type=Path, default=None, metavar='README',
+                   help="also write the table into that file's generated section 'heldout-study'")
     return p.parse_args(argv)
 
 
@@ -42,6 +44,8 @@ def main(argv=None):
                                 study_table)
     from timm_hpm.train import load_config
 
+    if args.update is not None and '<!-- heldout-study:start -->' not in args.update.read_text():
+        raise SystemExit(f'--update {args.update}: no <!-- heldout-study:start --> ... end --> section to write into')
     study = yaml.safe_load(args.study.read_text())
     candidates = expand_study(study)
     keep = {c.name for c in candidates}
@@ -110,6 +114,9 @@ def main(argv=None):
         write_text_atomic(args.out / 'study.md', table + '\n')
         plot_study(rows, args.out / 'study.png', f"held-out robust vs clean accuracy ({len(rows)} models)")
     print(table)
+    if args.update is not None:
+        from timm_hpm.report import update_section
+        update_section(args.update, 'heldout-study', table)
     return rows
 
 

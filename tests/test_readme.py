@@ -1,4 +1,5 @@
 """The README's generated parts are in sync with what generates them."""
+import json
 import re
 from pathlib import Path
 
@@ -87,6 +88,15 @@ def test_the_msa_snippet_runs_as_written():
     result = namespace['result']
     assert 0 <= result['union_acc'] <= result['robust_acc'] <= result['clean_acc'] <= 1
     assert 'base/apgd-ce' in result['candidate_acc']
+
+
+def test_the_heldout_study_table_is_the_committed_study():
+    readme = (ROOT / 'README.md').read_text()
+    section = re.search(r'<!-- heldout-study:start -->\n(.*?)\n<!-- heldout-study:end -->', readme, re.S).group(1)
+    study = ROOT / 'results' / 'fashion_mnist' / 'study'
+    assert section == (study / 'study.md').read_text().strip()
+    rows = json.loads((study / 'study.json').read_text())['rows']
+    assert [line.split(' | ')[0].lstrip('| ') for line in section.splitlines()[2:]] == [r['name'] for r in rows]
 
 
 def test_zoo_table_matches_the_manifest():

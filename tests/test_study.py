@@ -118,9 +118,18 @@ def test_the_study_recipe_end_to_end_and_resumes(tiny_study):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p.name: p.read_text() for p in (tiny_study / 'out' / 'scores').iterdir()} == before
-    again = subprocess.run(cmd + ['--only', 'hpm'], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    readme = tiny_study / 'README.md'
+    readme.write_text('# x\n\n<!-- heldout-study:start -->\nold\n<!-- heldout-study:end -->\ntail\n')
+    again = subprocess.run(cmd + ['--only', 'hpm', '--update', str(readme)], capture_output=True, text=True,
+                           timeout=600, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]  # runs nothing; the table keeps every finished score
     assert [r['name'] for r in json.loads((tiny_study / 'out' / 'study.json').read_text())['rows']] == names
+    table = (tiny_study / 'out' / 'study.md').read_text().strip()
+    assert readme.read_text() == f'# x\n\n<!-- heldout-study:start -->\n{table}\n<!-- heldout-study:end -->\ntail\n'
+    (tiny_study / 'plain.md').write_text('# no section\n')
+    no_section = subprocess.run(cmd + ['--update', str(tiny_study / 'plain.md')], capture_output=True, text=True,
+                                timeout=600, cwd=ROOT)
+    assert no_section.returncode != 0 and 'no <!-- heldout-study:start -->' in no_section.stderr
     unknown = subprocess.run(cmd + ['--only', 'hmp'], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert unknown.returncode != 0 and "--only ['hmp']: not candidates" in unknown.stderr
     stale = json.loads(before['hpm__seed0.json'])  # scored by an earlier attack (MSA v2 scored no iterate)
