@@ -44,7 +44,8 @@ def main(argv=None):
                                 study_table)
     from timm_hpm.train import load_config
 
-    if args.update is not None and '<!-- heldout-study:start -->' not in args.update.read_text():
+    if args.update is not None and (not args.update.is_file()
+                                    or '<!-- heldout-study:start -->' not in args.update.read_text()):
         raise SystemExit(f'--update {args.update}: no <!-- heldout-study:start --> ... end --> section to write into')
     study = yaml.safe_load(args.study.read_text())
     candidates = expand_study(study)

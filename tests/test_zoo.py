@@ -214,13 +214,15 @@ def test_rehearsal_wrn28_10_cifar10_full_size(tmp_path):
     dry-run Hub folder (the other CIFAR/ImageNet entries: python recipes/benchmarks/rehearse_zoo.py)."""
     rehearse = load_recipe(RECIPES / 'benchmarks' / 'rehearse_zoo.py')
     timings = rehearse.rehearse(RB_TAGS[0], tmp_path, extra=['--eval-set', 'n_examples=2', 'batch_size=2',
-                                                                   'surrogates=dynamic'])
+                                                                   'surrogates=dynamic', 'base_surrogate=true'])
     assert set(timings['steps']) == {'base', 'finetune', 'eval_base', 'eval_hpm', 'hub_dry_run'}
     build = tmp_path / 'build'
     import timm
     final = timm.create_model(f'local-dir:{build / "finetune" / "final"}', pretrained=True)
     assert sum(p.numel() for p in final.parameters()) > 36e6  # the real size
     hpm = json.loads((build / 'eval_hpm' / 'eval.json').read_text())
+    transfer = hpm['settings']['msa']['surrogate_models']  # --eval-set base_surrogate=true: the exported base
+    assert len(transfer) == 1 and transfer[0].startswith('local-dir:') and transfer[0].endswith('build_base')
     # one test image labelled with the base's prediction, one with the fine-tuned model's: both attacks had work
     assert hpm['n_examples'] == 2 and timings['clean_acc']['eval_base'] > 0 and timings['clean_acc']['eval_hpm'] > 0
     assert (build / 'hub' / 'README.md').is_file()
