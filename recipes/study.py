@@ -44,6 +44,7 @@ def main(argv=None):
                                 study_table)
     from timm_hpm.train import load_config
 
+    # update_section checks this too, but only after the study ran: refuse a wrong --update before hours of work
     if args.update is not None and (not args.update.is_file()
                                     or '<!-- heldout-study:start -->' not in args.update.read_text()):
         raise SystemExit(f'--update {args.update}: no <!-- heldout-study:start --> ... end --> section to write into')
