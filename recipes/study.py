@@ -39,15 +39,17 @@ def main(argv=None):
     from tqdm import tqdm
 
     import timm_hpm
+    from timm_hpm.report import check_section, update_section
     from timm_hpm.runfiles import run_lock, write_text_atomic
     from timm_hpm.study import (expand_study, finetune, held_out, plot_study, score_model, scoring_config, study_rows,
                                 study_table)
     from timm_hpm.train import load_config
 
-    # update_section checks this too, but only after the study ran: refuse a wrong --update before hours of work
-    if args.update is not None and (not args.update.is_file()
-                                    or '<!-- heldout-study:start -->' not in args.update.read_text()):
-        raise SystemExit(f'--update {args.update}: no <!-- heldout-study:start --> ... end --> section to write into')
+    if args.update is not None:  # refuse a wrong --update before hours of work, not after
+        try:
+            check_section(args.update, 'heldout-study')
+        except ValueError as error:
+            raise SystemExit(f'--update: {error}')
     study = yaml.safe_load(args.study.read_text())
     candidates = expand_study(study)
     keep = {c.name for c in candidates}
@@ -117,7 +119,6 @@ def main(argv=None):
         plot_study(rows, args.out / 'study.png', f"held-out robust vs clean accuracy ({len(rows)} models)")
     print(table)
     if args.update is not None:
-        from timm_hpm.report import update_section
         update_section(args.update, 'heldout-study', table)
     return rows
 

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-__all__ = ['markdown_table', 'update_section', 'print_or_update', 'paired', 'paired_difference', 'tuning_table']
+__all__ = ['markdown_table', 'check_section', 'update_section', 'print_or_update', 'paired', 'paired_difference', 'tuning_table']
 
 
 def markdown_table(header: Sequence, rows: Iterable[Sequence], align: Optional[str] = None) -> str:
@@ -27,13 +27,21 @@ def markdown_table(header: Sequence, rows: Iterable[Sequence], align: Optional[s
     return '\n'.join([line(header), rule] + [line(r) for r in rows])
 
 
+def check_section(readme: Path, name: str) -> str:
+    """``readme``'s text, after checking it has the generated section ``name`` (``<!-- name:start -->`` ...
+    ``<!-- name:end -->``); a long job calls it up front, before its :func:`update_section` at the end."""
+    start, end = f'<!-- {name}:start -->', f'<!-- {name}:end -->'
+    content = Path(readme).read_text() if Path(readme).is_file() else ''
+    if start not in content or end not in content:
+        raise ValueError(f'{readme} has no {start} ... {end} markers')
+    return content
+
+
 def update_section(readme: Path, name: str, text: str) -> None:
     """Rewrite the generated section ``name`` of ``readme`` (between ``<!-- name:start -->`` and
     ``<!-- name:end -->``) with ``text``."""
     start, end = f'<!-- {name}:start -->', f'<!-- {name}:end -->'
-    content = readme.read_text()
-    if start not in content or end not in content:
-        raise ValueError(f'{readme} has no {start} ... {end} markers')
+    content = check_section(readme, name)
     readme.write_text(re.sub(re.escape(start) + '.*?' + re.escape(end), lambda _: f'{start}\n{text}\n{end}',
                              content, flags=re.S))
 
