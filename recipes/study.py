@@ -81,16 +81,16 @@ def main(argv=None):
                 continue
             if c.name not in keep:
                 continue
-            if c.kind == 'inference':
+            if c.kind == 'inference' and c.run is None:  # a registered model
                 model = timm.create_model(c.model, pretrained=True).eval()
-                for key, value in c.hpm.items():  # the shipped head's other options stay as trained
-                    setattr(timm_hpm.get_hpm_head(model), key, value)
                 seconds = None
-            else:
+            else:  # fine-tuned here (or before, by this candidate or the one named by its model_of)
                 run_dir = args.runs / (c.run or c.name)
                 seconds = finetune(control_config if c.kind == 'control' else config, run_dir, c.overrides,
                                    args.device)
                 model = timm.create_model(f"local-dir:{run_dir / 'final'}", pretrained=True).eval()
+            for key, value in c.hpm.items():  # inference-time head options; the others stay as trained
+                setattr(timm_hpm.get_hpm_head(model), key, value)
             if x is None:
                 x, y = held_out(base_cfg, scoring.get('n_val', 2000), model)
             record = score_model(model, x, y, eps, norm, scoring, c.eval_batch_size or scoring.get('batch_size', 250))

@@ -7,10 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
+import torch
 import yaml
 
+import timm_hpm
+from timm_hpm.attacks import normalized_view
 from timm_hpm.report import paired, paired_difference
-from timm_hpm.study import expand_study, study_rows, study_table
+from timm_hpm.study import expand_study, held_out, study_rows, study_table
+from timm_hpm.train import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,6 +47,7 @@ STUDY = {
         'head': {'train.trainable': 'head', 'seeds': [0]},
         'shipped': {'inference': {'alpha': 0.0}, 'model': 'hpm_x.tag'},
         'hpm_b4': {'model_of': 'hpm', 'eval_batch_size': 4, 'seeds': [0]},
+        'hpm_static': {'model_of': 'hpm', 'inference': {'alpha': 1.0}},
     },
 }
 
@@ -59,6 +65,11 @@ def test_every_candidate_gets_the_control_with_its_budget_and_seed():
         'shipped': {'inference': {'alpha': 0.0}, 'model': 'hpm_x.tag', 'train.max_steps': 3}}})}
     assert with_budget['shipped/seed0'].control == 'control_3/seed0' and 'control_3/seed0' in with_budget
     assert cands['hpm_b4/seed0'].run == 'hpm/seed0' and cands['hpm_b4/seed0'].eval_batch_size == 4
+    for seed in (0, 1):  # inference-time options on another candidate's model: each seed on its run, vs its control
+        c = cands[f'hpm_static/seed{seed}']
+        assert (c.kind, c.run, c.control, c.hpm) == ('inference', f'hpm/seed{seed}', f'control_2/seed{seed}',
+                                                     {'alpha': 1.0})
+        assert c.overrides == cands[f'hpm/seed{seed}'].overrides  # what fine-tunes that run if it is missing
     kinds = [c.kind for c in expand_study(STUDY)]
     assert kinds[:4] == ['control'] * 4 and 'control' not in kinds[4:]  # the four controls first
     with pytest.raises(ValueError, match='unknown study keys'):
@@ -92,7 +103,8 @@ def tiny_study(tmp_path):
     study = {'config': str(tmp_path / 'hpm.yaml'), 'control_config': str(tmp_path / 'control.yaml'),
              'common': {'train.max_steps': 1}, 'scoring': {'n_val': 8, 'apgd_iters': 2, 'n_target_classes': 1,
                                                            'batch_size': 4},
-             'candidates': {'hpm': {}, 'hpm_b8': {'model_of': 'hpm', 'eval_batch_size': 8}}}
+             'candidates': {'hpm': {}, 'hpm_b8': {'model_of': 'hpm', 'eval_batch_size': 8},
+                            'hpm_static': {'model_of': 'hpm', 'inference': {'alpha': 1.0}}}}
     (tmp_path / 'study.yaml').write_text(yaml.safe_dump(study))
     return tmp_path
 
@@ -108,12 +120,21 @@ def test_the_study_recipe_end_to_end_and_resumes(tiny_study):
     assert first.returncode == 0, first.stderr[-3000:]
     result = json.loads((tiny_study / 'out' / 'study.json').read_text())
     names = [r['name'] for r in result['rows']]
-    assert names == ['control_1/seed0', 'hpm/seed0', 'hpm_b8/seed0']
+    assert names == ['control_1/seed0', 'hpm/seed0', 'hpm_b8/seed0', 'hpm_static/seed0']
     assert all(r['vs'] == 'control_1/seed0' for r in result['rows'][1:])
+    assert result['rows'][-1]['kind'] == 'inference' and result['rows'][-1]['inference'] == {'alpha': 1.0}
     assert (tiny_study / 'out' / 'study.png').stat().st_size > 0
-    assert not (tiny_study / 'runs' / 'hpm_b8').exists()  # scored on hpm's model, not fine-tuned again
+    for name in ('hpm_b8', 'hpm_static'):  # scored on hpm's model, not fine-tuned again
+        assert not (tiny_study / 'runs' / name).exists()
     scores = sorted(p.name for p in (tiny_study / 'out' / 'scores').iterdir())
-    assert scores == ['control_1__seed0.json', 'hpm__seed0.json', 'hpm_b8__seed0.json']
+    assert scores == ['control_1__seed0.json', 'hpm__seed0.json', 'hpm_b8__seed0.json', 'hpm_static__seed0.json']
+    # alpha 1 is the static head: no batch prototype, so the clean predictions are the static mode's
+    model = timm.create_model(f"local-dir:{tiny_study / 'runs' / 'hpm' / 'seed0' / 'final'}", pretrained=True).eval()
+    cfg = load_config(tiny_study / 'hpm.yaml')
+    x, y = held_out(cfg, 8, model)
+    with torch.no_grad(), timm_hpm.get_hpm_head(model).using_mode('static'):
+        static = (normalized_view(model)(x).argmax(1) == y).tolist()
+    assert json.loads((tiny_study / 'out' / 'scores' / 'hpm_static__seed0.json').read_text())['clean'] == static
     before = {p.name: p.read_text() for p in (tiny_study / 'out' / 'scores').iterdir()}
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -71,8 +71,8 @@ def expand_study(study: dict) -> List[Candidate]:
     A candidate's options: config overrides (``train.max_steps: 600``, ``model.hpm.alpha: 0.25``, ...), or the
     keys ``inference`` (head options applied to ``model`` without training; with ``train.max_steps``, the budget
     that model was fine-tuned with, it is read against that budget's control, else against the base), ``model``,
-    ``seeds``,
-    ``eval_batch_size`` and ``model_of`` (score another candidate's fine-tuned model, e.g. at another batch size)."""
+    ``seeds``, ``eval_batch_size`` and ``model_of`` (score another candidate's fine-tuned model, of the same seed,
+    e.g. at another batch size; with ``inference``, that model with its head options changed)."""
     unknown = set(study) - {'config', 'control_config', 'common', 'seeds', 'scoring', 'candidates', 'base_model'}
     if unknown:
         raise ValueError(f'unknown study keys {sorted(unknown)}')
@@ -92,8 +92,16 @@ def expand_study(study: dict) -> List[Candidate]:
         if model_of is not None:
             options = {k: v for k, v in (study['candidates'][model_of] or {}).items()
                        if k not in ('seeds', 'eval_batch_size')}
-        for seed in ([0] if hpm is not None else cand_seeds):
-            if hpm is not None:
+        for seed in ([0] if hpm is not None and model_of is None else cand_seeds):
+            if hpm is not None and model_of is not None:
+                # head options changed at inference on another candidate's fine-tuned model (each seed its own run),
+                # read against the control of that run's budget and seed
+                overrides = {**common, **options, 'train.seed': seed}
+                ctl = _control_for(overrides, common, seed)
+                out.setdefault(ctl.name, ctl)
+                c = Candidate(f'{name}/seed{seed}', 'inference', seed, ctl.budget, overrides, ctl.name,
+                              hpm=dict(hpm), eval_batch_size=eval_bs, run=f'{model_of}/seed{seed}', changes=options)
+            elif hpm is not None:
                 # read against the control of the budget the shipped model was fine-tuned with, when given
                 ctl = _control_for({**common, **options}, common, seed) if 'train.max_steps' in options else None
                 if ctl is not None:
