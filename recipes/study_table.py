@@ -2,7 +2,8 @@
 
     python recipes/study_table.py --n-test 1000 --n-sensitivity 500 --n-batchings 250                    # print
     python recipes/study_table.py --n-test 1000 --n-sensitivity 500 --n-batchings 250 --update README.md  # the README
-    (``--hpm-run eval_hpm_msa4_1000``: the HPM figures from that run folder)
+    (``--hpm-run eval_hpm_msa4_1000``: the HPM figures from that run folder; ``--candidate-run NAME=FOLDER``: a
+    held-out study candidate evaluated at full strength on the same test images, a row and paired comparisons)
 """
 import argparse
 import json
@@ -77,9 +78,9 @@ def batchings_table(run: dict, rel: Path, name: str, natural: dict = None, natur
     return out
 
 
-def _main_rows(base: dict, static: dict, hpm: dict, control: dict = None) -> list:
+def _main_rows(base: dict, static: dict, hpm: dict, control: dict = None, candidates: dict = None) -> list:
     """The main table's rows: the base, the control and the static l2 head under AutoAttack, HPM under MSA stage by
-    stage."""
+    stage, and each held-out study candidate (``candidates``: name -> its eval.json) under MSA."""
     rows = []
     if base:
         rows.append(['base `small_cnn.fmnist_pgdat`', 'fc', 'AutoAttack (standard)', _pct(base['clean_acc']),
@@ -101,13 +102,19 @@ def _main_rows(base: dict, static: dict, hpm: dict, control: dict = None) -> lis
                          f"**{_pct(b['realised_acc'])}**", None])
         rows.append([model, 'dynamic', f"**MSA, worst batching ({hpm['worst_batching']})**", _pct(hpm['clean_acc']),
                      f"**{_pct(hpm['msa_acc'])}**", f"`{hpm['command']}`"])
+    for name, run in (candidates or {}).items():
+        rows.append([f"held-out study candidate `{name}`: `{run['name']}`, fixed batches of {run['batch_size']}",
+                     'dynamic', f"**MSA, worst batching ({run['worst_batching']})**", _pct(run['clean_acc']),
+                     f"**{_pct(run['msa_acc'])}**", f"`{run['command']}`"])
     return rows
 
 
-def _paired_lines(results: Path, rel, n_test: int, base, static, hpm, control, hpm_run: str) -> list:
-    """Paired comparisons on the same images (per-image results of the realised batches): HPM and the static l2
-    head against the base, and HPM and the base against the budget-matched control, with the exact sign test and
-    the paired 95% interval."""
+def _paired_lines(results: Path, rel, n_test: int, base, static, hpm, control, hpm_run: str,
+                  candidates: dict = None) -> list:
+    """Paired comparisons on the same images (per-image results of the realised batches): HPM, the static l2 head
+    and each held-out study candidate (``candidates``: name -> its run folder under ``results``) against the base
+    and against the budget-matched control, and the base against the control, with the exact sign test and the
+    paired 95% interval."""
     flags = {key: robust_flags(results / folder) if run else None
              for key, folder, run in (('base', f'eval_base_{n_test}', base), ('hpm', hpm_run, hpm),
                                       ('static', f'eval_static_{n_test}', static),
@@ -115,8 +122,13 @@ def _paired_lines(results: Path, rel, n_test: int, base, static, hpm, control, h
     names = {'base': 'the base under AutoAttack', 'hpm': 'HPM under MSA',
              'static': 'the static l2 head under AutoAttack', 'control': 'the control under AutoAttack'}
     short = {'base': 'the base', 'hpm': 'HPM', 'static': 'the static l2 head', 'control': 'the control'}
+    pairs = [('base', 'hpm'), ('base', 'static'), ('control', 'hpm'), ('control', 'static')]
+    for name, folder in (candidates or {}).items():
+        flags[name] = robust_flags(results / folder)
+        names[name], short[name] = f'`{name}` under MSA', f'`{name}`'
+        pairs += [('base', name), ('control', name)]
     lines = []
-    for a, b in (('base', 'hpm'), ('base', 'static'), ('control', 'hpm'), ('control', 'base')):
+    for a, b in pairs + [('control', 'base')]:
         if not (flags[a] and flags[b]):
             continue
         c = paired(flags[a], flags[b])
@@ -131,9 +143,17 @@ def _paired_lines(results: Path, rel, n_test: int, base, static, hpm, control, h
 
 
 def study_tables(results: Path, n_test: int, n_sensitivity: int = None, n_batchings: int = None,
-                 hpm_run: str = None) -> str:
-    """The tables; ``hpm_run``: the HPM model's MSA run folder under ``results`` (default ``eval_hpm_<n_test>``)."""
+                 hpm_run: str = None, candidate_runs: dict = None) -> str:
+    """The tables; ``hpm_run``: the HPM model's MSA run folder under ``results`` (default ``eval_hpm_<n_test>``);
+    ``candidate_runs``: the held-out study's best candidates at full strength on the same images, name -> run folder
+    under ``results``."""
     hpm_run = hpm_run or f'eval_hpm_{n_test}'
+    candidate_runs = dict(candidate_runs or {})
+    candidates = {}
+    for name, folder in candidate_runs.items():
+        candidates[name] = _load(results / folder / 'eval.json')
+        if candidates[name] is None:
+            raise FileNotFoundError(f'candidate {name}: no {results / folder / "eval.json"} (finish that run first)')
     base = _load(results / f'eval_base_{n_test}' / 'eval.json')
     static = _load(results / f'eval_static_{n_test}' / 'eval.json')
     hpm = _load(results / hpm_run / 'eval.json')
@@ -147,11 +167,13 @@ def study_tables(results: Path, n_test: int, n_sensitivity: int = None, n_batchi
         out += [f'Test set: the first {n_test} of the 10,000 Fashion-MNIST test images, Linf eps 0.1, fixed batches of '
                 f"{(hpm or base or static)['batch_size']}. Results: `{rel}/eval_*_{n_test}/eval.json`"
                 + (f" (HPM: `{rel}/{hpm_run}/eval.json`)" if hpm_run != f'eval_hpm_{n_test}' else '')
+                + ''.join(f"; held-out study candidate `{name}`: `{rel}/{folder}/eval.json`"
+                          for name, folder in candidate_runs.items())
                 + '. An MSA stage row is the best candidate batch that stage produced from the realised batch so '
                 'far; the worst case is the realised batch after all stages.', '']
         out.append(markdown_table(['model', 'head', 'attack', 'clean', 'robust', 'command'],
-                                  _main_rows(base, static, hpm, control), 'lllrrl'))
-    out += _paired_lines(results, rel, n_test, base, static, hpm, control, hpm_run)
+                                  _main_rows(base, static, hpm, control, candidates), 'lllrrl'))
+    out += _paired_lines(results, rel, n_test, base, static, hpm, control, hpm_run, candidate_runs)
     if batchings:
         natural_name = f'eval_hpm_class_sorted_b32_{n_batchings}'
         natural = _load(results / natural_name / 'eval.json') if (results / natural_name / 'eval.json').is_file() \
@@ -187,10 +209,18 @@ def main():
     parser.add_argument('--n-batchings', type=int,
                         help='test images of the per-batching MSA run (eval_hpm_batchings_N)')
     parser.add_argument('--hpm-run', help="the HPM model's MSA run folder under --results (default eval_hpm_<n-test>)")
+    parser.add_argument('--candidate-run', action='append', default=[], metavar='NAME=FOLDER',
+                        help="a held-out study candidate's full-strength MSA run folder under --results (repeatable)")
     parser.add_argument('--update', type=Path, help='rewrite the section between the markers in this file')
     args = parser.parse_args()
+    candidates = {}
+    for item in args.candidate_run:
+        name, sep, folder = item.partition('=')
+        if not (sep and name and folder):
+            parser.error(f'--candidate-run {item!r}: expected NAME=FOLDER')
+        candidates[name] = folder
     print_or_update(study_tables(args.results.resolve(), args.n_test, args.n_sensitivity, args.n_batchings,
-                                 args.hpm_run), args.update, 'fmnist-study')
+                                 args.hpm_run, candidates), args.update, 'fmnist-study')
 
 
 if __name__ == '__main__':

@@ -35,10 +35,14 @@ def test_study_tables_match_the_committed_results():
     n_batchings = n_batchings and int(n_batchings.group(1))
     hpm_run = re.search(r'\(HPM: `results/fashion_mnist/([^/`]+)/eval.json`\)', section)
     hpm_run = hpm_run.group(1) if hpm_run else f'eval_hpm_{n_test}'
+    candidates = dict(re.findall(r'held-out study candidate `([^`]+)`: `results/fashion_mnist/([^/`]+)/eval.json`',
+                                 section))
     tables = load_recipe('study_table').study_tables(ROOT / 'results' / 'fashion_mnist', n_test, n_sens,
-                                                                     n_batchings, hpm_run)
+                                                     n_batchings, hpm_run, candidates)
     assert section == tables, (f'run: python recipes/study_table.py --n-test {n_test} --n-sensitivity {n_sens} '
-                               f'--n-batchings {n_batchings} --hpm-run {hpm_run} --update README.md')
+                               f'--n-batchings {n_batchings} --hpm-run {hpm_run} '
+                               + ''.join(f'--candidate-run {k}={v} ' for k, v in candidates.items())
+                               + '--update README.md')
     for name in ('eval_base', 'eval_static'):
         assert (ROOT / 'results' / 'fashion_mnist' / f'{name}_{n_test}' / 'eval.json').is_file(), name
     assert (ROOT / 'results' / 'fashion_mnist' / hpm_run / 'eval.json').is_file(), hpm_run
