@@ -41,8 +41,8 @@ def main(argv=None):
     import timm_hpm
     from timm_hpm.report import check_section, update_section
     from timm_hpm.runfiles import run_lock, write_text_atomic
-    from timm_hpm.study import (expand_study, finetune, held_out, plot_study, score_model, scoring_config, study_rows,
-                                study_table)
+    from timm_hpm.study import (expand_study, finetune, held_out, plot_study, ranking_text, score_model, scoring_config,
+                                seed_summary, study_rows, study_table)
     from timm_hpm.train import load_config
 
     if args.update is not None:  # refuse a wrong --update before hours of work, not after
@@ -109,14 +109,16 @@ def main(argv=None):
                 write_text_atomic(path, json.dumps(dict(record, definition=definition)))
             base = stored_score(path, 'the base', definition)
         rows = study_rows(candidates, scores, base)
-        table = study_table(rows)
+        summary = seed_summary(candidates, scores)
+        table = study_table(rows) + '\n\n' + ranking_text(summary) if summary else study_table(rows)
         write_text_atomic(args.out / 'study.json', json.dumps(
             {'study': str(args.study), 'scoring': scoring, 'eps': eps, 'norm': norm, 'rows': rows,
+             'ranking': summary,
              'base': {k: base[k] for k in ('clean_acc', 'robust_acc')} if base else None,
              'timm_hpm_version': timm_hpm.__version__,
              'command': 'python recipes/study.py ' + ' '.join(argv if argv is not None else sys.argv[1:])}, indent=2))
         write_text_atomic(args.out / 'study.md', table + '\n')
-        plot_study(rows, args.out / 'study.png', f"held-out robust vs clean accuracy ({len(rows)} models)")
+        plot_study(rows, args.out / 'study.png', f"held-out robust vs clean accuracy ({len(rows)} models)", base)
     print(table)
     if args.update is not None:
         update_section(args.update, 'heldout-study', table)

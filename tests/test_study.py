@@ -13,8 +13,8 @@ import yaml
 
 import timm_hpm
 from timm_hpm.attacks import normalized_view
-from timm_hpm.report import paired, paired_difference
-from timm_hpm.study import expand_study, held_out, study_rows, study_table
+from timm_hpm.report import mean_difference, paired, paired_difference
+from timm_hpm.study import expand_study, held_out, ranking_text, seed_summary, study_rows, study_table
 from timm_hpm.train import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +34,9 @@ def test_paired_difference_against_closed_forms():
                                                                                 / 999 / 1000))
     with pytest.raises(ValueError, match='equally long'):
         paired_difference([1], [1, 0])
+    assert mean_difference([0.5, -0.5])['se'] == pytest.approx(0.5)  # sample sd sqrt(1/2) over sqrt(2)
+    with pytest.raises(ValueError, match='at least one'):
+        mean_difference([])
     # the exact sign test: 10 discordant pairs all one way -> p = 2 / 2^10
     assert paired(dict(enumerate([1] * 10)), dict(enumerate([0] * 10)))['p'] == pytest.approx(2 / 1024)
 
@@ -89,6 +92,33 @@ def test_rows_read_each_candidate_against_its_control_image_by_image():
     assert '+25.0 ± 47.9 (p = 1) vs control_2/seed0' in table and table.count('\n') == 3
 
 
+def test_seed_summary_averages_each_image_over_the_seeds_against_closed_forms():
+    cands = expand_study({**STUDY, 'candidates': {'hpm': {}, 'head': {'train.trainable': 'head', 'seeds': [0]},
+                                                  'shipped': {'inference': {'alpha': 1.0}, 'model': 'hpm_x.tag'}}})
+
+    def score(robust, clean=0.9):
+        return {'robust': robust, 'robust_acc': sum(robust) / len(robust), 'clean_acc': clean}
+    scores = {'control_2/seed0': score([1, 1, 0, 0]), 'control_2/seed1': score([1, 1, 1, 0]),
+              'hpm/seed0': score([1, 0, 1, 1], 0.8), 'hpm/seed1': score([1, 1, 0, 0], 0.7),
+              'head/seed0': score([0, 0, 0, 1]),  # its control (control_2_trainable-head) is not scored
+              'shipped/seed0': score([0, 0, 0, 0])}
+    summary = seed_summary(cands, scores)
+    assert [r['name'] for r in summary] == ['hpm', 'head', 'shipped']  # best first; controls are not ranked
+    hpm = summary[0]
+    assert hpm['seeds'] == [0, 1] and hpm['robust_acc'] == 0.625 and hpm['clean_acc'] == pytest.approx(0.75)
+    # per image, the two seeds' differences [0, -1, 1, 1] and [0, 0, -1, 0] average to [0, -1/2, 0, 1/2]:
+    # mean 0, sample variance (1/4 + 1/4) / 3, SE sqrt(1/6 / 4)
+    assert hpm['difference']['difference'] == 0 and hpm['difference']['se'] == pytest.approx(math.sqrt(1 / 24))
+    assert hpm['vs'] == ['control_2'] and 'difference' not in summary[1]
+    text = ranking_text(summary)
+    assert text.startswith('Top 3 by held-out robust accuracy')
+    assert '1. `hpm` 62.5% at 75.0% clean (2 seeds, +0.0 ± 20.4 points vs control_2); ' in text
+    assert '2. `head` 25.0% at 90.0% clean (1 seed) (one seed: a second is due); ' in text
+    assert text.endswith('3. `shipped` 0.0% at 90.0% clean (1 seed) (the registered `hpm_x.tag`, one training run).')
+    assert ranking_text(summary, top=1).startswith('Top 1 ') and '2. ' not in ranking_text(summary, top=1)
+    assert ranking_text([]) == ''
+
+
 @pytest.fixture()
 def tiny_study(tmp_path):
     base = yaml.safe_load((ROOT / 'recipes' / 'configs' / 'test_synthetic.yaml').read_text())
@@ -124,6 +154,9 @@ def test_the_study_recipe_end_to_end_and_resumes(tiny_study):
     assert all(r['vs'] == 'control_1/seed0' for r in result['rows'][1:])
     assert result['rows'][-1]['kind'] == 'inference' and result['rows'][-1]['inference'] == {'alpha': 1.0}
     assert (tiny_study / 'out' / 'study.png').stat().st_size > 0
+    assert [r['name'] for r in result['ranking']] == sorted(['hpm', 'hpm_b8', 'hpm_static'], key=lambda n: -next(
+        r['robust_acc'] for r in result['rows'] if r['name'] == f'{n}/seed0'))  # stable order among ties
+    assert '\n\nTop 3 by held-out robust accuracy, mean over seeds' in (tiny_study / 'out' / 'study.md').read_text()
     for name in ('hpm_b8', 'hpm_static'):  # scored on hpm's model, not fine-tuned again
         assert not (tiny_study / 'runs' / name).exists()
     scores = sorted(p.name for p in (tiny_study / 'out' / 'scores').iterdir())

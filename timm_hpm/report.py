@@ -72,8 +72,16 @@ def paired_difference(a: Sequence, b: Sequence) -> dict:
     interval. Pairing removes what both get right or both get wrong from the error."""
     if len(a) != len(b) or not len(a):
         raise ValueError(f'paired_difference needs two equally long, non-empty results, got {len(a)} and {len(b)}')
-    d = [int(bool(j)) - int(bool(i)) for i, j in zip(a, b)]
+    return mean_difference([int(bool(j)) - int(bool(i)) for i, j in zip(a, b)])
+
+
+def mean_difference(d: Sequence[float]) -> dict:
+    """The mean of per-image differences ``d`` with its standard error (their sample standard deviation over
+    sqrt(n)) and the normal 95% interval; the images are the sampling unit (a per-image difference may itself be an
+    average, e.g. over seeds on the same images)."""
     n = len(d)
+    if not n:
+        raise ValueError('mean_difference needs at least one difference')
     mean = sum(d) / n
     var = sum((v - mean) ** 2 for v in d) / (n - 1) if n > 1 else 0.0
     se = math.sqrt(var / n)

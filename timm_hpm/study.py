@@ -22,10 +22,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from .data import build_train_val
-from .report import markdown_table, paired, paired_difference
+from .report import markdown_table, mean_difference, paired, paired_difference
 
 __all__ = ['Candidate', 'expand_study', 'held_out', 'score_model', 'finetune', 'study_rows', 'study_table',
-           'plot_study']
+           'seed_summary', 'ranking_text', 'plot_study']
 
 KINDS = ('hpm', 'control', 'inference')
 #: What a control shares with the HPM candidate it is read against (besides the seed): the budget.
@@ -215,9 +215,50 @@ def study_table(rows: Sequence[dict]) -> str:
                            'robust difference, points ± 1 SE (sign test)'], body, 'llrlrrl')
 
 
-def plot_study(rows: Sequence[dict], path: Path, title: str) -> None:
-    """Robust against clean accuracy for every candidate (controls as squares), each point named (its candidate,
-    without the seed when there is one seed), a PNG at ``path``."""
+def seed_summary(candidates: Sequence[Candidate], scores: Dict[str, dict]) -> List[dict]:
+    """Every scored HPM and inference-time candidate over its scored seeds, best first by mean held-out robust
+    accuracy: the seeds, mean clean and robust accuracy and, when every seed's control is scored, the difference to
+    the control averaged over the seeds image by image (the images are the sampling unit: the seeds share them), with
+    its standard error and 95% interval."""
+    groups: Dict[str, List[Candidate]] = {}
+    for c in candidates:
+        if c.kind != 'control' and c.name in scores:
+            groups.setdefault(c.name.split('/')[0], []).append(c)
+    out = []
+    for name, cs in groups.items():
+        row = {'name': name, 'kind': cs[0].kind, 'seeds': [c.seed for c in cs], 'model': cs[0].model,
+               'clean_acc': sum(scores[c.name]['clean_acc'] for c in cs) / len(cs),
+               'robust_acc': sum(scores[c.name]['robust_acc'] for c in cs) / len(cs)}
+        if all(c.control in scores for c in cs):
+            per_seed = [[int(bool(h)) - int(bool(k)) for h, k in zip(scores[c.name]['robust'],
+                                                                     scores[c.control]['robust'])] for c in cs]
+            row['difference'] = mean_difference([sum(d) / len(d) for d in zip(*per_seed)])
+            row['vs'] = sorted({c.control.split('/')[0] for c in cs})
+        out.append(row)
+    return sorted(out, key=lambda r: -r['robust_acc'])
+
+
+def ranking_text(summary: Sequence[dict], top: int = 3) -> str:
+    """The first ``top`` candidates of :func:`seed_summary` in one paragraph, each with its number of seeds and its
+    difference to the control; a candidate there with fewer than two seeds is marked (the study wants two; a
+    registered model changed at inference has one training run by construction: a ``model_of`` candidate with the
+    same options gives its configuration more seeds)."""
+    items = []
+    for i, r in enumerate(summary[:top], 1):
+        n = len(r['seeds'])
+        d = r.get('difference')
+        vs = f", {100 * d['difference']:+.1f} ± {100 * d['se']:.1f} points vs {' / '.join(r['vs'])}" if d else ''
+        more = '' if n >= 2 else (f" (the registered `{r['model']}`, one training run)" if r.get('model')
+                                  else ' (one seed: a second is due)')
+        items.append(f"{i}. `{r['name']}` {100 * r['robust_acc']:.1f}% at {100 * r['clean_acc']:.1f}% clean "
+                     f"({n} seed{'s' if n > 1 else ''}{vs}){more}")
+    return (f'Top {len(items)} by held-out robust accuracy, mean over seeds (difference to the control averaged over '
+            'the seeds image by image, ± 1 SE): ' + '; '.join(items) + '.') if items else ''
+
+
+def plot_study(rows: Sequence[dict], path: Path, title: str, base: Optional[dict] = None) -> None:
+    """Robust against clean accuracy for every candidate (controls as squares; ``base``, the base model's score, as
+    a star), each point named (its candidate, without the seed when there is one seed), a PNG at ``path``."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -228,6 +269,9 @@ def plot_study(rows: Sequence[dict], path: Path, title: str) -> None:
         if pts:
             ax.scatter([100 * r['clean_acc'] for r in pts], [100 * r['robust_acc'] for r in pts], marker=markers[kind],
                        label=kind, alpha=0.8)
+    if base is not None:
+        ax.scatter([100 * base['clean_acc']], [100 * base['robust_acc']], marker='*', s=120, color='black',
+                   label='base')
     one_seed = len({r['seed'] for r in rows}) == 1
     for r in rows:
         name = r['name'].split('/')[0] if one_seed else r['name']
