@@ -100,7 +100,10 @@ def test_the_heldout_study_table_is_the_committed_study():
     study = ROOT / 'results' / 'fashion_mnist' / 'study'
     assert section == (study / 'study.md').read_text().strip()
     rows = json.loads((study / 'study.json').read_text())['rows']
-    assert [line.split(' | ')[0].lstrip('| ') for line in section.splitlines()[2:]] == [r['name'] for r in rows]
+    table = [line for line in section.splitlines() if line.startswith('|')]
+    assert [line.split(' | ')[0].lstrip('| ') for line in table[2:]] == [r['name'] for r in rows]
+    assert '![held-out study](results/fashion_mnist/study/study.png)' in readme
+    assert (study / 'study.png').stat().st_size > 0
 
 
 def test_zoo_table_matches_the_manifest():
