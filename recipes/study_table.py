@@ -142,6 +142,37 @@ def _paired_lines(results: Path, rel, n_test: int, base, static, hpm, control, h
             + '; '.join(lines) + '.']
 
 
+def _candidate_batchings(results: Path, candidates: dict, candidate_runs: dict, hpm: dict, hpm_run: str,
+                         n: int) -> list:
+    """For each held-out study candidate that evaluates the HPM model of the main table at another batch size: its
+    realised figure on the first ``n`` test images next to every other batching of the same model measured there
+    (the main run, the per-batching run, the class-sorted run), the worst of them and the per-image union."""
+    sources = [(f'fixed batches of {hpm["batch_size"]} (`{hpm_run}`)', results / hpm_run, 'default')]
+    for batching in ('default', 'shuffled', 'single'):
+        sources.append((f'{batching} (`eval_hpm_batchings_{n}`)', results / f'eval_hpm_batchings_{n}', batching))
+    sources.append((f'class-sorted, batches of 32 (`eval_hpm_class_sorted_b32_{n}`)',
+                    results / f'eval_hpm_class_sorted_b32_{n}', 'class_sorted'))
+    lines = []
+    for name, run in candidates.items():
+        if hpm is None or run['name'] != hpm['name']:
+            continue
+        found = [(f"fixed batches of {run['batch_size']} (this candidate)", robust_flags(results / candidate_runs[name]))]
+        found += [(label, robust_flags(folder, batching)) for label, folder, batching in sources]
+        found = [(label, {i: v for i, v in flags.items() if i < n}) for label, flags in found if flags]
+        found = [(label, flags) for label, flags in found if len(flags) == n]
+        if len(found) < 2:
+            continue
+        accs = [(label, sum(flags.values()) / n) for label, flags in found]
+        union = sum(all(flags[i] for _, flags in found) for i in range(n)) / n
+        worst = min(accs, key=lambda a: a[1])
+        lines.append(f"Candidate `{name}` per batching on the first {n} test images (the same model; realised batches "
+                     'of each run, some with earlier MSA settings, see the per-batching table): '
+                     + '; '.join(f'{label} {_pct(acc)}' for label, acc in accs)
+                     + f'. Worst batching: {worst[0]}, {_pct(worst[1])}; per-image union over these batchings '
+                     f'{_pct(union)}.')
+    return [''] + lines if lines else []
+
+
 def study_tables(results: Path, n_test: int, n_sensitivity: int = None, n_batchings: int = None,
                  hpm_run: str = None, candidate_runs: dict = None) -> str:
     """The tables; ``hpm_run``: the HPM model's MSA run folder under ``results`` (default ``eval_hpm_<n_test>``);
@@ -174,6 +205,8 @@ def study_tables(results: Path, n_test: int, n_sensitivity: int = None, n_batchi
         out.append(markdown_table(['model', 'head', 'attack', 'clean', 'robust', 'command'],
                                   _main_rows(base, static, hpm, control, candidates), 'lllrrl'))
     out += _paired_lines(results, rel, n_test, base, static, hpm, control, hpm_run, candidate_runs)
+    if n_batchings:
+        out += _candidate_batchings(results, candidates, candidate_runs, hpm, hpm_run, n_batchings)
     if batchings:
         natural_name = f'eval_hpm_class_sorted_b32_{n_batchings}'
         natural = _load(results / natural_name / 'eval.json') if (results / natural_name / 'eval.json').is_file() \

@@ -111,3 +111,30 @@ def test_zoo_table_matches_the_manifest():
     readme = (ROOT / 'README.md').read_text()
     section = re.search(r'<!-- zoo-table:start -->\n(.*?)\n<!-- zoo-table:end -->', readme, re.S).group(1)
     assert section == zoo_table(load_manifest())
+
+
+def test_a_candidates_batchings_are_read_image_by_image(tmp_path):
+    """study_table's per-batching line for a held-out study candidate: each run's realised flags on the first n
+    images, the worst batching and the images robust in every batching, against hand-counted values."""
+    def run(folder, flags_by_batching, batch_size):
+        units = tmp_path / folder / 'attack' / 'units'
+        units.mkdir(parents=True)
+        for batching, flags in flags_by_batching.items():
+            for k in range(0, len(flags), batch_size):  # one unit file per fixed batch
+                (units / f'{batching}_{k // batch_size:06d}.json').write_text(json.dumps(
+                    {'indices': list(range(k, min(k + batch_size, len(flags)))),
+                     'realised': flags[k:k + batch_size]}))
+        return {'name': 'hpm_m.tag', 'batch_size': batch_size}
+    hpm = run('main', {'default': [1, 1, 1, 0, 1, 0]}, 2)
+    cand = run('big', {'default': [1, 0, 1, 1, 1, 1]}, 6)
+    run('eval_hpm_batchings_4', {'default': [1, 1, 1, 1], 'single': [0, 1, 1, 1]}, 1)
+    lines = load_recipe('study_table')._candidate_batchings(tmp_path, {'b6': cand}, {'b6': 'big'}, hpm, 'main', 4)
+    assert len(lines) == 2 and lines[0] == ''
+    # first 4 images: candidate 3/4, main 3/4, default 4/4, single 3/4; robust in all: images 2 only -> 25%
+    assert ('fixed batches of 6 (this candidate) 75.0%; fixed batches of 2 (`main`) 75.0%; default '
+            '(`eval_hpm_batchings_4`) 100.0%; single (`eval_hpm_batchings_4`) 75.0%.') in lines[1]
+    assert lines[1].endswith('Worst batching: fixed batches of 6 (this candidate), 75.0%; per-image union over '
+                             'these batchings 25.0%.')
+    other = dict(cand, name='another_model.tag')  # a candidate that is another model gets no such line
+    assert load_recipe('study_table')._candidate_batchings(tmp_path, {'b6': other}, {'b6': 'big'}, hpm, 'main',
+                                                           4) == []
