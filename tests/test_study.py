@@ -112,9 +112,9 @@ def test_seed_summary_averages_each_image_over_the_seeds_against_closed_forms():
     assert hpm['vs'] == ['control_2'] and 'difference' not in summary[1]
     text = ranking_text(summary)
     assert text.startswith('Top 3 by held-out robust accuracy')
-    assert '1. `hpm` 62.5% at 75.0% clean (2 seeds, +0.0 ± 20.4 points vs control_2); ' in text
-    assert '2. `head` 25.0% at 90.0% clean (1 seed) (one seed: a second is due); ' in text
-    assert text.endswith('3. `shipped` 0.0% at 90.0% clean (1 seed) (the registered `hpm_x.tag`, one training run).')
+    assert '1. `hpm` 62.5% at 75.0% clean (2 seeds; +0.0 ± 20.4 points vs control_2); ' in text
+    assert '2. `head` 25.0% at 90.0% clean (1 seed; a second seed is due); ' in text
+    assert text.endswith('3. `shipped` 0.0% at 90.0% clean (1 seed; the registered `hpm_x.tag`, one training run).')
     assert ranking_text(summary, top=1).startswith('Top 1 ') and '2. ' not in ranking_text(summary, top=1)
     assert ranking_text([]) == ''
 

@@ -247,11 +247,14 @@ def ranking_text(summary: Sequence[dict], top: int = 3) -> str:
     for i, r in enumerate(summary[:top], 1):
         n = len(r['seeds'])
         d = r.get('difference')
-        vs = f", {100 * d['difference']:+.1f} ± {100 * d['se']:.1f} points vs {' / '.join(r['vs'])}" if d else ''
-        more = '' if n >= 2 else (f" (the registered `{r['model']}`, one training run)" if r.get('model')
-                                  else ' (one seed: a second is due)')
+        notes = [f"{n} seed{'s' if n > 1 else ''}"]
+        if d:
+            notes.append(f"{100 * d['difference']:+.1f} ± {100 * d['se']:.1f} points vs {' / '.join(r['vs'])}")
+        if n < 2:
+            notes.append(f"the registered `{r['model']}`, one training run" if r.get('model')
+                         else 'a second seed is due')
         items.append(f"{i}. `{r['name']}` {100 * r['robust_acc']:.1f}% at {100 * r['clean_acc']:.1f}% clean "
-                     f"({n} seed{'s' if n > 1 else ''}{vs}){more}")
+                     f"({'; '.join(notes)})")
     return (f'Top {len(items)} by held-out robust accuracy, mean over seeds (difference to the control averaged over '
             'the seeds image by image, ± 1 SE): ' + '; '.join(items) + '.') if items else ''
 
