@@ -110,7 +110,7 @@ def main(argv=None):
             base = stored_score(path, 'the base', definition)
         rows = study_rows(candidates, scores, base)
         summary = seed_summary(candidates, scores)
-        table = study_table(rows) + '\n\n' + ranking_text(summary) if summary else study_table(rows)
+        table = (study_table(rows) + '\n\n' + ranking_text(summary)) if summary else study_table(rows)
         write_text_atomic(args.out / 'study.json', json.dumps(
             {'study': str(args.study), 'scoring': scoring, 'eps': eps, 'norm': norm, 'rows': rows,
              'ranking': summary,

@@ -117,6 +117,8 @@ def test_seed_summary_averages_each_image_over_the_seeds_against_closed_forms():
     assert text.endswith('3. `shipped` 0.0% at 90.0% clean (1 seed; the registered `hpm_x.tag`, one training run).')
     assert ranking_text(summary, top=1).startswith('Top 1 ') and '2. ' not in ranking_text(summary, top=1)
     assert ranking_text([]) == ''
+    with pytest.raises(ValueError, match='different numbers of images'):
+        seed_summary(cands, {**scores, 'hpm/seed1': score([1, 1, 0])})
 
 
 @pytest.fixture()

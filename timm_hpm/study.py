@@ -230,6 +230,8 @@ def seed_summary(candidates: Sequence[Candidate], scores: Dict[str, dict]) -> Li
                'clean_acc': sum(scores[c.name]['clean_acc'] for c in cs) / len(cs),
                'robust_acc': sum(scores[c.name]['robust_acc'] for c in cs) / len(cs)}
         if all(c.control in scores for c in cs):
+            if len({len(scores[k]['robust']) for c in cs for k in (c.name, c.control)}) != 1:
+                raise ValueError(f'{name}: its seeds and controls were scored on different numbers of images')
             per_seed = [[int(bool(h)) - int(bool(k)) for h, k in zip(scores[c.name]['robust'],
                                                                      scores[c.control]['robust'])] for c in cs]
             row['difference'] = mean_difference([sum(d) / len(d) for d in zip(*per_seed)])
