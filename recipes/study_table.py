@@ -156,7 +156,8 @@ def _candidate_batchings(results: Path, candidates: dict, candidate_runs: dict, 
     for name, run in candidates.items():
         if hpm is None or run['name'] != hpm['name']:
             continue
-        found = [(f"fixed batches of {run['batch_size']} (this candidate)", robust_flags(results / candidate_runs[name]))]
+        found = [(f"fixed batches of {run['batch_size']} (this candidate)",
+                  robust_flags(results / candidate_runs[name]))]
         found += [(label, robust_flags(folder, batching)) for label, folder, batching in sources]
         found = [(label, {i: v for i, v in flags.items() if i < n}) for label, flags in found if flags]
         found = [(label, flags) for label, flags in found if len(flags) == n]
