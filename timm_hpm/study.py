@@ -93,28 +93,22 @@ def expand_study(study: dict) -> List[Candidate]:
             options = {k: v for k, v in (study['candidates'][model_of] or {}).items()
                        if k not in ('seeds', 'eval_batch_size')}
         for seed in ([0] if hpm is not None and model_of is None else cand_seeds):
-            if hpm is not None and model_of is not None:
-                # head options changed at inference on another candidate's fine-tuned model (each seed its own run),
-                # read against the control of that run's budget and seed
-                overrides = {**common, **options, 'train.seed': seed}
-                ctl = _control_for(overrides, common, seed)
-                out.setdefault(ctl.name, ctl)
-                c = Candidate(f'{name}/seed{seed}', 'inference', seed, ctl.budget, overrides, ctl.name,
-                              hpm=dict(hpm), eval_batch_size=eval_bs, run=f'{model_of}/seed{seed}', changes=options)
-            elif hpm is not None:
-                # read against the control of the budget the shipped model was fine-tuned with, when given
+            if hpm is not None and model_of is None:
+                # a registered model: read against the control of the budget it was fine-tuned with, when given
                 ctl = _control_for({**common, **options}, common, seed) if 'train.max_steps' in options else None
                 if ctl is not None:
                     out.setdefault(ctl.name, ctl)
                 c = Candidate(f'{name}/seed{seed}', 'inference', seed, ctl.budget if ctl else 0, {},
                               ctl.name if ctl else None, model or study.get('model'), dict(hpm), eval_bs)
             else:
+                # a model fine-tuned here (its own run, or model_of's run of the same seed; with ``inference``, its
+                # head options changed), read against the control of that run's budget and seed
                 overrides = {**common, **options, 'train.seed': seed}
                 ctl = _control_for(overrides, common, seed)
                 out.setdefault(ctl.name, ctl)
-                c = Candidate(f'{name}/seed{seed}', 'hpm', seed, ctl.budget, overrides, ctl.name,
-                              eval_batch_size=eval_bs, run=f'{model_of}/seed{seed}' if model_of else None,
-                              changes=options)
+                c = Candidate(f'{name}/seed{seed}', 'hpm' if hpm is None else 'inference', seed, ctl.budget,
+                              overrides, ctl.name, hpm=dict(hpm or {}), eval_batch_size=eval_bs,
+                              run=f'{model_of}/seed{seed}' if model_of else None, changes=options)
             out[c.name] = c
     return sorted(out.values(), key=lambda c: (c.kind != 'control', c.budget, c.name))
 
