@@ -266,3 +266,32 @@ def test_channels_last_changes_only_the_memory_layout(tmp_path, monkeypatch):
     assert plain.keys() == nhwc.keys()
     for name in plain:
         torch.testing.assert_close(nhwc[name], plain[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize('objective', ['hpm', 'base'])
+def test_per_image_attack_is_pgd_on_every_image_alone(objective):
+    """attack.per_image: the training examples are PGD run on each image as its own batch of one (the dynamic
+    head's batch prototypes from that image only), not on the whole batch; for the batch-independent base model
+    (the control) the two are the same attack."""
+    from timm_hpm.attacks import pgd
+    from timm_hpm.train import build_model
+    from timm_hpm.train.engine import adversarial_examples
+    plain = {'model.name': 'preact_resnet18', 'model.hpm': {}} if objective == 'base' else {}
+    overrides = {'train.objective': objective, 'attack.random_start': False, 'attack.steps': 3, **plain}
+    cfg = load_config(CONFIG, {**overrides, 'attack.per_image': True})
+    whole_cfg = load_config(CONFIG, overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    x, y = torch.rand(6, 1, 8, 8), torch.arange(6) % 4
+    g = torch.Generator()
+    per_image = adversarial_examples(model, x, y, cfg, g)
+    whole = adversarial_examples(model, x, y, whole_cfg, g)
+    assert model.training  # the attack put it back
+    model.eval()
+    alone = torch.cat([pgd(model, x[i:i + 1], y[i:i + 1], cfg.eps, cfg.step_size, 3, 'Linf', random_start=False)
+                       for i in range(len(x))])
+    torch.testing.assert_close(per_image, alone)
+    if objective == 'hpm':
+        assert (per_image - whole).abs().amax() > 1e-3  # the batch changes the dynamic head's attack
+    else:
+        torch.testing.assert_close(per_image, whole)

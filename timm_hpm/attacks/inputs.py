@@ -1,12 +1,12 @@
 """What every attack and evaluation checks and wraps: eps values, input images, normalisation, accuracy."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 
-__all__ = ['parse_eps', 'check_images', 'accuracy', 'NormalizedInput', 'normalized_view']
+__all__ = ['parse_eps', 'check_images', 'accuracy', 'NormalizedInput', 'normalized_view', 'each_image_alone']
 
 
 def parse_eps(value, norm: str = 'Linf') -> float:
@@ -84,3 +84,14 @@ def normalized_view(model: nn.Module) -> nn.Module:
     if all(v == 0.0 for v in mean) and all(v == 1.0 for v in std):
         return model
     return NormalizedInput(model, mean, std)
+
+
+def each_image_alone(model: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> logits`` with every image of ``x`` run through ``model`` as its own batch of one: for a
+    batch-dependent model (the dynamic HPM head, whose batch prototypes come from the batch), the logits and
+    gradients each image would get alone. For a batch-independent model in eval mode it changes nothing.
+
+    ``torch.func.vmap`` over single-image batches rather than a Python loop: the same values and gradients, at about
+    the cost of one batched forward instead of one forward per image. The model must be vmap-compatible in its
+    current mode (eval mode: no batch-norm statistics update, no prototype update)."""
+    return torch.func.vmap(lambda image: model(image.unsqueeze(0)).squeeze(0))

@@ -60,6 +60,9 @@ class AttackSection:
     random_start: bool = True
     beta: float = 6.0  # TRADES
     target_mode: Optional[str] = None  # the HPM mode attacked when making training examples (None: as trained)
+    # Attack each training image alone (its own batch of one: the dynamic head's batch prototypes from that image
+    # only) instead of the whole training batch at once (the default, and the adversary MSA uses).
+    per_image: bool = False
     eps_warmup_epochs: float = 0.0  # ramp eps (and the step size) linearly from 0 over this many epochs
 
 

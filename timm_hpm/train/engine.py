@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ..attacks import normalized_view, pgd
+from ..attacks import each_image_alone, normalized_view, pgd
 from ..models import check_local_dir, is_hpm_variant
 from ..models._hpm import convert_to_hpm, get_hpm_head, is_hpm_model
 from .checkpoint import CheckpointError
@@ -154,7 +154,8 @@ def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg
                          generator: torch.Generator, eps_scale: float = 1.0) -> torch.Tensor:
     """Training inputs: PGD-AT (maximise CE) or TRADES (maximise KL to the clean prediction), against the HPM
     mode ``attack.target_mode`` (default: the mode being trained), with the model in eval mode (no prototype
-    update, frozen batch-norm statistics). ``eps_scale`` scales eps and the step size (eps warm-up)."""
+    update, frozen batch-norm statistics), on the whole batch at once or, with ``attack.per_image``, on every image
+    as its own batch. ``eps_scale`` scales eps and the step size (eps warm-up)."""
     a = cfg.attack
     if a.type == 'none' or eps_scale <= 0:
         return x
@@ -163,6 +164,8 @@ def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg
     was_training = model.training
     model.eval()
     attacked = normalized_view(model)
+    if a.per_image:
+        attacked = each_image_alone(attacked)
     try:
         with head.using_mode(a.target_mode or head.mode) if head is not None else contextlib.nullcontext():
             if a.type == 'pgd':
