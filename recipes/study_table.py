@@ -8,6 +8,7 @@
 import argparse
 import json
 from pathlib import Path
+from typing import Dict, NamedTuple, Optional
 
 from timm_hpm.analysis import format_summary
 from timm_hpm.eval import stage_label, stage_order
@@ -34,6 +35,26 @@ def robust_flags(run_dir: Path, batching: str = 'default'):
         unit = json.loads(f.read_text())
         flags.update(zip(unit['indices'], map(bool, unit['realised'])))
     return flags
+
+
+class CandidateRun(NamedTuple):
+    """A held-out study candidate's full-strength test run: its folder under the results, its eval.json and its
+    per-image robustness (read once, used by the table row, the paired lines and the per-batching line)."""
+    folder: str
+    result: dict
+    flags: Optional[Dict[int, bool]]
+
+
+def load_candidate_runs(results: Path, folders: Dict[str, str]) -> Dict[str, CandidateRun]:
+    """name -> :class:`CandidateRun` for ``folders`` (name -> run folder under ``results``); a run without its
+    eval.json is an unfinished one and an error."""
+    runs = {}
+    for name, folder in folders.items():
+        result = _load(results / folder / 'eval.json')
+        if result is None:
+            raise FileNotFoundError(f'candidate {name}: no {results / folder / "eval.json"} (finish that run first)')
+        runs[name] = CandidateRun(folder, result, robust_flags(results / folder))
+    return runs
 
 
 def _msa_differences(run: dict, headline: dict = None) -> str:
@@ -80,7 +101,7 @@ def batchings_table(run: dict, rel: Path, name: str, natural: dict = None, natur
 
 def _main_rows(base: dict, static: dict, hpm: dict, control: dict = None, candidates: dict = None) -> list:
     """The main table's rows: the base, the control and the static l2 head under AutoAttack, HPM under MSA stage by
-    stage, and each held-out study candidate (``candidates``: name -> its eval.json) under MSA."""
+    stage, and each held-out study candidate (``candidates``: name -> :class:`CandidateRun`) under MSA."""
     rows = []
     if base:
         rows.append(['base `small_cnn.fmnist_pgdat`', 'fc', 'AutoAttack (standard)', _pct(base['clean_acc']),
@@ -102,7 +123,7 @@ def _main_rows(base: dict, static: dict, hpm: dict, control: dict = None, candid
                          f"**{_pct(b['realised_acc'])}**", None])
         rows.append([model, 'dynamic', f"**MSA, worst batching ({hpm['worst_batching']})**", _pct(hpm['clean_acc']),
                      f"**{_pct(hpm['msa_acc'])}**", f"`{hpm['command']}`"])
-    for name, run in (candidates or {}).items():
+    for name, run in ((name, c.result) for name, c in (candidates or {}).items()):
         rows.append([f"held-out study candidate `{name}`: `{run['name']}`, fixed batches of {run['batch_size']}",
                      'dynamic', f"**MSA, worst batching ({run['worst_batching']})**", _pct(run['clean_acc']),
                      f"**{_pct(run['msa_acc'])}**", f"`{run['command']}`"])
@@ -112,7 +133,7 @@ def _main_rows(base: dict, static: dict, hpm: dict, control: dict = None, candid
 def _paired_lines(results: Path, rel, n_test: int, base, static, hpm, control, hpm_run: str,
                   candidates: dict = None) -> list:
     """Paired comparisons on the same images (per-image results of the realised batches): HPM, the static l2 head
-    and each held-out study candidate (``candidates``: name -> its run folder under ``results``) against the base
+    and each held-out study candidate (``candidates``: name -> :class:`CandidateRun`) against the base
     and against the budget-matched control, and the base against the control, with the exact sign test and the
     paired 95% interval."""
     flags = {key: robust_flags(results / folder) if run else None
@@ -123,8 +144,8 @@ def _paired_lines(results: Path, rel, n_test: int, base, static, hpm, control, h
              'static': 'the static l2 head under AutoAttack', 'control': 'the control under AutoAttack'}
     short = {'base': 'the base', 'hpm': 'HPM', 'static': 'the static l2 head', 'control': 'the control'}
     pairs = [('base', 'hpm'), ('base', 'static'), ('control', 'hpm'), ('control', 'static')]
-    for name, folder in (candidates or {}).items():
-        flags[name] = robust_flags(results / folder)
+    for name, run in (candidates or {}).items():
+        flags[name] = run.flags
         names[name], short[name] = f'`{name}` under MSA', f'`{name}`'
         pairs += [('base', name), ('control', name)]
     lines = []
@@ -142,8 +163,7 @@ def _paired_lines(results: Path, rel, n_test: int, base, static, hpm, control, h
             + '; '.join(lines) + '.']
 
 
-def _candidate_batchings(results: Path, candidates: dict, candidate_runs: dict, hpm: dict, hpm_run: str,
-                         n: int) -> list:
+def _candidate_batchings(results: Path, candidates: dict, hpm: dict, hpm_run: str, n: int) -> list:
     """For each held-out study candidate that evaluates the HPM model of the main table at another batch size: its
     realised figure on the first ``n`` test images next to every other batching of the same model measured there
     (the main run, the per-batching run, the class-sorted run), the worst of them and the per-image union."""
@@ -153,11 +173,10 @@ def _candidate_batchings(results: Path, candidates: dict, candidate_runs: dict, 
     sources.append((f'class-sorted, batches of 32 (`eval_hpm_class_sorted_b32_{n}`)',
                     results / f'eval_hpm_class_sorted_b32_{n}', 'class_sorted'))
     lines = []
-    for name, run in candidates.items():
+    for name, (_, run, flags) in candidates.items():
         if hpm is None or run['name'] != hpm['name']:
             continue
-        found = [(f"fixed batches of {run['batch_size']} (this candidate)",
-                  robust_flags(results / candidate_runs[name]))]
+        found = [(f"fixed batches of {run['batch_size']} (this candidate)", flags)]
         found += [(label, robust_flags(folder, batching)) for label, folder, batching in sources]
         found = [(label, {i: v for i, v in flags.items() if i < n}) for label, flags in found if flags]
         found = [(label, flags) for label, flags in found if len(flags) == n]
@@ -180,12 +199,7 @@ def study_tables(results: Path, n_test: int, n_sensitivity: int = None, n_batchi
     ``candidate_runs``: the held-out study's best candidates at full strength on the same images, name -> run folder
     under ``results``."""
     hpm_run = hpm_run or f'eval_hpm_{n_test}'
-    candidate_runs = dict(candidate_runs or {})
-    candidates = {}
-    for name, folder in candidate_runs.items():
-        candidates[name] = _load(results / folder / 'eval.json')
-        if candidates[name] is None:
-            raise FileNotFoundError(f'candidate {name}: no {results / folder / "eval.json"} (finish that run first)')
+    candidates = load_candidate_runs(results, dict(candidate_runs or {}))
     base = _load(results / f'eval_base_{n_test}' / 'eval.json')
     static = _load(results / f'eval_static_{n_test}' / 'eval.json')
     hpm = _load(results / hpm_run / 'eval.json')
@@ -199,15 +213,15 @@ def study_tables(results: Path, n_test: int, n_sensitivity: int = None, n_batchi
         out += [f'Test set: the first {n_test} of the 10,000 Fashion-MNIST test images, Linf eps 0.1, fixed batches of '
                 f"{(hpm or base or static)['batch_size']}. Results: `{rel}/eval_*_{n_test}/eval.json`"
                 + (f" (HPM: `{rel}/{hpm_run}/eval.json`)" if hpm_run != f'eval_hpm_{n_test}' else '')
-                + ''.join(f"; held-out study candidate `{name}`: `{rel}/{folder}/eval.json`"
-                          for name, folder in candidate_runs.items())
+                + ''.join(f"; held-out study candidate `{name}`: `{rel}/{run.folder}/eval.json`"
+                          for name, run in candidates.items())
                 + '. An MSA stage row is the best candidate batch that stage produced from the realised batch so '
                 'far; the worst case is the realised batch after all stages.', '']
         out.append(markdown_table(['model', 'head', 'attack', 'clean', 'robust', 'command'],
                                   _main_rows(base, static, hpm, control, candidates), 'lllrrl'))
-    out += _paired_lines(results, rel, n_test, base, static, hpm, control, hpm_run, candidate_runs)
+    out += _paired_lines(results, rel, n_test, base, static, hpm, control, hpm_run, candidates)
     if n_batchings:
-        out += _candidate_batchings(results, candidates, candidate_runs, hpm, hpm_run, n_batchings)
+        out += _candidate_batchings(results, candidates, hpm, hpm_run, n_batchings)
     if batchings:
         natural_name = f'eval_hpm_class_sorted_b32_{n_batchings}'
         natural = _load(results / natural_name / 'eval.json') if (results / natural_name / 'eval.json').is_file() \

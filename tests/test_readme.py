@@ -128,13 +128,17 @@ def test_a_candidates_batchings_are_read_image_by_image(tmp_path):
     hpm = run('main', {'default': [1, 1, 1, 0, 1, 0]}, 2)
     cand = run('big', {'default': [1, 0, 1, 1, 1, 1]}, 6)
     run('eval_hpm_batchings_4', {'default': [1, 1, 1, 1], 'single': [0, 1, 1, 1]}, 1)
-    lines = load_recipe('study_table')._candidate_batchings(tmp_path, {'b6': cand}, {'b6': 'big'}, hpm, 'main', 4)
+    (tmp_path / 'big' / 'eval.json').write_text(json.dumps(cand))
+    table = load_recipe('study_table')
+    runs = table.load_candidate_runs(tmp_path, {'b6': 'big'})
+    lines = table._candidate_batchings(tmp_path, runs, hpm, 'main', 4)
     assert len(lines) == 2 and lines[0] == ''
     # first 4 images: candidate 3/4, main 3/4, default 4/4, single 3/4; robust in all: images 2 only -> 25%
     assert ('fixed batches of 6 (this candidate) 75.0%; fixed batches of 2 (`main`) 75.0%; default '
             '(`eval_hpm_batchings_4`) 100.0%; single (`eval_hpm_batchings_4`) 75.0%.') in lines[1]
     assert lines[1].endswith('Worst batching: fixed batches of 6 (this candidate), 75.0%; per-image union over '
                              'these batchings 25.0%.')
-    other = dict(cand, name='another_model.tag')  # a candidate that is another model gets no such line
-    assert load_recipe('study_table')._candidate_batchings(tmp_path, {'b6': other}, {'b6': 'big'}, hpm, 'main',
-                                                           4) == []
+    other = {'b6': runs['b6']._replace(result=dict(cand, name='another_model.tag'))}
+    assert table._candidate_batchings(tmp_path, other, hpm, 'main', 4) == []  # another model gets no such line
+    with pytest.raises(FileNotFoundError, match='finish that run first'):  # an unfinished run: no eval.json
+        table.load_candidate_runs(tmp_path, {'b6': 'eval_hpm_batchings_4'})
