@@ -91,7 +91,8 @@ def each_image_alone(model: Callable[[torch.Tensor], torch.Tensor]) -> Callable[
     batch-dependent model (the dynamic HPM head, whose batch prototypes come from the batch), the logits and
     gradients each image would get alone. For a batch-independent model in eval mode it changes nothing.
 
-    ``torch.func.vmap`` over single-image batches rather than a Python loop: the same values and gradients, at about
-    the cost of one batched forward instead of one forward per image. The model must be vmap-compatible in its
-    current mode (eval mode: no batch-norm statistics update, no prototype update)."""
+    ``torch.func.vmap`` over single-image batches rather than a Python loop of one forward per image: the same
+    values and gradients (tested against PGD run image by image), with the operators still run on the whole batch.
+    The model must be vmap-compatible in its current mode (eval mode: no batch-norm statistics update, no prototype
+    update)."""
     return torch.func.vmap(lambda image: model(image.unsqueeze(0)).squeeze(0))
