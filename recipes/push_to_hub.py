@@ -33,6 +33,8 @@ def parse_args(argv=None):
     p.add_argument('--allow-mismatched-results', action='store_true',
                    help='publish results that cannot be matched to these weights; the card says so')
     p.add_argument('--base-results', type=Path, help='eval.json of the base model (--protocol autoattack)')
+    p.add_argument('--control-results', type=Path, help='eval.json of the budget-matched control (the base fine-tuned '
+                   "with plain PGD-AT under this model's budget; --protocol autoattack)")
     p.add_argument('--batch-order', type=Path, help="table.json of recipes/batch_order_table.py with this model's "
                    'clean accuracy by batch order and size (the card then says what validate.py gives)')
     p.add_argument('--natural-results', type=Path, help='eval.json of MSA on the worst natural batching '
@@ -105,6 +107,28 @@ def batch_order_row(path: Path, model) -> dict:
     return dict(rows[0], n_test=table['n_test'], batch_sizes=table['batch_sizes'], command=table['command'])
 
 
+def comparisons(args, base_result, control_result) -> list:
+    """The model against the base and the control on the same images, from the per-image results in each eval.json's
+    run folder (none where a run folder has no unit files, e.g. an eval.json copied out of its folder)."""
+    from timm_hpm.cards import paired_comparison
+    from timm_hpm.eval import robust_flags
+    model_flags = robust_flags(args.results.parent)
+    out = []
+    for path, result, what in ((args.base_results, base_result, 'the base'),
+                               (args.control_results, control_result, 'the budget-matched control')):
+        flags = robust_flags(path.parent) if path is not None and model_flags is not None else None
+        if flags is None:
+            if path is not None:
+                print(f'warning: no per-image results next to {args.results} and {path}: the card gives no paired '
+                      f'comparison with {what}', file=sys.stderr)
+            continue
+        try:
+            out.append(paired_comparison(model_flags, flags, f"{what} (`{result.get('name')}`) under AutoAttack"))
+        except ValueError as error:
+            raise SystemExit(f'{args.results} and {path}: {error}; evaluate both on the same images.')
+    return out
+
+
 def assemble(args) -> Path:
     from timm_hpm.cards import load_json, render_card
     from timm_hpm.hub import save_for_hub
@@ -121,6 +145,7 @@ def assemble(args) -> Path:
         shutil.copy2(run / filename, out / filename)
     result = load_json(args.results)
     base_result = load_json(args.base_results) if args.base_results else None
+    control_result = load_json(args.control_results) if args.control_results else None
     if args.model:
         shutil.rmtree(out / '.export')
     training_config_path = args.training_config or (args.run.parent / 'config.yaml' if args.run else None)
@@ -131,11 +156,14 @@ def assemble(args) -> Path:
                        license_name=args.license_name, unverified_results=unverified,
                        batch_order=batch_order_row(args.batch_order, model) if args.batch_order else None,
                        natural_result=load_json(args.natural_results) if args.natural_results else None,
-                       poisoning_result=load_json(args.poisoning_results) if args.poisoning_results else None)
+                       poisoning_result=load_json(args.poisoning_results) if args.poisoning_results else None,
+                       control_result=control_result, comparisons=comparisons(args, base_result, control_result))
     (out / 'README.md').write_text(card)
     shutil.copy2(args.results, out / 'eval_hpm.json')
     if args.base_results:
         shutil.copy2(args.base_results, out / 'eval_base.json')
+    if args.control_results:
+        shutil.copy2(args.control_results, out / 'eval_control.json')
     if args.natural_results:
         shutil.copy2(args.natural_results, out / 'eval_hpm_class_sorted.json')
     if args.batch_order:

@@ -90,6 +90,7 @@ $PY recipes/sensitivity.py --model hpm_small_cnn.fmnist_hpm --dataset fashion_mn
 BEST=$($PY -c "import json; print(json.load(open('$OUT/tuning/tuning.json'))['best'])")
 $PY recipes/push_to_hub.py --model hpm_small_cnn.fmnist_hpm --training-config "$OUT/tuning/configs/$BEST.yaml" \
     --results "$OUT/eval_hpm_msa4_$N_TEST/eval.json" --base-results "$OUT/eval_base_$N_TEST/eval.json" \
+    --control-results "$OUT/eval_control_$N_TEST/eval.json" \
     --batch-order "$OUT/batch_order_$N_TEST/table.json" \
     --natural-results "$OUT/eval_hpm_class_sorted_b32_$N_BATCHINGS/eval.json" \
     --poisoning-results "$OUT/poison_hpm_$N_BATCHINGS/eval.json" \

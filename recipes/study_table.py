@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Dict, NamedTuple, Optional
 
 from timm_hpm.analysis import format_summary
-from timm_hpm.eval import stage_label, stage_order
+from timm_hpm.eval import robust_flags, stage_label, stage_order
 from timm_hpm.report import markdown_table, paired, paired_difference, print_or_update, tuning_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,18 +23,6 @@ def _pct(v) -> str:
 
 def _load(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def robust_flags(run_dir: Path, batching: str = 'default'):
-    """Per-image robustness (the realised batches) from a run's unit files; None if they are not there."""
-    files = sorted((run_dir / 'attack' / 'units').glob(f'{batching}_*.json'))
-    if not files:
-        return None
-    flags = {}
-    for f in files:
-        unit = json.loads(f.read_text())
-        flags.update(zip(unit['indices'], map(bool, unit['realised'])))
-    return flags
 
 
 class CandidateRun(NamedTuple):

@@ -135,6 +135,42 @@ def test_results_of_these_weights_are_accepted(tmp_path):
     assert 'not verified' not in card and '69.00%' in card  # the shipped model's MSA accuracy
 
 
+def test_paired_comparison_against_hand_counts():
+    """Image 1 only the other keeps, images 2 and 3 only the model: +1 of 4 images = +25 points; the exact two-sided
+    sign test of 1 vs 2 discordant images is 2 * (C(3,0) + C(3,1)) / 2^3 = 1; the interval from the per-image
+    differences (0, -1, 1, 1): mean 0.25, sample sd sqrt(0.91667), SE = sd / 2."""
+    from timm_hpm.cards import paired_comparison
+    c = paired_comparison({0: True, 1: False, 2: True, 3: True}, {0: True, 1: True, 2: False, 3: False}, 'x')
+    half_width = 1.959964 * (0.9166667 ** 0.5) / 2
+    assert (c['only_other'], c['only_model'], c['n'], c['difference'], c['p']) == (1, 2, 4, '+25.0', '1')
+    assert (c['ci_low'], c['ci_high']) == (f'{100 * (0.25 - half_width):+.1f}', f'{100 * (0.25 + half_width):+.1f}')
+    with pytest.raises(ValueError, match='different images'):
+        paired_comparison({0: True}, {1: True}, 'x')
+
+
+def test_card_compares_with_the_base_and_the_budget_matched_control(tmp_path):
+    """The shipped model's committed test runs: the control's row and the paired lines against the base and the
+    control, counted from the runs' per-image unit files (the counts the README's study section gives). Runs over
+    other images are refused."""
+    results = ROOT / 'results' / 'fashion_mnist'
+    (tmp_path / 'base_eval.json').write_bytes((results / 'eval_base_1000' / 'eval.json').read_bytes())
+    folder = _assemble(None, tmp_path, results=results / 'eval_hpm_msa4_1000' / 'eval.json',
+                       source=['--model', 'hpm_small_cnn.fmnist_hpm'],
+                       extra=['--control-results', str(results / 'eval_control_1000' / 'eval.json')])
+    card = (folder / 'README.md').read_text()
+    assert '| budget-matched control (small_cnn.fmnist_control) | 79.60% | 70.30% | - |' in card
+    assert ('against the budget-matched control (`small_cnn.fmnist_control`) under AutoAttack: 36 images only it '
+            'keeps, 15 only this model keeps, difference\n  -2.1 points (95% CI -3.5 to -0.7), p = 0.0046') in card
+    assert 'against the base' not in card  # base_eval.json copied out of its run folder: no per-image results
+    metrics = {m['name']: m['value'] for m in ModelCard(card).data.to_dict()['model-index'][0]['results'][0]['metrics']}
+    assert metrics['AutoAttack robust accuracy of the budget-matched control (Linf, eps=0.1)'] == 70.3
+    assert (folder / 'eval_control.json').is_file()
+    with pytest.raises(SystemExit, match='different images'):
+        _assemble(None, tmp_path, results=results / 'eval_hpm_msa4_1000' / 'eval.json',
+                  source=['--model', 'hpm_small_cnn.fmnist_hpm'],
+                  extra=['--control-results', str(results / 'eval_static_250' / 'eval.json')])
+
+
 def test_card_gives_the_batch_order_figures_of_these_weights_only(run_folder, tmp_path):
     """The shipped model's row of the committed batch-order table (found by its fingerprint) goes into the card:
     the class-sorted figure is what timm's validate.py gives on a class-folder dataset. Another model's table is

@@ -6,7 +6,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-__all__ = ['render_card', 'card_metadata', 'TEMPLATE', 'HUB_DATASETS', 'CARD_TAGS']
+__all__ = ['render_card', 'card_metadata', 'paired_comparison', 'TEMPLATE', 'HUB_DATASETS', 'CARD_TAGS']
 
 #: The card template ships inside the package (package data), so cards render from a regular install too.
 TEMPLATE = files('timm_hpm') / 'templates' / 'model_card.md.j2'
@@ -47,16 +47,32 @@ def card_metadata(name: str, metrics, dataset_id: str, dataset_name: str, licens
         model_name=name, eval_results=results).to_yaml()
 
 
-def _check_results(result: Dict[str, Any], base_result: Optional[Dict[str, Any]]) -> None:
+def _check_results(result: Dict[str, Any], *others: Optional[Dict[str, Any]]) -> None:
     if result.get('protocol') != 'msa' or result.get('msa_acc') is None:
         raise ValueError('the card needs the HPM model\'s MSA result (recipes/evaluate.py --protocol msa).')
-    if base_result is not None and (base_result.get('eps') != result.get('eps')
-                                    or base_result.get('threat_model') != result.get('threat_model')):
-        raise ValueError('the base and HPM results were measured under different threat models.')
+    for other in others:
+        if other is not None and (other.get('eps') != result.get('eps')
+                                  or other.get('threat_model') != result.get('threat_model')):
+            raise ValueError(f"the HPM result and {other.get('name')}'s were measured under different threat models.")
 
 
-def _metrics(result: Dict[str, Any], base_result: Optional[Dict[str, Any]], eps_text: str) -> List[Dict[str, Any]]:
-    """The model-index metrics (accuracies in %): the HPM model's clean and MSA, the base's clean and AutoAttack."""
+def paired_comparison(model_flags: Dict[int, bool], other_flags: Dict[int, bool], other: str) -> Dict[str, Any]:
+    """The HPM model against ``other`` on the same images, from each run's per-image robustness
+    (:func:`timm_hpm.eval.robust_flags`): the images only one of them keeps, the difference in points with its paired
+    95% interval and the exact sign-test p (the card's comparison lines)."""
+    from .report import paired, paired_difference
+    counts = paired(other_flags, model_flags)  # refuses runs over different images
+    order = sorted(other_flags)
+    d = paired_difference([other_flags[i] for i in order], [model_flags[i] for i in order])
+    return dict(other=other, n=counts['n'], only_other=counts['only_a'], only_model=counts['only_b'],
+                difference=f"{100 * counts['difference']:+.1f}", ci_low=f"{100 * d['ci95'][0]:+.1f}",
+                ci_high=f"{100 * d['ci95'][1]:+.1f}", p=f"{counts['p']:.2g}")
+
+
+def _metrics(result: Dict[str, Any], base_result: Optional[Dict[str, Any]], eps_text: str,
+             control_result: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+    """The model-index metrics (accuracies in %): the HPM model's clean and MSA, the base's and the budget-matched
+    control's clean and AutoAttack."""
     threat = f"({result['threat_model']}, eps={eps_text})"
     metrics = [dict(name='Clean accuracy (HPM)', value=round(100 * result['clean_acc'], 2)),
                dict(name=f'MSA robust accuracy {threat}', value=round(100 * result['msa_acc'], 2))]
@@ -65,6 +81,12 @@ def _metrics(result: Dict[str, Any], base_result: Optional[Dict[str, Any]], eps_
         if base_result.get('autoattack_acc') is not None:
             metrics.append(dict(name=f'AutoAttack robust accuracy of the base {threat}',
                                 value=round(100 * base_result['autoattack_acc'], 2)))
+    if control_result is not None:
+        metrics.append(dict(name='Clean accuracy (budget-matched control)',
+                            value=round(100 * control_result['clean_acc'], 2)))
+        if control_result.get('autoattack_acc') is not None:
+            metrics.append(dict(name=f'AutoAttack robust accuracy of the budget-matched control {threat}',
+                                value=round(100 * control_result['autoattack_acc'], 2)))
     return metrics
 
 
@@ -101,7 +123,8 @@ def render_card(result: Dict[str, Any], repo_id: str, model_config: Dict[str, An
                 base_model: Optional[str] = None, license: str = 'other', license_name: str = 'unknown',
                 template: Optional[Path] = None, unverified_results: Optional[str] = None,
                 batch_order: Optional[Dict[str, Any]] = None, natural_result: Optional[Dict[str, Any]] = None,
-                poisoning_result: Optional[Dict[str, Any]] = None) -> str:
+                poisoning_result: Optional[Dict[str, Any]] = None, control_result: Optional[Dict[str, Any]] = None,
+                comparisons: Optional[List[Dict[str, Any]]] = None) -> str:
     """The README.md of a Hub repo: YAML metadata (library_name, license, tags, datasets, base_model,
     model-index with clean, AutoAttack-of-the-base and MSA accuracies) and the human-readable card.
 
@@ -109,9 +132,11 @@ def render_card(result: Dict[str, Any], repo_id: str, model_config: Dict[str, An
     above its figures. ``batch_order``: this model's row of ``recipes/batch_order_table.py``'s table.json (its
     ``accuracy`` by order and batch size, plus the table's ``n_test``, ``batch_sizes`` and ``command``);
     ``natural_result``: the eval.json of MSA on the worst natural batching (``--batchings class_sorted``);
-    ``poisoning_result``: the eval.json of ``recipes/evaluate.py --protocol poison``."""
+    ``poisoning_result``: the eval.json of ``recipes/evaluate.py --protocol poison``; ``control_result``: the
+    eval.json of the budget-matched control (the base fine-tuned with plain PGD-AT under this model's budget) under
+    AutoAttack; ``comparisons``: :func:`paired_comparison` of this model against the base and the control."""
     import jinja2
-    _check_results(result, base_result)
+    _check_results(result, base_result, control_result)
     dataset = result.get('dataset') or 'unknown'
     hub_id, dataset_name = HUB_DATASETS.get(dataset, (dataset, dataset))
     eps_text = _eps_text(result['eps'], result['threat_model'])
@@ -120,6 +145,10 @@ def render_card(result: Dict[str, Any], repo_id: str, model_config: Dict[str, An
     if base_result is not None:
         table.append(dict(model=f"base ({base_result.get('name')})", clean=_pct(base_result['clean_acc']),
                           autoattack=_pct(base_result.get('autoattack_acc')), msa='-'))
+    if control_result is not None:
+        table.append(dict(model=f"budget-matched control ({control_result.get('name')})",
+                          clean=_pct(control_result['clean_acc']),
+                          autoattack=_pct(control_result.get('autoattack_acc')), msa='-'))
     table.append(dict(model=f'HPM ({name})', clean=_pct(result['clean_acc']), autoattack=_pct(result.get('autoattack_acc')),
                       msa=_pct(result['msa_acc'])))
     per_batching = [dict(name=k, clean=_pct(v['clean_acc']), autoattack=_pct(v.get('autoattack_acc')),
@@ -140,13 +169,14 @@ def render_card(result: Dict[str, Any], repo_id: str, model_config: Dict[str, An
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     source = Path(template).read_text() if template is not None else TEMPLATE.read_text()
     text = env.from_string(source).render(
-        card_data=card_metadata(name, _metrics(result, base_result, eps_text), hub_id, dataset_name, license,
+        card_data=card_metadata(name, _metrics(result, base_result, eps_text, control_result), hub_id, dataset_name, license,
                                 license_name, base_model),
         dataset=dict(hub_id=hub_id, name=dataset_name), name=name, repo_id=repo_id,
         base_description=f'`{base_model}`' if base_model else f"a `{model_config.get('architecture')}` model",
         threat_model=result['threat_model'], eps_text=eps_text, n_examples=result['n_examples'], table=table,
         eval_command=result.get('command', 'unknown'),
         base_eval_command=(base_result or {}).get('command'),
+        control_eval_command=(control_result or {}).get('command'), comparisons=list(comparisons or []),
         surrogates=', '.join(result['settings']['msa']['surrogates']),
         transfer=', '.join(result['settings']['msa'].get('surrogate_models', [])),
         score_iterates=result['settings']['msa'].get('score_iterates', False),

@@ -5,7 +5,7 @@ from .batching import BATCHINGS, make_batchings
 from .checks import check_eval_ready, hpm_mode, protocol_warnings
 from .msa import MSAConfig, attack_batch, msa
 from .poison import POISON_FRACTIONS, poison_batch, poison_counts, poisoning_table, run_poisoning
-from .results import aggregate, format_table
+from .results import aggregate, format_table, robust_flags
 from .run_folder import model_fingerprint
 from .runner import evaluate, sanity_checks
 from .stages import stage_label, stage_order

@@ -12,7 +12,20 @@ from ..report import markdown_table
 from .run_folder import load_unit
 from .stages import AUTOATTACK, candidate_stage, is_per_sample_union, stage_order
 
-__all__ = ['aggregate', 'format_table', 'stage_breaks']
+__all__ = ['aggregate', 'format_table', 'stage_breaks', 'robust_flags']
+
+
+def robust_flags(run_folder: Path, batching: str = 'default') -> Optional[Dict[int, bool]]:
+    """Per-image robustness of an evaluation run folder (``recipes/evaluate.py --out``): image index -> robust in
+    its realised batch of ``batching``, from the unit files under ``attack/units``; None when there are none."""
+    files = sorted((Path(run_folder) / 'attack' / 'units').glob(f'{batching}_*.json'))
+    if not files:
+        return None
+    flags = {}
+    for f in files:
+        unit = json.loads(f.read_text())
+        flags.update(zip(unit['indices'], map(bool, unit['realised'])))
+    return flags
 
 
 def _batching_units(run_dir: Path, batching: str, n: int) -> List[dict]:
