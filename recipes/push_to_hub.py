@@ -123,7 +123,8 @@ def comparisons(args, base_result, control_result) -> list:
                       f'comparison with {what}', file=sys.stderr)
             continue
         try:
-            out.append(paired_comparison(model_flags, flags, f"{what} (`{result.get('name')}`) under AutoAttack"))
+            attack = {'autoattack': 'AutoAttack', 'msa': 'MSA'}.get(result.get('protocol'), result.get('protocol'))
+            out.append(paired_comparison(model_flags, flags, f"{what} (`{result.get('name')}`) under {attack}"))
         except ValueError as error:
             raise SystemExit(f'{args.results} and {path}: {error}; evaluate both on the same images.')
     return out

@@ -169,8 +169,8 @@ def render_card(result: Dict[str, Any], repo_id: str, model_config: Dict[str, An
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     source = Path(template).read_text() if template is not None else TEMPLATE.read_text()
     text = env.from_string(source).render(
-        card_data=card_metadata(name, _metrics(result, base_result, eps_text, control_result), hub_id, dataset_name, license,
-                                license_name, base_model),
+        card_data=card_metadata(name, _metrics(result, base_result, eps_text, control_result), hub_id, dataset_name,
+                                license, license_name, base_model),
         dataset=dict(hub_id=hub_id, name=dataset_name), name=name, repo_id=repo_id,
         base_description=f'`{base_model}`' if base_model else f"a `{model_config.get('architecture')}` model",
         threat_model=result['threat_model'], eps_text=eps_text, n_examples=result['n_examples'], table=table,
