@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Dict, NamedTuple, Optional
 
 from timm_hpm.analysis import format_summary
+from timm_hpm.cards import paired_comparison
 from timm_hpm.eval import robust_flags, stage_label, stage_order
-from timm_hpm.report import markdown_table, paired, paired_difference, print_or_update, tuning_table
+from timm_hpm.report import markdown_table, print_or_update, tuning_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,11 +141,10 @@ def _paired_lines(results: Path, rel, n_test: int, base, static, hpm, control, h
     for a, b in pairs + [('control', 'base')]:
         if not (flags[a] and flags[b]):
             continue
-        c = paired(flags[a], flags[b])
-        d = paired_difference([flags[a][i] for i in sorted(flags[a])], [flags[b][i] for i in sorted(flags[a])])
-        lines.append(f"{names[b]} vs {names[a]}: {c['only_a']} images only {short[a]} keeps, {c['only_b']} only "
-                     f"{short[b]} keeps, difference {100 * c['difference']:+.1f} points (95% CI "
-                     f"{100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f}), exact sign-test p = {c['p']:.2g}")
+        c = paired_comparison(flags[b], flags[a], names[a])
+        lines.append(f"{names[b]} vs {names[a]}: {c['only_other']} images only {short[a]} keeps, {c['only_model']} "
+                     f"only {short[b]} keeps, difference {c['difference']} points (95% CI {c['ci_low']} to "
+                     f"{c['ci_high']}), exact sign-test p = {c['p']}")
     if not lines:
         return []
     return ['', f'Paired on the same {n_test} images (per-image results in `{rel}/eval_*_{n_test}/attack/units/`): '
