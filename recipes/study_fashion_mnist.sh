@@ -32,12 +32,13 @@ if [ "${TRAIN:-0}" = 1 ]; then
     cp "runs/tune/$BEST/final/model.safetensors" timm_hpm/weights/hpm_small_cnn.fmnist_hpm.safetensors
 fi
 
-# EXTEND=(--extend-from <the other finished runs of the same evaluation>): their batches are reused where they
-# cover the same examples, not recomputed
+# EXTEND=(--extend-from <the other finished runs of the same evaluation, $1_<number of images>>): their batches are
+# reused where they cover the same examples, not recomputed (a folder with more after $1_, such as
+# eval_hpm_msa4_b1000_1000, is another evaluation: evaluate.py refuses to extend from other settings)
 reuse() {
     local d
     EXTEND=()
-    for d in "$OUT/$1"_*; do
+    for d in "$OUT/$1"_[0-9]*; do
         if [ "$d" != "$2" ] && [ -f "$d/attack/fingerprint.json" ]; then EXTEND+=("$d"); fi
     done
     if (( ${#EXTEND[@]} )); then EXTEND=(--extend-from "${EXTEND[@]}"); fi
@@ -95,3 +96,18 @@ $PY recipes/push_to_hub.py --model hpm_small_cnn.fmnist_hpm --training-config "$
     --natural-results "$OUT/eval_hpm_class_sorted_b32_$N_BATCHINGS/eval.json" \
     --poisoning-results "$OUT/poison_hpm_$N_BATCHINGS/eval.json" \
     --base-model timm-hpm/small_cnn.fmnist_pgdat --repo-id timm-hpm/hpm_small_cnn.fmnist_hpm --license apache-2.0 --dry-run
+# 6. the held-out design-space study (every candidate and its budget-matched control fine-tuned and scored on
+#    held-out training images, never the test set; about 8 hours of the 2 cores) and, at full strength on the test
+#    images, the candidates it ranked first: the shipped model on evaluation batches of 1,000 (hpm_eval_b1000) and
+#    the 1,500-step model (steps_1500, seed 0) under MSA, with its own budget-matched control under AutoAttack
+#    (the 150-step control is eval_control_$N_TEST above)
+$PY recipes/study.py --study recipes/configs/fashion_mnist_study.yaml --out "$OUT/study"
+reuse eval_hpm_msa4_b1000 "$OUT/eval_hpm_msa4_b1000_$N_TEST"
+$PY recipes/evaluate.py --model hpm_small_cnn.fmnist_hpm --protocol msa "${EVAL[@]}" --batch-size 1000 \
+    --batchings default --out "$OUT/eval_hpm_msa4_b1000_$N_TEST" "${EXTEND[@]}"
+reuse eval_study_steps_1500_msa4 "$OUT/eval_study_steps_1500_msa4_$N_TEST"
+$PY recipes/evaluate.py --model local-dir:runs/study/steps_1500/seed0/final --protocol msa "${EVAL[@]}" \
+    --batchings default --out "$OUT/eval_study_steps_1500_msa4_$N_TEST" "${EXTEND[@]}"
+reuse eval_study_control_1500 "$OUT/eval_study_control_1500_$N_TEST"
+$PY recipes/evaluate.py --model local-dir:runs/study/control_1500/seed0/final --protocol autoattack "${EVAL[@]}" \
+    --out "$OUT/eval_study_control_1500_$N_TEST" "${EXTEND[@]}"

@@ -3,10 +3,15 @@
     python recipes/study_table.py --n-test 1000 --n-sensitivity 500 --n-batchings 250                    # print
     python recipes/study_table.py --n-test 1000 --n-sensitivity 500 --n-batchings 250 --update README.md  # the README
     (``--hpm-run eval_hpm_msa4_1000``: the HPM figures from that run folder; ``--candidate-run NAME=FOLDER``: a
-    held-out study candidate evaluated at full strength on the same test images, a row and paired comparisons)
+    held-out study candidate evaluated at full strength on the same test images, a row and paired comparisons;
+    ``--candidate-control NAME=FOLDER``: the AutoAttack run of that candidate's own budget-matched control, when its
+    budget is not the main control's, read against it instead; ``--candidate-batchings NAME=FOLDER``: an MSA run of
+    that candidate's model on other batchings, for its per-batching line). The section ends with the command that
+    generated it (a test regenerates it from there).
 """
 import argparse
 import json
+import shlex
 from pathlib import Path
 from typing import Dict, NamedTuple, Optional
 
@@ -88,9 +93,11 @@ def batchings_table(run: dict, rel: Path, name: str, natural: dict = None, natur
     return out
 
 
-def _main_rows(base: dict, static: dict, hpm: dict, control: dict = None, candidates: dict = None) -> list:
+def _main_rows(base: dict, static: dict, hpm: dict, control: dict = None, candidates: dict = None,
+               controls: dict = None) -> list:
     """The main table's rows: the base, the control and the static l2 head under AutoAttack, HPM under MSA stage by
-    stage, and each held-out study candidate (``candidates``: name -> :class:`CandidateRun`) under MSA."""
+    stage, each held-out study candidate (``candidates``: name -> :class:`CandidateRun`) under MSA and the
+    candidates' own controls (``controls``: name -> :class:`CandidateRun`) under AutoAttack."""
     rows = []
     if base:
         rows.append(['base `small_cnn.fmnist_pgdat`', 'fc', 'AutoAttack (standard)', _pct(base['clean_acc']),
@@ -116,15 +123,19 @@ def _main_rows(base: dict, static: dict, hpm: dict, control: dict = None, candid
         rows.append([f"held-out study candidate `{name}`: `{run['name']}`, fixed batches of {run['batch_size']}",
                      'dynamic', f"**MSA, worst batching ({run['worst_batching']})**", _pct(run['clean_acc']),
                      f"**{_pct(run['msa_acc'])}**", f"`{run['command']}`"])
+    for name, run in ((name, c.result) for name, c in (controls or {}).items()):
+        rows.append([f"budget-matched control of `{name}`: `{run['name']}` (the base + PGD-AT with `{name}`'s budget)",
+                     'fc', 'AutoAttack (standard)', _pct(run['clean_acc']), _pct(run['autoattack_acc']),
+                     f"`{run['command']}`"])
     return rows
 
 
 def _paired_lines(results: Path, rel, n_test: int, base, static, hpm, control, hpm_run: str,
-                  candidates: dict = None) -> list:
+                  candidates: dict = None, controls: dict = None) -> list:
     """Paired comparisons on the same images (per-image results of the realised batches): HPM, the static l2 head
     and each held-out study candidate (``candidates``: name -> :class:`CandidateRun`) against the base
-    and against the budget-matched control, and the base against the control, with the exact sign test and the
-    paired 95% interval."""
+    and against the budget-matched control (a candidate's own one from ``controls`` where it has one), and the base
+    against each control, with the exact sign test and the paired 95% interval."""
     flags = {key: robust_flags(results / folder) if run else None
              for key, folder, run in (('base', f'eval_base_{n_test}', base), ('hpm', hpm_run, hpm),
                                       ('static', f'eval_static_{n_test}', static),
@@ -133,12 +144,20 @@ def _paired_lines(results: Path, rel, n_test: int, base, static, hpm, control, h
              'static': 'the static l2 head under AutoAttack', 'control': 'the control under AutoAttack'}
     short = {'base': 'the base', 'hpm': 'HPM', 'static': 'the static l2 head', 'control': 'the control'}
     pairs = [('base', 'hpm'), ('base', 'static'), ('control', 'hpm'), ('control', 'static')]
+    own_controls = []
     for name, run in (candidates or {}).items():
         flags[name] = run.flags
         names[name], short[name] = f'`{name}` under MSA', f'`{name}`'
-        pairs += [('base', name), ('control', name)]
+        against = 'control'
+        if name in (controls or {}):
+            against = f'control of {name}'
+            flags[against] = controls[name].flags
+            names[against] = f"`{name}`'s control under AutoAttack"
+            short[against] = f"`{name}`'s control"
+            own_controls.append((against, 'base'))
+        pairs += [('base', name), (against, name)]
     lines = []
-    for a, b in pairs + [('control', 'base')]:
+    for a, b in pairs + [('control', 'base')] + own_controls:
         if not (flags[a] and flags[b]):
             continue
         c = paired_comparison(flags[b], flags[a], names[a])
@@ -151,18 +170,47 @@ def _paired_lines(results: Path, rel, n_test: int, base, static, hpm, control, h
             + '; '.join(lines) + '.']
 
 
-def _candidate_batchings(results: Path, candidates: dict, hpm: dict, hpm_run: str, n: int) -> list:
-    """For each held-out study candidate that evaluates the HPM model of the main table at another batch size: its
-    realised figure on the first ``n`` test images next to every other batching of the same model measured there
-    (the main run, the per-batching run, the class-sorted run), the worst of them and the per-image union."""
-    sources = [(f'fixed batches of {hpm["batch_size"]} (`{hpm_run}`)', results / hpm_run, 'default')]
+def _model_fingerprint(results: Path, folder: str) -> Optional[str]:
+    """The evaluated model's fingerprint (weights and head options) of a run folder under ``results``."""
+    fp = _load(results / folder / 'attack' / 'fingerprint.json')
+    return fp and fp.get('model')
+
+
+def _batchings_of(results: Path, folder: str, candidate: CandidateRun) -> list:
+    """``(label, run folder, batching)`` for every batching of an MSA run folder under ``results`` of the same model
+    as ``candidate`` (another model, or MSA settings other than the candidate's, are refused: errors)."""
+    run = _load(results / folder / 'eval.json')
+    if run is None:
+        raise FileNotFoundError(f'no {results / folder / "eval.json"} (finish that run first)')
+    if _model_fingerprint(results, folder) != _model_fingerprint(results, candidate.folder):
+        raise ValueError(f'{folder} evaluated another model than {candidate.folder} (other weights or head options)')
+    differences = _msa_differences(run, candidate.result)
+    if differences:
+        raise ValueError(f'{folder} ran MSA with other settings than {candidate.folder}: {differences}')
+    labels = {'single': 'single, batches of 1', 'class_sorted': f"class-sorted, batches of {run['batch_size']}"}
+    return [(f"{labels.get(b, f'{b}, batches of ' + str(run['batch_size']))} (`{folder}`)", results / folder, b)
+            for b in run['batchings']]
+
+
+def _candidate_batchings(results: Path, candidates: dict, hpm: dict, hpm_run: str, n: int,
+                         candidate_batchings: dict = None) -> list:
+    """For each held-out study candidate with other batchings of its model measured on the first ``n`` test images:
+    its realised figure there next to each of them, the worst of them and the per-image union. A candidate that
+    evaluates the HPM model of the main table at another batch size gets that model's runs (the main run, the
+    per-batching run, the class-sorted run); ``candidate_batchings`` (name -> run folders under ``results``) adds
+    runs of a candidate's own model."""
+    shipped = [(f'fixed batches of {hpm["batch_size"]} (`{hpm_run}`)', results / hpm_run, 'default')] if hpm else []
     for batching in ('default', 'shuffled', 'single'):
-        sources.append((f'{batching} (`eval_hpm_batchings_{n}`)', results / f'eval_hpm_batchings_{n}', batching))
-    sources.append((f'class-sorted, batches of 32 (`eval_hpm_class_sorted_b32_{n}`)',
+        shipped.append((f'{batching} (`eval_hpm_batchings_{n}`)', results / f'eval_hpm_batchings_{n}', batching))
+    shipped.append((f'class-sorted, batches of 32 (`eval_hpm_class_sorted_b32_{n}`)',
                     results / f'eval_hpm_class_sorted_b32_{n}', 'class_sorted'))
     lines = []
-    for name, (_, run, flags) in candidates.items():
-        if hpm is None or run['name'] != hpm['name']:
+    for name, candidate in candidates.items():
+        _, run, flags = candidate
+        same_as_shipped = hpm is not None and run['name'] == hpm['name']
+        sources = (shipped if same_as_shipped else []) + [
+            s for folder in (candidate_batchings or {}).get(name, ()) for s in _batchings_of(results, folder, candidate)]
+        if not sources:
             continue
         found = [(f"fixed batches of {run['batch_size']} (this candidate)", flags)]
         found += [(label, robust_flags(folder, batching)) for label, folder, batching in sources]
@@ -174,20 +222,48 @@ def _candidate_batchings(results: Path, candidates: dict, hpm: dict, hpm_run: st
         union = sum(all(flags[i] for _, flags in found) for i in range(n)) / n
         worst = min(accs, key=lambda a: a[1])
         lines.append(f"Candidate `{name}` per batching on the first {n} test images (the same model; realised batches "
-                     'of each run, some with earlier MSA settings, see the per-batching table): '
+                     'of each run' + (', some with earlier MSA settings, see the per-batching table'
+                                      if same_as_shipped else '') + '): '
                      + '; '.join(f'{label} {_pct(acc)}' for label, acc in accs)
                      + f'. Worst batching: {worst[0]}, {_pct(worst[1])}; per-image union over these batchings '
                      f'{_pct(union)}.')
     return [''] + lines if lines else []
 
 
+def command_line(n_test: int, n_sensitivity: int = None, n_batchings: int = None, hpm_run: str = None,
+                 candidate_runs: dict = None, candidate_controls: dict = None, candidate_batchings: dict = None,
+                 results: Path = None) -> str:
+    """The ``recipes/study_table.py`` command that makes :func:`study_tables` with these arguments."""
+    args = ['--n-test', n_test]
+    for option, value in (('--results', results), ('--n-sensitivity', n_sensitivity),
+                          ('--n-batchings', n_batchings), ('--hpm-run', hpm_run)):
+        args += [option, value] if value is not None else []
+    for option, pairs in (('--candidate-run', candidate_runs), ('--candidate-control', candidate_controls)):
+        args += [a for name, folder in (pairs or {}).items() for a in (option, f'{name}={folder}')]
+    args += [a for name, folders in (candidate_batchings or {}).items() for folder in folders
+             for a in ('--candidate-batchings', f'{name}={folder}')]
+    return shlex.join(['python', 'recipes/study_table.py', *map(str, args)])
+
+
 def study_tables(results: Path, n_test: int, n_sensitivity: int = None, n_batchings: int = None,
-                 hpm_run: str = None, candidate_runs: dict = None) -> str:
+                 hpm_run: str = None, candidate_runs: dict = None, candidate_controls: dict = None,
+                 candidate_batchings: dict = None, command: str = None) -> str:
     """The tables; ``hpm_run``: the HPM model's MSA run folder under ``results`` (default ``eval_hpm_<n_test>``);
     ``candidate_runs``: the held-out study's best candidates at full strength on the same images, name -> run folder
-    under ``results``."""
+    under ``results``; ``candidate_controls``: name -> the AutoAttack run folder of a candidate's own budget-matched
+    control (a candidate without one is read against ``eval_control_<n_test>``); ``candidate_batchings``: name ->
+    MSA run folders of a candidate's model on other batchings of the first ``n_batchings`` images. ``command``: the
+    command line the last line names as the generator (default: :func:`command_line` of these arguments)."""
+    if command is None:
+        command = command_line(n_test, n_sensitivity, n_batchings, hpm_run, candidate_runs, candidate_controls,
+                               candidate_batchings)
     hpm_run = hpm_run or f'eval_hpm_{n_test}'
     candidates = load_candidate_runs(results, dict(candidate_runs or {}))
+    unknown = sorted((set(candidate_controls or {}) | set(candidate_batchings or {})) - set(candidates))
+    if unknown:
+        raise ValueError(f'controls or batchings for {unknown}, which are not candidates: pass --candidate-run '
+                         'NAME=FOLDER too')
+    controls = load_candidate_runs(results, dict(candidate_controls or {}))
     base = _load(results / f'eval_base_{n_test}' / 'eval.json')
     static = _load(results / f'eval_static_{n_test}' / 'eval.json')
     hpm = _load(results / hpm_run / 'eval.json')
@@ -202,14 +278,15 @@ def study_tables(results: Path, n_test: int, n_sensitivity: int = None, n_batchi
                 f"{(hpm or base or static)['batch_size']}. Results: `{rel}/eval_*_{n_test}/eval.json`"
                 + (f" (HPM: `{rel}/{hpm_run}/eval.json`)" if hpm_run != f'eval_hpm_{n_test}' else '')
                 + ''.join(f"; held-out study candidate `{name}`: `{rel}/{run.folder}/eval.json`"
-                          for name, run in candidates.items())
+                          + (f" (its budget-matched control: `{rel}/{controls[name].folder}/eval.json`)"
+                             if name in controls else '') for name, run in candidates.items())
                 + '. An MSA stage row is the best candidate batch that stage produced from the realised batch so '
                 'far; the worst case is the realised batch after all stages.', '']
         out.append(markdown_table(['model', 'head', 'attack', 'clean', 'robust', 'command'],
-                                  _main_rows(base, static, hpm, control, candidates), 'lllrrl'))
-    out += _paired_lines(results, rel, n_test, base, static, hpm, control, hpm_run, candidates)
+                                  _main_rows(base, static, hpm, control, candidates, controls), 'lllrrl'))
+    out += _paired_lines(results, rel, n_test, base, static, hpm, control, hpm_run, candidates, controls)
     if n_batchings:
-        out += _candidate_batchings(results, candidates, hpm, hpm_run, n_batchings)
+        out += _candidate_batchings(results, candidates, hpm, hpm_run, n_batchings, candidate_batchings)
     if batchings:
         natural_name = f'eval_hpm_class_sorted_b32_{n_batchings}'
         natural = _load(results / natural_name / 'eval.json') if (results / natural_name / 'eval.json').is_file() \
@@ -234,10 +311,11 @@ def study_tables(results: Path, n_test: int, n_sensitivity: int = None, n_batchi
         out += ['', f"Sensitivity of `{sens['model']}` (FC head vs static l2 head, same weights; first "
                 f"{sens['n_examples']} test images; {sens['robust_accuracy']['attack']}): `{sens['command']}`", '',
                 format_summary(sens)]
+    out += ['', f'Generated from the committed results by `{command}` (`--update README.md` rewrites this section).']
     return '\n'.join(out)
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--results', type=Path, default=ROOT / 'results' / 'fashion_mnist')
     parser.add_argument('--n-test', type=int, required=True)
@@ -247,16 +325,43 @@ def main():
     parser.add_argument('--hpm-run', help="the HPM model's MSA run folder under --results (default eval_hpm_<n-test>)")
     parser.add_argument('--candidate-run', action='append', default=[], metavar='NAME=FOLDER',
                         help="a held-out study candidate's full-strength MSA run folder under --results (repeatable)")
+    parser.add_argument('--candidate-control', action='append', default=[], metavar='NAME=FOLDER',
+                        help="the AutoAttack run folder of a --candidate-run's own budget-matched control (when its "
+                             "budget is not the main control's; repeatable)")
+    parser.add_argument('--candidate-batchings', action='append', default=[], metavar='NAME=FOLDER',
+                        help="an MSA run folder of a --candidate-run's model on other batchings of the first "
+                             "--n-batchings images (repeatable, also for one candidate)")
     parser.add_argument('--update', type=Path, help='rewrite the section between the markers in this file')
-    args = parser.parse_args()
-    candidates = {}
-    for item in args.candidate_run:
-        name, sep, folder = item.partition('=')
-        if not (sep and name and folder):
-            parser.error(f'--candidate-run {item!r}: expected NAME=FOLDER')
-        candidates[name] = folder
-    print_or_update(study_tables(args.results.resolve(), args.n_test, args.n_sensitivity, args.n_batchings,
-                                 args.hpm_run, candidates), args.update, 'fmnist-study')
+    return parser
+
+
+def tables_from_args(argv=None) -> tuple:
+    """``(tables, --update)`` for a command line of this recipe (the README section's last line names one)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    pairs = {}
+    for option in ('candidate_run', 'candidate_control', 'candidate_batchings'):
+        pairs[option] = {}
+        for item in getattr(args, option):
+            name, sep, folder = item.partition('=')
+            if not (sep and name and folder):
+                parser.error(f"--{option.replace('_', '-')} {item!r}: expected NAME=FOLDER")
+            if option == 'candidate_batchings':
+                pairs[option].setdefault(name, []).append(folder)
+            else:
+                pairs[option][name] = folder
+    results = args.results.resolve()
+    command = command_line(args.n_test, args.n_sensitivity, args.n_batchings, args.hpm_run, pairs['candidate_run'],
+                           pairs['candidate_control'], pairs['candidate_batchings'],
+                           None if results == (ROOT / 'results' / 'fashion_mnist').resolve() else args.results)
+    return study_tables(results, args.n_test, args.n_sensitivity, args.n_batchings, args.hpm_run,
+                        pairs['candidate_run'], pairs['candidate_control'], pairs['candidate_batchings'],
+                        command), args.update
+
+
+def main():
+    tables, update = tables_from_args()
+    print_or_update(tables, update, 'fmnist-study')
 
 
 if __name__ == '__main__':

@@ -1,6 +1,7 @@
 """The README's generated parts are in sync with what generates them."""
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -26,26 +27,21 @@ def test_quick_start_has_exactly_two_commands():
 
 
 def test_study_tables_match_the_committed_results():
-    """Every number of the Fashion-MNIST study in the README comes from the JSON in results/."""
+    """Every number of the Fashion-MNIST study in the README comes from the JSON in results/: the section is what
+    the command on its last line generates."""
     readme = (ROOT / 'README.md').read_text()
     section = re.search(r'<!-- fmnist-study:start -->\n(.*?)\n<!-- fmnist-study:end -->', readme, re.S).group(1)
-    n_test = int(re.search(r'the first (\d+) of the 10,000', section).group(1))
-    n_sens = int(re.search(r'static l2 head, same weights; first (\d+) test images', section).group(1))
-    n_batchings = re.search(r'MSA per batching .*?: the first (\d+) test images', section)
-    n_batchings = n_batchings and int(n_batchings.group(1))
-    hpm_run = re.search(r'\(HPM: `results/fashion_mnist/([^/`]+)/eval.json`\)', section)
-    hpm_run = hpm_run.group(1) if hpm_run else f'eval_hpm_{n_test}'
-    candidates = dict(re.findall(r'held-out study candidate `([^`]+)`: `results/fashion_mnist/([^/`]+)/eval.json`',
-                                 section))
-    tables = load_recipe('study_table').study_tables(ROOT / 'results' / 'fashion_mnist', n_test, n_sens,
-                                                     n_batchings, hpm_run, candidates)
-    assert section == tables, (f'run: python recipes/study_table.py --n-test {n_test} --n-sensitivity {n_sens} '
-                               f'--n-batchings {n_batchings} --hpm-run {hpm_run} '
-                               + ''.join(f'--candidate-run {k}={v} ' for k, v in candidates.items())
-                               + '--update README.md')
-    for name in ('eval_base', 'eval_static'):
+    command = re.search(r'Generated from the committed results by `python recipes/study_table\.py ([^`]*)`',
+                        section.splitlines()[-1])
+    assert command, 'the section must end with the command that generated it'
+    argv = shlex.split(command.group(1))
+    tables, update = load_recipe('study_table').tables_from_args(argv)
+    assert update is None
+    assert section == tables, f'run: python recipes/study_table.py {command.group(1)} --update README.md'
+    n_test = int(argv[argv.index('--n-test') + 1])
+    n_sens = int(argv[argv.index('--n-sensitivity') + 1])
+    for name in ('eval_base', 'eval_static', 'eval_control'):
         assert (ROOT / 'results' / 'fashion_mnist' / f'{name}_{n_test}' / 'eval.json').is_file(), name
-    assert (ROOT / 'results' / 'fashion_mnist' / hpm_run / 'eval.json').is_file(), hpm_run
     assert f'![sensitivity](results/fashion_mnist/sensitivity_{n_sens}/sensitivity.png)' in readme
 
 
@@ -142,3 +138,85 @@ def test_a_candidates_batchings_are_read_image_by_image(tmp_path):
     assert table._candidate_batchings(tmp_path, other, hpm, 'main', 4) == []  # another model gets no such line
     with pytest.raises(FileNotFoundError, match='finish that run first'):  # an unfinished run: no eval.json
         table.load_candidate_runs(tmp_path, {'b6': 'eval_hpm_batchings_4'})
+
+
+def test_a_candidate_is_read_against_its_own_control(tmp_path):
+    """A candidate with another budget than the main control (``--candidate-control``): its row, and its paired
+    lines against its own control and the base (and that control against the base), hand-counted; the main control
+    is then not its reference, and a control for a name that is not a candidate is refused."""
+    def run(folder, flags, **result):
+        units = tmp_path / folder / 'attack' / 'units'
+        units.mkdir(parents=True)
+        (units / 'default_000000.json').write_text(json.dumps({'indices': list(range(len(flags))),
+                                                               'realised': flags}))
+        (tmp_path / folder / 'eval.json').write_text(json.dumps(dict(result, command=f'evaluate {folder}')))
+    aa = dict(batch_size=4, clean_acc=1.0)
+    run('eval_base_4', [1, 1, 0, 0], autoattack_acc=0.5, name='base', **aa)
+    run('eval_control_4', [1, 1, 1, 1], autoattack_acc=1.0, name='control', **aa)
+    run('cand', [1, 1, 1, 0], msa_acc=0.75, name='hpm_m.long', worst_batching='default', **aa)
+    run('cand_control', [0, 1, 1, 0], autoattack_acc=0.5, name='m.long_control', **aa)
+    table = load_recipe('study_table')
+    text = table.study_tables(tmp_path, 4, candidate_runs={'long': 'cand'}, candidate_controls={'long': 'cand_control'})
+    assert ("held-out study candidate `long`: `" + str(tmp_path) + "/cand/eval.json` (its budget-matched control: `"
+            + str(tmp_path) + "/cand_control/eval.json`)") in text
+    assert ("| budget-matched control of `long`: `m.long_control` (the base + PGD-AT with `long`'s budget) | fc | "
+            "AutoAttack (standard) | 100.0% | 50.0% | `evaluate cand_control` |") in text
+    # candidate [1,1,1,0] vs its control [0,1,1,0]: 1 image only the candidate keeps, none only the control
+    assert ("`long` under MSA vs `long`'s control under AutoAttack: 0 images only `long`'s control keeps, 1 only "
+            "`long` keeps, difference +25.0 points") in text
+    assert "`long` under MSA vs the base under AutoAttack: 0 images only the base keeps, 1 only `long` keeps" in text
+    assert ("the base under AutoAttack vs `long`'s control under AutoAttack: 1 images only `long`'s control keeps, "
+            "1 only the base keeps, difference +0.0 points") in text
+    assert '`long` under MSA vs the control under AutoAttack' not in text  # not the main (other-budget) control
+    with pytest.raises(ValueError, match='not candidates'):
+        table.study_tables(tmp_path, 4, candidate_runs={'long': 'cand'}, candidate_controls={'short': 'cand_control'})
+
+
+def test_a_candidates_own_batchings_are_read_image_by_image(tmp_path):
+    """``--candidate-batchings``: MSA runs of a candidate's own model (not the main table's) on other batchings join
+    its per-batching line, hand-counted; a run of another model, or with other MSA settings, is refused."""
+    settings = {'protocol': 'msa', 'msa': {'eps': 0.1, 'apgd_iters': 100}}
+
+    def run(folder, flags_by_batching, batch_size, model='weights-a', **settings_change):
+        units = tmp_path / folder / 'attack' / 'units'
+        units.mkdir(parents=True)
+        for batching, flags in flags_by_batching.items():
+            (units / f'{batching}_000000.json').write_text(json.dumps({'indices': list(range(len(flags))),
+                                                                     'realised': flags}))
+        (tmp_path / folder / 'attack' / 'fingerprint.json').write_text(json.dumps({'model': model}))
+        run_settings = dict(settings, msa=dict(settings['msa'], **settings_change))
+        (tmp_path / folder / 'eval.json').write_text(json.dumps(
+            {'name': 'hpm_m.long', 'batch_size': batch_size, 'batchings': list(flags_by_batching),
+             'settings': run_settings}))
+    run('cand', {'default': [1, 1, 1, 0, 1, 1]}, 6)
+    run('single', {'single': [1, 0, 1, 1]}, 4)
+    run('sorted', {'class_sorted': [1, 1, 0, 0]}, 2)
+    run('other_model', {'single': [1, 1, 1, 1]}, 4, model='weights-b')
+    run('weaker', {'single': [1, 1, 1, 1]}, 4, apgd_iters=10)
+    table = load_recipe('study_table')
+    runs = table.load_candidate_runs(tmp_path, {'long': 'cand'})
+    lines = table._candidate_batchings(tmp_path, runs, None, 'main', 4, {'long': ['single', 'sorted']})
+    # first 4 images: candidate 3/4, single 3/4, class-sorted 2/4; robust in all three: image 0 only
+    assert lines == ['', 'Candidate `long` per batching on the first 4 test images (the same model; realised batches '
+                     'of each run): fixed batches of 6 (this candidate) 75.0%; single, batches of 1 (`single`) 75.0%; '
+                     'class-sorted, batches of 2 (`sorted`) 50.0%. Worst batching: class-sorted, batches of 2 '
+                     '(`sorted`), 50.0%; per-image union over these batchings 25.0%.']
+    assert table._candidate_batchings(tmp_path, runs, None, 'main', 4) == []  # no batchings of its model: no line
+    with pytest.raises(ValueError, match='another model'):
+        table._candidate_batchings(tmp_path, runs, None, 'main', 4, {'long': ['other_model']})
+    with pytest.raises(ValueError, match='other settings'):
+        table._candidate_batchings(tmp_path, runs, None, 'main', 4, {'long': ['weaker']})
+    with pytest.raises(ValueError, match='not candidates'):
+        table.study_tables(tmp_path, 4, candidate_runs={'long': 'cand'}, candidate_batchings={'short': ['single']})
+
+
+def test_the_study_table_command_line_round_trips():
+    """The command a section names parses back (tables_from_args) to the arguments that made it."""
+    table = load_recipe('study_table')
+    cmd = table.command_line(1000, 500, 250, 'eval_hpm_msa4_1000', {'a': 'run a'}, {'a': 'ctl'},
+                             {'a': ['s1', 's2']})
+    assert cmd == ("python recipes/study_table.py --n-test 1000 --n-sensitivity 500 --n-batchings 250 --hpm-run "
+                   "eval_hpm_msa4_1000 --candidate-run 'a=run a' --candidate-control a=ctl --candidate-batchings "
+                   "a=s1 --candidate-batchings a=s2")
+    args = table.build_parser().parse_args(shlex.split(cmd)[2:])
+    assert (args.candidate_run, args.candidate_batchings) == (['a=run a'], ['a=s1', 'a=s2'])
