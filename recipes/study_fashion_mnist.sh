@@ -100,7 +100,8 @@ $PY recipes/push_to_hub.py --model hpm_small_cnn.fmnist_hpm --training-config "$
 #    held-out training images, never the test set; about 8 hours of the 2 cores) and, at full strength on the test
 #    images, the candidates it ranked first: the shipped model on evaluation batches of 1,000 (hpm_eval_b1000) and
 #    the 1,500-step model (steps_1500, seed 0) under MSA, with its own budget-matched control under AutoAttack
-#    (the 150-step control is eval_control_$N_TEST above)
+#    (the 150-step control is eval_control_$N_TEST above); the 1,500-step model also on batches of one and
+#    class-sorted batches of 32 (the worst natural batching of the shipped model) on the first N_BATCHINGS images
 $PY recipes/study.py --study recipes/configs/fashion_mnist_study.yaml --out "$OUT/study"
 reuse eval_hpm_msa4_b1000 "$OUT/eval_hpm_msa4_b1000_$N_TEST"
 $PY recipes/evaluate.py --model hpm_small_cnn.fmnist_hpm --protocol msa "${EVAL[@]}" --batch-size 1000 \
@@ -111,3 +112,8 @@ $PY recipes/evaluate.py --model local-dir:runs/study/steps_1500/seed0/final --pr
 reuse eval_study_control_1500 "$OUT/eval_study_control_1500_$N_TEST"
 $PY recipes/evaluate.py --model local-dir:runs/study/control_1500/seed0/final --protocol autoattack "${EVAL[@]}" \
     --out "$OUT/eval_study_control_1500_$N_TEST" "${EXTEND[@]}"
+$PY recipes/evaluate.py --model local-dir:runs/study/steps_1500/seed0/final --protocol msa "${COMMON[@]}" \
+    --n-examples "$N_BATCHINGS" --batchings single --out "$OUT/eval_study_steps_1500_single_$N_BATCHINGS"
+$PY recipes/evaluate.py --model local-dir:runs/study/steps_1500/seed0/final --protocol msa --dataset fashion_mnist \
+    --eps 0.1 --batch-size 32 --device cpu --n-examples "$N_BATCHINGS" --batchings class_sorted \
+    --out "$OUT/eval_study_steps_1500_class_sorted_b32_$N_BATCHINGS"
