@@ -182,7 +182,11 @@ def _batchings_of(results: Path, folder: str, candidate: CandidateRun) -> list:
     run = _load(results / folder / 'eval.json')
     if run is None:
         raise FileNotFoundError(f'no {results / folder / "eval.json"} (finish that run first)')
-    if _model_fingerprint(results, folder) != _model_fingerprint(results, candidate.folder):
+    fingerprints = _model_fingerprint(results, folder), _model_fingerprint(results, candidate.folder)
+    if None in fingerprints:
+        raise ValueError(f'{folder} or {candidate.folder} has no attack/fingerprint.json: which model each evaluated '
+                         'cannot be told (resume the run once with this version to write one)')
+    if fingerprints[0] != fingerprints[1]:
         raise ValueError(f'{folder} evaluated another model than {candidate.folder} (other weights or head options)')
     differences = _msa_differences(run, candidate.result)
     if differences:
