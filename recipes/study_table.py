@@ -21,6 +21,7 @@ from timm_hpm.eval import robust_flags, stage_label, stage_order
 from timm_hpm.report import markdown_table, print_or_update, tuning_table
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / 'results' / 'fashion_mnist'
 
 
 def _pct(v) -> str:
@@ -251,16 +252,16 @@ def command_line(n_test: int, n_sensitivity: int = None, n_batchings: int = None
 
 def study_tables(results: Path, n_test: int, n_sensitivity: int = None, n_batchings: int = None,
                  hpm_run: str = None, candidate_runs: dict = None, candidate_controls: dict = None,
-                 candidate_batchings: dict = None, command: str = None) -> str:
+                 candidate_batchings: dict = None) -> str:
     """The tables; ``hpm_run``: the HPM model's MSA run folder under ``results`` (default ``eval_hpm_<n_test>``);
     ``candidate_runs``: the held-out study's best candidates at full strength on the same images, name -> run folder
     under ``results``; ``candidate_controls``: name -> the AutoAttack run folder of a candidate's own budget-matched
     control (a candidate without one is read against ``eval_control_<n_test>``); ``candidate_batchings``: name ->
-    MSA run folders of a candidate's model on other batchings of the first ``n_batchings`` images. ``command``: the
-    command line the last line names as the generator (default: :func:`command_line` of these arguments)."""
-    if command is None:
-        command = command_line(n_test, n_sensitivity, n_batchings, hpm_run, candidate_runs, candidate_controls,
-                               candidate_batchings)
+    MSA run folders of a candidate's model on other batchings of the first ``n_batchings`` images. The last line
+    names the :func:`command_line` of these arguments."""
+    rel = results.relative_to(ROOT) if results.is_relative_to(ROOT) else results
+    command = command_line(n_test, n_sensitivity, n_batchings, hpm_run, candidate_runs, candidate_controls,
+                           candidate_batchings, None if results == RESULTS else rel)
     hpm_run = hpm_run or f'eval_hpm_{n_test}'
     candidates = load_candidate_runs(results, dict(candidate_runs or {}))
     unknown = sorted((set(candidate_controls or {}) | set(candidate_batchings or {})) - set(candidates))
@@ -276,7 +277,6 @@ def study_tables(results: Path, n_test: int, n_sensitivity: int = None, n_batchi
     sens = _load(results / f'sensitivity_{n_sensitivity or n_test}' / 'sensitivity.json')
     batchings = _load(results / f'eval_hpm_batchings_{n_batchings}' / 'eval.json') if n_batchings else None
     out = []
-    rel = results.relative_to(ROOT) if results.is_relative_to(ROOT) else results
     if base or static or hpm:
         out += [f'Test set: the first {n_test} of the 10,000 Fashion-MNIST test images, Linf eps 0.1, fixed batches of '
                 f"{(hpm or base or static)['batch_size']}. Results: `{rel}/eval_*_{n_test}/eval.json`"
@@ -321,7 +321,7 @@ def study_tables(results: Path, n_test: int, n_sensitivity: int = None, n_batchi
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--results', type=Path, default=ROOT / 'results' / 'fashion_mnist')
+    parser.add_argument('--results', type=Path, default=RESULTS)
     parser.add_argument('--n-test', type=int, required=True)
     parser.add_argument('--n-sensitivity', type=int, help='test images of the sensitivity run (default: --n-test)')
     parser.add_argument('--n-batchings', type=int,
@@ -354,13 +354,8 @@ def tables_from_args(argv=None) -> tuple:
                 pairs[option].setdefault(name, []).append(folder)
             else:
                 pairs[option][name] = folder
-    results = args.results.resolve()
-    command = command_line(args.n_test, args.n_sensitivity, args.n_batchings, args.hpm_run, pairs['candidate_run'],
-                           pairs['candidate_control'], pairs['candidate_batchings'],
-                           None if results == (ROOT / 'results' / 'fashion_mnist').resolve() else args.results)
-    return study_tables(results, args.n_test, args.n_sensitivity, args.n_batchings, args.hpm_run,
-                        pairs['candidate_run'], pairs['candidate_control'], pairs['candidate_batchings'],
-                        command), args.update
+    return study_tables(args.results.resolve(), args.n_test, args.n_sensitivity, args.n_batchings, args.hpm_run,
+                        pairs['candidate_run'], pairs['candidate_control'], pairs['candidate_batchings']), args.update
 
 
 def main():
