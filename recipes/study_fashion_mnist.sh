@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The Fashion-MNIST study, every step in order (each resumable: rerun after an interruption).
-#   bash recipes/study_fashion_mnist.sh                 # first 1000 test images (what the README reports; sensitivity: 500)
+#   bash recipes/study_fashion_mnist.sh                 # first 1000 test images (what studies/fashion_mnist/README.md reports; sensitivity: 500)
 #   N_TEST=10000 bash recipes/study_fashion_mnist.sh    # the full test set (~40 core-hours of attacks on this CPU)
 # A larger N_TEST reuses the finished batches of the smaller runs in $OUT (evaluate.py --extend-from).
 # Some committed runs in results/fashion_mnist were made with earlier MSA defaults (their settings.json says which;

@@ -1,7 +1,8 @@
-"""The README's Fashion-MNIST study tables, generated from the committed JSON results (never typed by hand).
+"""The Fashion-MNIST study's tables (studies/fashion_mnist/README.md), from the committed JSON results, never typed.
 
     python recipes/study_table.py --n-test 1000 --n-sensitivity 500 --n-batchings 250                    # print
-    python recipes/study_table.py --n-test 1000 --n-sensitivity 500 --n-batchings 250 --update README.md  # the README
+    python recipes/study_table.py --n-test 1000 --n-sensitivity 500 --n-batchings 250 \
+        --update studies/fashion_mnist/README.md  # the study's README
     (``--hpm-run eval_hpm_msa4_1000``: the HPM figures from that run folder; ``--candidate-run NAME=FOLDER``: a
     held-out study candidate evaluated at full strength on the same test images, a row and paired comparisons;
     ``--candidate-control NAME=FOLDER``: the AutoAttack run of that candidate's own budget-matched control, when its
@@ -315,7 +316,8 @@ def study_tables(results: Path, n_test: int, n_sensitivity: int = None, n_batchi
         out += ['', f"Sensitivity of `{sens['model']}` (FC head vs static l2 head, same weights; first "
                 f"{sens['n_examples']} test images; {sens['robust_accuracy']['attack']}): `{sens['command']}`", '',
                 format_summary(sens)]
-    out += ['', f'Generated from the committed results by `{command}` (`--update README.md` rewrites this section).']
+    out += ['', f'Generated from the committed results by `{command}` (`--update studies/fashion_mnist/README.md` '
+                'rewrites this section).']
     return '\n'.join(out)
 
 

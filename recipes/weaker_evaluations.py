@@ -3,7 +3,7 @@ reports, beside MSA's, from two finished runs on the same images and batches (``
 
     python recipes/weaker_evaluations.py --msa results/fashion_mnist/eval_hpm_msa4_250 \\
         --paper results/fashion_mnist/eval_hpm_paper_250                      # print
-    python recipes/weaker_evaluations.py ... --update README.md               # the README's generated section
+    python recipes/weaker_evaluations.py ... --update studies/fashion_mnist/README.md  # the study's generated section
 
 The paper-protocol run is ``recipes/evaluate.py`` with ``--surrogate-autoattack --no-surrogate-apgd --no-cascade
 --combine-rounds 0 --no-score-iterates`` (AutoAttack on the target and on each surrogate view,

@@ -1,4 +1,5 @@
-"""The README's generated parts are in sync with what generates them."""
+"""The README's (and the study README's) generated parts are in sync with what generates them; the README stays
+short, with the verdict, install and use first, and its links resolve."""
 import json
 import re
 import shlex
@@ -9,6 +10,7 @@ from _recipes import load_recipe
 from conftest import needs_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
+STUDY = ROOT / 'studies' / 'fashion_mnist' / 'README.md'
 
 
 def test_model_table_matches_registry():
@@ -16,6 +18,31 @@ def test_model_table_matches_registry():
     readme = (ROOT / 'README.md').read_text()
     section = re.search(r'<!-- model-table:start -->\n(.*?)\n<!-- model-table:end -->', readme, re.S).group(1)
     assert section == table, 'run: python recipes/model_table.py --update README.md'
+
+
+def test_readme_is_short_with_the_verdict_install_and_use_first():
+    """A timm user reads the verdict, how to install and how to use it in the first screen; the study, the benchmarks
+    and the details live in their own documents."""
+    lines = (ROOT / 'README.md').read_text().splitlines()
+    assert len(lines) <= 350
+    first = lines[:60]
+    for heading in ('## The verdict', '## Quick start', '## Install', '## Use'):
+        assert heading in first, heading
+    text = '\n'.join(lines)
+    for word in ('MSA v', 'the issue', 'issue #'):  # no project history in the user's README
+        assert word not in text, word
+
+
+@pytest.mark.parametrize('doc', ['README.md', 'studies/fashion_mnist/README.md', 'docs/evaluation.md',
+                                 'docs/finetuning.md', 'docs/hub.md', 'docs/timm.md', 'docs/benchmarks.md',
+                                 'docs/method.md', 'CONTRIBUTING.md'])
+def test_relative_links_resolve(doc):
+    """Every relative link and image of the documents points at a file of the repository."""
+    path = ROOT / doc
+    targets = re.findall(r'\]\(([^)#\s]+)(?:#[^)]*)?\)', path.read_text())
+    local = [t for t in targets if not re.match(r'[a-z]+:', t)]
+    missing = [t for t in local if not (path.parent / t).exists()]
+    assert not missing, f'{doc}: links to missing files {missing}'
 
 
 def test_quick_start_has_exactly_two_commands():
@@ -27,9 +54,9 @@ def test_quick_start_has_exactly_two_commands():
 
 
 def test_study_tables_match_the_committed_results():
-    """Every number of the Fashion-MNIST study in the README comes from the JSON in results/: the section is what
+    """Every number of the Fashion-MNIST study in its README comes from the JSON in results/: the section is what
     the command on its last line generates."""
-    readme = (ROOT / 'README.md').read_text()
+    readme = STUDY.read_text()
     section = re.search(r'<!-- fmnist-study:start -->\n(.*?)\n<!-- fmnist-study:end -->', readme, re.S).group(1)
     command = re.search(r'Generated from the committed results by `python recipes/study_table\.py ([^`]*)`',
                         section.splitlines()[-1])
@@ -37,12 +64,12 @@ def test_study_tables_match_the_committed_results():
     argv = shlex.split(command.group(1))
     tables, update = load_recipe('study_table').tables_from_args(argv)
     assert update is None
-    assert section == tables, f'run: python recipes/study_table.py {command.group(1)} --update README.md'
+    assert section == tables, f'run: python recipes/study_table.py {command.group(1)} --update studies/fashion_mnist/README.md'
     n_test = int(argv[argv.index('--n-test') + 1])
     n_sens = int(argv[argv.index('--n-sensitivity') + 1])
     for name in ('eval_base', 'eval_static', 'eval_control'):
         assert (ROOT / 'results' / 'fashion_mnist' / f'{name}_{n_test}' / 'eval.json').is_file(), name
-    assert f'![sensitivity](results/fashion_mnist/sensitivity_{n_sens}/sensitivity.png)' in readme
+    assert f'![sensitivity](../../results/fashion_mnist/sensitivity_{n_sens}/sensitivity.png)' in readme
 
 
 def test_paired_comparison_against_the_exact_sign_test():
@@ -91,14 +118,14 @@ def test_the_msa_snippet_runs_as_written():
 
 
 def test_the_heldout_study_table_is_the_committed_study():
-    readme = (ROOT / 'README.md').read_text()
+    readme = STUDY.read_text()
     section = re.search(r'<!-- heldout-study:start -->\n(.*?)\n<!-- heldout-study:end -->', readme, re.S).group(1)
     study = ROOT / 'results' / 'fashion_mnist' / 'study'
     assert section == (study / 'study.md').read_text().strip()
     rows = json.loads((study / 'study.json').read_text())['rows']
     table = [line for line in section.splitlines() if line.startswith('|')]
     assert [line.split(' | ')[0].lstrip('| ') for line in table[2:]] == [r['name'] for r in rows]
-    assert '![held-out study](results/fashion_mnist/study/study.png)' in readme
+    assert '![held-out study](../../results/fashion_mnist/study/study.png)' in readme
     assert (study / 'study.png').stat().st_size > 0
 
 
