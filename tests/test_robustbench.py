@@ -1,6 +1,7 @@
 """RobustBench base checkpoints, offline: RobustBench's folder layout, DataParallel prefixes and nesting, strict
 loading, refusal of pickles that run code, wrong architectures, and a clear error when the file is missing
 and the host unreachable."""
+from pathlib import Path
 import os
 
 import pytest
@@ -176,7 +177,48 @@ def test_missing_checkpoint_offline_is_a_clear_error_within_seconds(tmp_path, mo
 
 def test_model_info_has_robustbench_fields():
     result = {'dataset': 'cifar10', 'architecture': 'hpm_wrn28_10', 'eps': 8 / 255, 'clean_acc': 0.9,
-              'autoattack_acc': 0.7, 'msa_acc': 0.65, 'batchings': {'default': {}}, 'n_examples': 1000}
+              'autoattack_acc': 0.7, 'msa_acc': 0.65, 'msa_union_acc': 0.6, 'batchings': {'default': {}},
+              'n_examples': 1000, 'protocol': 'msa', 'hpm_mode': 'dynamic', 'batch_size': 250,
+              'settings': {'protocol': 'msa', 'msa': {'apgd_iters': 100, 'autoattack_iters': None}}}
     info = rb.model_info(result, 'HPM WRN-28-10', base='Wang2023Better_WRN-28-10')
-    assert info['clean_acc'] == '90.00' and info['autoattack_acc'] == '70.00' and info['msa_acc'] == '65.00'
-    assert 'Wang2023Better_WRN-28-10' in info['footnote']
+    # RobustBench ranks by autoattack_acc: it carries the worst case measured (MSA), AutoAttack on the target apart
+    assert info['clean_acc'] == '90.00' and info['autoattack_acc'] == '65.00' and info['msa_acc'] == '65.00'
+    assert info['autoattack_target_acc'] == '70.00' and info['msa_union_acc'] == '60.00'
+    assert info['unreliable'] is False and 'Wang2023Better_WRN-28-10' in info['footnote']
+
+
+def test_model_info_flags_a_reduced_budget_as_unreliable():
+    settings = {'protocol': 'msa', 'msa': {'apgd_iters': 20, 'autoattack_iters': 20, 'square_queries': 300,
+                                           'combine_rounds': 0, 'surrogates': ['fc', 'dynamic']}}
+    result = {'clean_acc': 0.9, 'autoattack_acc': 0.7, 'msa_acc': 0.65, 'protocol': 'msa', 'hpm_mode': 'dynamic',
+              'settings': settings}
+    reduced = rb.reduced_budget(result)
+    assert reduced == ['AutoAttack APGD/FAB iterations 20 (standard: 100)', 'Square queries 300 (standard: 5000)',
+                       'apgd_iters 20 (full: 100)', 'combine_rounds 0 (full: 3)',
+                       "surrogate views left out: ['static', 'soft']"]
+    info = rb.model_info(result, 'm')
+    assert info['unreliable'] is True and info['footnote'].endswith('combine_rounds 0 (full: 3), surrogate views '
+                                                                     "left out: ['static', 'soft'].")
+    # standard AutoAttack on a batch-independent model: its own figure, reliable
+    aa = {'clean_acc': 0.8, 'autoattack_acc': 0.7, 'protocol': 'autoattack', 'hpm_mode': None,
+          'settings': {'protocol': 'autoattack', 'msa': {'autoattack_version': 'standard'}}}
+    info = rb.model_info(aa, 'base')
+    assert (info['autoattack_acc'], info['msa_acc'], info['unreliable']) == ('70.00', None, False)
+    assert 'Batch-dependent' not in info['footnote']
+    # AutoAttack alone on a batch-dependent head is never a reliable figure for it
+    assert rb.model_info(dict(aa, hpm_mode='dynamic'), 'hpm')['unreliable'] is True
+
+
+def test_committed_model_info_carries_the_worst_case():
+    """The shipped HPM model's RobustBench export ranks it by MSA's worst case (68.2%), not AutoAttack on the
+    target (71.3%); every committed model_info.json is what recipes/model_info.py makes of its eval.json."""
+    import json
+    root = Path(__file__).resolve().parents[1] / 'results'
+    info = json.loads((root / 'fashion_mnist' / 'eval_hpm_msa4_1000' / 'model_info.json').read_text())
+    assert (info['autoattack_acc'], info['autoattack_target_acc'], info['unreliable']) == ('68.20', '71.30', False)
+    paths = sorted(root.rglob('model_info.json'))
+    assert paths
+    for path in paths:
+        result = json.loads((path.parent / 'eval.json').read_text())
+        assert json.loads(path.read_text()) == rb.model_info(result, result['name']), \
+            f'run: python recipes/model_info.py {path.parent / "eval.json"}'

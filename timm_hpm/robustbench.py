@@ -23,7 +23,7 @@ from .robustbench_table import ROBUSTBENCH_MODELS, RobustBenchEntry
 
 __all__ = ['RobustBenchEntry', 'ROBUSTBENCH_MODELS', 'get_entry', 'checkpoint_path', 'read_checkpoint',
            'load_robustbench_model', 'download_checkpoint', 'robustbench_available', 'load_with_robustbench',
-           'model_info', 'CheckpointError']
+           'model_info', 'reduced_budget', 'CheckpointError']
 
 DEFAULT_MODEL_DIR = os.environ.get('ROBUSTBENCH_MODEL_DIR', './models')
 
@@ -154,8 +154,72 @@ def load_with_robustbench(name: str, dataset: str, threat_model: str, model_dir:
     return load_model(model_name=name, model_dir=str(model_dir), dataset=dataset, threat_model=threat_model)
 
 
+#: MSA's full-strength budget (MSAConfig's defaults): a run with any of these lower is a reduced-budget run.
+_FULL_MSA = dict(apgd_iters=100, n_target_classes=3, target_n_target_classes=9, combine_rounds=3)
+_FULL_MSA_SWITCHES = ('score_iterates', 'surrogate_apgd', 'autoattack')
+_HEAD_VIEWS = ('fc', 'static', 'soft', 'dynamic')
+
+
+def reduced_budget(result: dict) -> list:
+    """What ran below full strength in an evaluation (recipes/evaluate.py's eval.json): AutoAttack other than the
+    standard cascade at its own iterations and queries, and for MSA any budget below its defaults (fewer APGD
+    iterations, targets or combination rounds, a stage switched off, a head view left out). Empty: full strength."""
+    settings = result.get('settings') or {}
+    msa = settings.get('msa') or {}
+    protocol = result.get('protocol') or settings.get('protocol')
+    out = []
+    if msa.get('autoattack', True) and (msa.get('autoattack_version', 'standard') != 'standard'
+                                        or msa.get('autoattack_attacks')):
+        out.append(f"AutoAttack version {msa.get('autoattack_version')!r} (attacks {msa.get('autoattack_attacks')})")
+    if msa.get('autoattack_iters') is not None:
+        out.append(f"AutoAttack APGD/FAB iterations {msa['autoattack_iters']} (standard: 100)")
+    if msa.get('square_queries') is not None:
+        out.append(f"Square queries {msa['square_queries']} (standard: 5000)")
+    if protocol == 'msa':
+        for key, full in _FULL_MSA.items():
+            if key in msa and msa[key] < full:
+                out.append(f'{key} {msa[key]} (full: {full})')
+        out += [f'{key} off' for key in _FULL_MSA_SWITCHES if msa.get(key, True) is False]
+        missing = [v for v in _HEAD_VIEWS if v not in msa.get('surrogates', _HEAD_VIEWS)]
+        if missing and result.get('hpm_mode') not in (None, 'fc', 'static'):
+            out.append(f'surrogate views left out: {missing}')
+    return out
+
+
 def model_info(result: dict, name: str, paper: str = 'arXiv:2606.01746', base: Optional[str] = None) -> dict:
-    """A RobustBench ``model_info`` JSON entry for an evaluated model (from recipes/evaluate.py's result)."""
+    """A RobustBench ``model_info`` JSON entry for an evaluated model (from recipes/evaluate.py's result).
+
+    RobustBench ranks by ``autoattack_acc``, so that field holds the worst case the evaluation measured: for a
+    batch-dependent model evaluated with MSA (``--protocol msa``) the realised MSA figure (the worst batching), which
+    is at most AutoAttack's on the same fixed batches; AutoAttack on the target alone goes into
+    ``autoattack_target_acc`` and the per-sample union bound into ``msa_union_acc``. ``unreliable`` is true when any
+    attack ran below full strength (:func:`reduced_budget`), and the footnote names what ran, on which batchings,
+    and what was reduced."""
+    def pct(v):
+        return f'{100 * v:.2f}' if v is not None else None
+
+    protocol = result.get('protocol') or (result.get('settings') or {}).get('protocol')
+    msa = protocol == 'msa' and result.get('msa_acc') is not None
+    worst = result['msa_acc'] if msa else result.get('autoattack_acc')
+    reduced = reduced_budget(result)
+    batchings = list(result.get('batchings') or {})
+    n = result.get('n_examples')
+    if msa:
+        footnote = (f'Batch-dependent model (HPM head, mode {result.get("hpm_mode") or "dynamic"}): autoattack_acc is '
+                    f'the worst case of the Mixed Surrogate Attack (AutoAttack on the target and whole-batch APGD '
+                    f'through its surrogates, a realised adversarial batch scored whole) over the fixed batchings '
+                    f'{batchings} of {result.get("batch_size")} images, on the first {n} test examples; AutoAttack on '
+                    f'the target alone, re-scored on the same batches: {pct(result.get("autoattack_acc"))}%; per-sample '
+                    f'union of every candidate (a bound, not one batch): {pct(result.get("msa_union_acc"))}%')
+    else:
+        footnote = f'Standard AutoAttack on the first {n} test examples'
+        if result.get('hpm_mode') in ('dynamic', 'soft'):
+            footnote += (f' of a batch-dependent head (mode {result["hpm_mode"]}): not a valid robustness figure for '
+                         'it; evaluate with --protocol msa')
+    if base:
+        footnote += f'; base model {base}'
+    if reduced:
+        footnote += '; reduced attack budget: ' + ', '.join(reduced)
     return {
         'link': f'https://arxiv.org/abs/{paper.split(":", 1)[-1]}' if paper.startswith('arXiv:') else paper,
         'name': name,
@@ -166,12 +230,12 @@ def model_info(result: dict, name: str, paper: str = 'arXiv:2606.01746', base: O
         'venue': 'arXiv, 2026',
         'architecture': result.get('architecture'),
         'eps': str(result.get('eps')),
-        'clean_acc': f"{100 * result['clean_acc']:.2f}",
+        'clean_acc': pct(result['clean_acc']),
         'reported': 'unknown',
-        'autoattack_acc': f"{100 * result['autoattack_acc']:.2f}" if result.get('autoattack_acc') is not None else None,
-        'msa_acc': f"{100 * result['msa_acc']:.2f}" if result.get('msa_acc') is not None else None,
-        'footnote': ('Batch-dependent (dynamic HPM) model: robust accuracy is the Mixed Surrogate Attack worst case '
-                     f"over batchings {list(result.get('batchings', {}))}, on {result.get('n_examples')} examples"
-                     + (f'; base model {base}' if base else '') + '.'),
-        'unreliable': False,
+        'autoattack_acc': pct(worst),
+        'autoattack_target_acc': pct(result.get('autoattack_acc')) if msa else None,
+        'msa_acc': pct(result.get('msa_acc')) if msa else None,
+        'msa_union_acc': pct(result.get('msa_union_acc')) if msa else None,
+        'footnote': footnote + '.',
+        'unreliable': bool(reduced) or result.get('hpm_mode') in ('dynamic', 'soft') and not msa,
     }
