@@ -22,6 +22,8 @@ from timm_hpm.models.timm_families import HPM_TIMM_FAMILIES
 from _zoo import ALL_MODELS, HPM_MODELS, SHIPPED_TAGS, TOKEN_MODELS, reduced_kwargs
 
 SPATIAL_MODELS = [m for m in ALL_MODELS if m not in TOKEN_MODELS]
+# every registered model.tag (timm's own tests/test_models.py runs its cfg tests over every tag, not only the defaults)
+SPATIAL_TAGS = [name for name in timm.list_models(include_tags=True) if name.split('.')[0] in SPATIAL_MODELS]
 
 
 def _create(name, **kwargs):
@@ -68,6 +70,22 @@ def test_default_cfg_names_real_modules_and_sizes(name):
             assert tuple(features.shape[i] for i in get_spatial_dim(fmt)) == tuple(cfg['pool_size'])
         model.reset_classifier(0)
         assert model.num_classes == 0 and model(x).shape == (1, model.head_hidden_size)
+
+
+@pytest.mark.parametrize('name_tag', SPATIAL_TAGS)
+def test_every_tag_pool_size_is_the_unpooled_feature_map_at_its_input_size(name_tag):
+    """timm's test_model_default_cfgs over every tag: a tag's pool_size is what forward_features gives at its
+    input_size (hpm_resnet50.rb_wong2020fast_imagenet: 288 -> 9x9, where the base's 224 gives 7x7)."""
+    name = name_tag.split('.')[0]
+    model = timm.create_model(name_tag, **reduced_kwargs(name)).eval()
+    cfg = model.pretrained_cfg
+    assert (cfg.get('tag') or '') == name_tag.partition('.')[2]  # the tag's own cfg
+    torch.manual_seed(0)
+    with torch.no_grad():
+        features = model.forward_features(torch.rand(1, *cfg['input_size']))
+    fmt = getattr(model, 'output_fmt', 'NCHW')
+    assert tuple(features.shape[i] for i in get_spatial_dim(fmt)) == tuple(cfg['pool_size'])
+    assert features.shape[get_channel_dim(fmt)] == model.num_features
 
 
 @pytest.mark.parametrize('name', SPATIAL_MODELS)

@@ -9,7 +9,7 @@ State-dict keys and shapes equal RobustBench's ``DMPreActResNet``: a RobustBench
 images in [0, 1]; the per-dataset mean/std normalisation happens inside, in non-persistent buffers (a model
 argument, set per pretrained tag, not a checkpoint entry).
 """
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,7 @@ from timm.models import register_model
 from ._builder import build_family, family_cfgs
 from ._common import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, block_stack, check_image_size,
                       cifar_cfg, FamilyHeadMixin, image_size_or_none)
+from ._conventions import checkpoint_blocks, GradCheckpointingMixin, MATCH_PREV_GROUP
 
 __all__ = ['DMPreActResNet']
 
@@ -55,7 +56,7 @@ class DMPreActBlock(nn.Module):
         return out + shortcut
 
 
-class DMPreActResNet(FamilyHeadMixin, nn.Module):
+class DMPreActResNet(GradCheckpointingMixin, FamilyHeadMixin, nn.Module):
     """PreActResNet, DeepMind style (SiLU/Swish, 'SAME' padding, normalisation inside).
 
     Args:
@@ -95,6 +96,7 @@ class DMPreActResNet(FamilyHeadMixin, nn.Module):
         self.img_size = image_size_or_none(img_size)
         self.padding = padding
         self.drop_rate = drop_rate
+        self.grad_checkpointing = False
         self.num_features = self.head_hidden_size = widths[-1]
         self.register_buffer('mean', torch.as_tensor(mean, dtype=torch.float32).expand(in_chans).reshape(
             in_chans, 1, 1).clone(), persistent=False)
@@ -124,9 +126,20 @@ class DMPreActResNet(FamilyHeadMixin, nn.Module):
     def prune_norm(self) -> None:
         self.batchnorm, self.relu = nn.Identity(), nn.Identity()
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """timm's parameter groups (layer-wise LR decay): the stem, then each block (``coarse``: each stage), the
+        final norm with the last of them; the classifier is left to timm's last group."""
+        blocks = r'^layer_(\d+)\.' if coarse else r'^layer_(\d+)\.(\d+)\.'
+        return dict(stem=r'^conv_2d\.', blocks=[(blocks, None), (r'^batchnorm\.', MATCH_PREV_GROUP)])
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_stem(x)
-        return self.forward_norm(self.layer_3(self.layer_2(self.layer_1(self.layer_0(x)))))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_blocks([self.layer_0, self.layer_1, self.layer_2, self.layer_3], x)
+        else:
+            x = self.layer_3(self.layer_2(self.layer_1(self.layer_0(x))))
+        return self.forward_norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)

@@ -4,7 +4,7 @@ State-dict keys and shapes equal RobustBench's ``PreActResNet(PreActBlock, [2, 2
 Andriushchenko2020Understanding entry). Also the small model of the CPU studies (``in_chans=1``,
 ``img_size=28`` for Fashion-MNIST).
 """
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -14,6 +14,7 @@ from timm.models import generate_default_cfgs, register_model
 
 from ._builder import build_family
 from ._common import block_stack, check_image_size, cifar_cfg, FamilyHeadMixin, image_size_or_none
+from ._conventions import checkpoint_blocks, GradCheckpointingMixin, MATCH_PREV_GROUP
 
 __all__ = ['PreActResNet']
 
@@ -40,7 +41,7 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
-class PreActResNet(FamilyHeadMixin, nn.Module):
+class PreActResNet(GradCheckpointingMixin, FamilyHeadMixin, nn.Module):
     """Pre-activation ResNet for small images.
 
     Args:
@@ -71,6 +72,7 @@ class PreActResNet(FamilyHeadMixin, nn.Module):
         self.in_chans = in_chans
         self.img_size = image_size_or_none(img_size)
         self.drop_rate = drop_rate
+        self.grad_checkpointing = False
         self.num_features = self.head_hidden_size = widths[-1]
         self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
         in_planes = 64
@@ -92,9 +94,21 @@ class PreActResNet(FamilyHeadMixin, nn.Module):
     def prune_norm(self) -> None:
         self.bn = None
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """timm's parameter groups (layer-wise LR decay), as timm's ResNet: the stem, then each block (``coarse``:
+        each stage), the final norm (``bn_before_fc``) with the last of them; the classifier is left to timm's last
+        group."""
+        blocks = r'^layer(\d+)\.' if coarse else r'^layer(\d+)\.(\d+)\.'
+        return dict(stem=r'^conv1\.', blocks=[(blocks, None), (r'^bn\.', MATCH_PREV_GROUP)])
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_stem(x)
-        return self.forward_norm(self.layer4(self.layer3(self.layer2(self.layer1(x)))))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_blocks([self.layer1, self.layer2, self.layer3, self.layer4], x)
+        else:
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.forward_norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)

@@ -5,19 +5,20 @@ Inputs are 1 x 28 x 28 images in [0, 1] (no normalisation). The pre-logit featur
 the second fully connected layer; ``fc`` is the linear classifier the HPM head replaces.
 """
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.models import register_model
+from timm.models import checkpoint_seq, register_model
 
 from ._builder import build_family, family_cfgs, hub_id
 from ._common import check_image_size, cifar_cfg, FamilyHeadMixin, image_size_or_none
+from ._conventions import GradCheckpointingMixin
 
 __all__ = ['SmallCNN']
 
 
-class SmallCNN(FamilyHeadMixin, nn.Module):
+class SmallCNN(GradCheckpointingMixin, FamilyHeadMixin, nn.Module):
     """Args:
         num_classes: classifier size (0 for a feature extractor).
         in_chans: input channels.
@@ -38,6 +39,7 @@ class SmallCNN(FamilyHeadMixin, nn.Module):
         size = image_size_or_none(img_size)
         self.num_classes, self.in_chans, self.img_size = num_classes, in_chans, size
         self.drop_rate = drop_rate
+        self.grad_checkpointing = False
         self.features = nn.Sequential(
             nn.Conv2d(in_chans, 32, 3), nn.ReLU(),
             nn.Conv2d(32, 32, 3), nn.ReLU(),
@@ -86,8 +88,19 @@ class SmallCNN(FamilyHeadMixin, nn.Module):
     def prune_norm(self) -> None:
         pass  # no final norm
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """timm's parameter groups (layer-wise LR decay): the first convolution, then each convolution (``coarse``:
+        each stage of ``feature_stages``: features[0:4], features[4:9]), then the two fully connected layers; the
+        classifier ``fc`` is left unmatched: timm puts it in the last group."""
+        blocks = [(r'^features\.[1-3]\.', (0,)), (r'^features\.[4-8]\.', (1,))] if coarse else r'^features\.(\d+)\.'
+        return dict(stem=r'^features\.0\.', blocks=blocks, pre_logits=r'^fc[12]\.' if coarse else r'^fc([12])\.')
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(self.forward_stem(x))
+        x = self.forward_stem(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.feature_stages(), x)  # one segment per stage (a block is a layer here)
+        return self.features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == '':

@@ -57,9 +57,28 @@ _WEIGHT_FACTS = ('url', 'hf_hub_id', 'hf_hub_filename', 'hf_hub_revision', 'file
                  'paper_ids', 'notes', 'test_input_size', 'test_crop_pct')
 
 
+def _pool_size_at(base_cfg: dict, input_size: Tuple[int, int, int]) -> Tuple[int, int]:
+    """The unpooled feature map of the base at another input size: its ``pool_size`` scaled by the input's (the
+    network's stride is ``input / pool_size``); an input the stride does not divide is an error, not a guess."""
+    (_, base_h, base_w), (pool_h, pool_w) = base_cfg['input_size'], base_cfg['pool_size']
+    if base_h % pool_h or base_w % pool_w:
+        raise ValueError(f"{base_cfg['architecture']}: no whole stride from input {base_cfg['input_size']} to "
+                         f"pool_size {(pool_h, pool_w)}")
+    stride_h, stride_w = base_h // pool_h, base_w // pool_w
+    _, h, w = input_size
+    if h % stride_h or w % stride_w:
+        raise ValueError(f"input size {input_size} is not a multiple of {base_cfg['architecture']}'s stride "
+                         f"{(stride_h, stride_w)}: give the tag its pool_size explicitly")
+    return h // stride_h, w // stride_w
+
+
 def _cfg(base: str, **kwargs):
     family = HPM_TIMM_FAMILIES[base]
     base_cfg = {k: v for k, v in get_pretrained_cfg(base).to_dict().items() if k not in _WEIGHT_FACTS}
+    if 'input_size' in kwargs and base_cfg.get('pool_size') and 'pool_size' not in kwargs:
+        # a tag evaluated at another size than the base (Wong2020Fast: 288): timm's cfg tests read the unpooled
+        # feature map's size from pool_size, so it follows the input size
+        kwargs['pool_size'] = _pool_size_at({**base_cfg, 'architecture': base}, kwargs['input_size'])
     return {
         **base_cfg, 'num_classes': 1000, 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': family.first_conv, 'classifier': family.classifier, **kwargs,
@@ -74,7 +93,8 @@ _BICUBIC_RES256_CROP224 = dict(crop_pct=0.875, interpolation='bicubic',
 # Resize([224, 224]): both sides to 224 (timm's default eval transform keeps the aspect ratio)
 _RES224 = dict(crop_pct=1.0, interpolation='bilinear', notes=('robustbench preprocessing: Res224 (resize both sides '
                                                               'to 224, aspect ratio not kept)',))
-# CenterCrop(288) of the unresized image (timm's eval transform resizes first)
+# CenterCrop(288) of the unresized image (timm's eval transform resizes first); the unpooled feature map follows the
+# input size (a stride-32 ResNet-50: 9x9, where the base's 224 gives 7x7): _cfg scales pool_size
 _CROP288 = dict(input_size=(3, 288, 288), crop_pct=1.0, interpolation='bilinear',
                 notes=('robustbench preprocessing: Crop288 (centre crop 288 of the unresized image)',))
 

@@ -3,7 +3,7 @@
 State-dict keys and shapes equal RobustBench's ``WideResNet`` (the TRADES code base), used by many
 WRN-28-10 / 34-10 / 34-20 RobustBench entries (Carmon2019Unlabeled, Sehwag2021Proxy, Cui2023Decoupled ...).
 """
-from typing import Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -13,6 +13,7 @@ from timm.models import generate_default_cfgs, register_model
 
 from ._builder import build_family
 from ._common import block_stack, check_image_size, cifar_cfg, FamilyHeadMixin, image_size_or_none, wrn_stages
+from ._conventions import checkpoint_blocks, GradCheckpointingMixin, MATCH_PREV_GROUP
 
 __all__ = ['TradesWideResNet']
 
@@ -49,7 +50,7 @@ class NetworkBlock(nn.Module):
         return self.layer(x)
 
 
-class TradesWideResNet(FamilyHeadMixin, nn.Module):
+class TradesWideResNet(GradCheckpointingMixin, FamilyHeadMixin, nn.Module):
     """WideResNet-depth-width as in the TRADES code base (post-block BN-ReLU, inputs in [0, 1]).
 
     Args:
@@ -80,6 +81,7 @@ class TradesWideResNet(FamilyHeadMixin, nn.Module):
         self.in_chans = in_chans
         self.img_size = image_size_or_none(img_size)
         self.drop_rate = drop_rate
+        self.grad_checkpointing = False
         self.num_features = self.head_hidden_size = channels[3]
         self.conv1 = nn.Conv2d(in_chans, channels[0], kernel_size=3, stride=1, padding=1, bias=False)
         self.block1 = NetworkBlock(n, channels[0], channels[1], 1, block_drop_rate)
@@ -115,8 +117,21 @@ class TradesWideResNet(FamilyHeadMixin, nn.Module):
     def prune_norm(self) -> None:
         self.bn1, self.relu = nn.Identity(), nn.Identity()
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """timm's parameter groups (layer-wise LR decay): the stem, then each block (``coarse``: each block group),
+        the final norm with the last of them; the classifier is left to timm's last group."""
+        blocks = r'^block(\d+)\.' if coarse else r'^block(\d+)\.layer\.(\d+)\.'
+        return dict(stem=r'^conv1\.', blocks=[(blocks, None), (r'^bn1\.', MATCH_PREV_GROUP)])
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_norm(self.block3(self.block2(self.block1(self.forward_stem(x)))))
+        x = self.forward_stem(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            groups = (self.block1, self.block2, self.block3)
+            x = checkpoint_blocks([g.layer if isinstance(g, NetworkBlock) else g for g in groups], x)
+        else:
+            x = self.block3(self.block2(self.block1(x)))
+        return self.forward_norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)

@@ -9,7 +9,7 @@ pretrained tag, not a checkpoint entry).
 Over 250 lines on purpose: a third of the file is the table of RobustBench tags (data, one line per checkpoint),
 kept here because a checkpoint's quirks live with its tag.
 """
-from typing import Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,7 @@ from timm.models import register_model
 from ._builder import build_family, family_cfgs
 from ._common import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, block_stack, check_image_size,
                       cifar_cfg, FamilyHeadMixin, image_size_or_none, wrn_stages)
+from ._conventions import checkpoint_blocks, GradCheckpointingMixin, MATCH_PREV_GROUP
 
 __all__ = ['DMWideResNet']
 
@@ -60,7 +61,7 @@ class _BlockGroup(nn.Module):
         return self.block(x)
 
 
-class DMWideResNet(FamilyHeadMixin, nn.Module):
+class DMWideResNet(GradCheckpointingMixin, FamilyHeadMixin, nn.Module):
     """WideResNet-depth-width, DeepMind style (pre-activation, SiLU/Swish, normalisation inside).
 
     Args:
@@ -98,6 +99,7 @@ class DMWideResNet(FamilyHeadMixin, nn.Module):
         self.img_size = image_size_or_none(img_size)
         self.padding = padding
         self.drop_rate = drop_rate
+        self.grad_checkpointing = False
         self.num_features = self.head_hidden_size = channels[3]
         self.register_buffer('mean', torch.as_tensor(mean, dtype=torch.float32).expand(in_chans).reshape(
             in_chans, 1, 1).clone(), persistent=False)
@@ -133,8 +135,20 @@ class DMWideResNet(FamilyHeadMixin, nn.Module):
     def prune_norm(self) -> None:
         self.batchnorm, self.relu = nn.Identity(), nn.Identity()
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """timm's parameter groups (layer-wise LR decay): the stem, then each block (``coarse``: each block group),
+        the final norm with the last of them; the classifier is left to timm's last group."""
+        blocks = r'^layer\.(\d+)\.' if coarse else r'^layer\.(\d+)\.block\.(\d+)\.'
+        return dict(stem=r'^init_conv\.', blocks=[(blocks, None), (r'^batchnorm\.', MATCH_PREV_GROUP)])
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_norm(self.layer(self.forward_stem(x)))
+        x = self.forward_stem(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_blocks([g.block if isinstance(g, _BlockGroup) else g for g in self.layer], x)
+        else:
+            x = self.layer(x)
+        return self.forward_norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
