@@ -15,6 +15,7 @@ not exist yet: a table is never overwritten.
 """
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Dict, List, Sequence
@@ -84,7 +85,8 @@ def main(argv=None):
         orders_note="default: the test set's order (timm's validate.py --dataset torch/fashion_mnist). class_sorted: "
                     "label order, stable within a class, as a class-folder dataset yields the images (timm's "
                     "validate.py on an ImageFolder of the test images, files named in test-set order).",
-        command='python recipes/batch_order_table.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
+        command=shlex.join(['python', 'recipes/batch_order_table.py',
+                            *map(str, argv if argv is not None else sys.argv[1:])]),  # shlex.split gives them back
         timm_hpm_version=timm_hpm.__version__, timm_version=timm.__version__, torch_version=torch.__version__)
     for name in args.model:
         model = normalized_view(timm.create_model(name, pretrained=True)).eval().to(args.device)

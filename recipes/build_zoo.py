@@ -12,9 +12,11 @@ Steps, in ``--out`` (default runs/zoo/<tag>): ``base/`` (a RobustBench base: its
 RobustBench's layout, downloaded when missing, exported as a local-dir folder), ``finetune/`` (recipes/finetune.py
 with the entry's config), ``eval_base/`` (recipes/evaluate.py, the base under standard AutoAttack), ``eval_hpm/``
 (recipes/evaluate.py, the HPM model under MSA, the base as a transfer surrogate), ``hub/`` and ``cards/``
-(recipes/push_to_hub.py; --dry-run unless --push). A step whose output exists is skipped; a step that was
-interrupted resumes (finetune.py --resume, evaluate.py's finished batches). ``--launcher accelerate`` runs
-fine-tuning and evaluation under ``accelerate launch`` (``--launch-args`` passes its options), sharded over its
+(recipes/push_to_hub.py; --dry-run unless --push). The card goes to ``<out>/cards`` unless ``--cards-dir`` names
+another folder (``--cards-dir hub_cards`` updates the repository's card); a different card already there is replaced
+only with ``--overwrite-card``, so a rehearsal never replaces a card silently. A step whose output exists is skipped;
+a step that was interrupted resumes (finetune.py --resume, evaluate.py's finished batches). ``--launcher accelerate``
+runs fine-tuning and evaluation under ``accelerate launch`` (``--launch-args`` passes its options), sharded over its
 processes. ``<out>/build.json`` records the entry and the overrides; a folder holding another build is refused.
 
 Rehearsal overrides (tiny budgets: recipes/benchmarks/rehearse_zoo.py): ``--max-steps``, ``--set KEY=VALUE`` (the
@@ -54,6 +56,8 @@ def parse_args(argv=None):
                    help='evaluation settings overrides, e.g. n_examples=4 apgd_iters=1')
     p.add_argument('--cards-dir', type=Path, help='where push_to_hub.py writes the card (default <out>/cards; give '
                                                   'hub_cards to update the repository\'s cards)')
+    p.add_argument('--overwrite-card', action='store_true',
+                   help="replace a different card already in --cards-dir (and, with --push, the Hub repo's card)")
     p.add_argument('--push', action='store_true', help='upload (default: a dry run, nothing sent)')
     p.add_argument('--until', metavar='STEP', help='stop after this step (e.g. finetune: fine-tune on one machine, '
                                                    'evaluate on another); the same command without it goes on')
@@ -98,7 +102,7 @@ def main(argv=None) -> int:
     opts = BuildOptions(out=args.out or ROOT / 'runs' / 'zoo' / entry.tag, data_dir=args.data_dir,
                         model_dir=args.model_dir, device=args.device, launcher=args.launcher,
                         launch_args=args.launch_args.split(), max_steps=args.max_steps, sets=list(args.set),
-                        push=args.push, cards_dir=args.cards_dir)
+                        push=args.push, cards_dir=args.cards_dir, overwrite_card=args.overwrite_card)
     steps = plan_steps(entry, opts)
     if args.status:
         for step in steps:

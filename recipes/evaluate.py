@@ -10,7 +10,11 @@ Writes ``<out>/eval.json`` (RobustBench model_info fields plus MSA's), ``<out>/e
 batches are sharded over the processes of ``accelerate launch``; ``--extend-from`` grows a finished run to more
 examples or batchings without recomputing its batches. ``<out>`` is locked while a run uses it (a second run into
 it fails at once, naming the holder), and a folder holding another run's results (other settings, model or images,
-or an eval.json without its attack/ folder) is refused, never overwritten.
+or an eval.json without its attack/ folder) is refused, never overwritten. A rerun into a finished evaluation
+(its eval.json written) with the same settings, model and images computes nothing and rewrites nothing: it reports
+the existing result (eval.json, eval.md, model_info.json and the logs are left byte for byte as they are).
+``--checkpoint FILE`` loads FILE's weights into ``--model`` (a timm name, ``local-dir:`` or ``hf-hub:`` model: its
+architecture and config); the recorded ``command`` is shell-quoted (``shlex.split`` gives the arguments back).
 
 ``--batchings class_sorted`` scores the images in label order (stable within a class), batched as a class-folder
 dataset is batched by timm's ``validate.py``: a batch-dependent model's figure depends on it
@@ -20,6 +24,7 @@ import argparse
 import contextlib
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -40,7 +45,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--model', required=True, help="timm name (with tag), 'local-dir:<folder>' or 'hf-hub:<repo>'")
-    p.add_argument('--checkpoint', help='weights file (safetensors or weights-only .pt) to load into --model')
+    p.add_argument('--checkpoint', help="weights file (safetensors or weights-only .pt) to load into --model (a timm "
+                                        "name, 'local-dir:' or 'hf-hub:': its architecture and config)")
     p.add_argument('--no-pretrained', action='store_true', help='random weights (for smoke tests only)')
     p.add_argument('--dataset', required=True, choices=DATASETS, help='the test split of this dataset')
     p.add_argument('--data-dir', help='dataset folder (CIFAR: torchvision layout; ImageNet: ImageFolder root)')
@@ -107,7 +113,12 @@ def load_model(name: str, checkpoint=None, pretrained: bool = True):
     from timm_hpm.models import check_local_dir
     kwargs = {}
     if checkpoint:
-        kwargs['pretrained_cfg_overlay'] = dict(file=checkpoint)
+        if not Path(checkpoint).is_file():
+            raise SystemExit(f'--checkpoint {checkpoint}: no such file; give a safetensors or weights-only .pt file '
+                             'of --model\'s architecture.')
+        # source 'file': timm loads a local-dir: or hf-hub: model's weights from its folder or repository whatever
+        # its cfg's 'file' says (a local-dir: one failed, "not a directory"; an hf-hub: one took the Hub's weights)
+        kwargs['pretrained_cfg_overlay'] = dict(file=str(checkpoint), source='file')
     check_local_dir(name)
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
     return normalized_view(model).eval()  # attacks work on [0, 1] images
@@ -183,15 +194,37 @@ def main(argv=None):
         return run(args, eps, batchings, accelerator, out, argv)
 
 
+def recorded_command(argv=None) -> str:
+    """This command line as eval.json records it, shell-quoted (``shlex.split`` gives the arguments back)."""
+    return shlex.join(['python', 'recipes/evaluate.py', *map(str, sys.argv[1:] if argv is None else argv)])
+
+
+def report_finished(args, out: Path) -> dict:
+    """A rerun into a finished evaluation (same settings, model and images: checked by the runner): its result is
+    reported, never rewritten (eval.json keeps the time, processes and command of the run that made it)."""
+    result = json.loads((out / 'eval.json').read_text())
+    if (out / 'eval.md').is_file():
+        print((out / 'eval.md').read_text(), end='')
+    if args.sanity and 'sanity' not in result:
+        print('note: this finished evaluation has no sanity checks (--sanity); run them into a new --out folder.',
+              file=sys.stderr)
+    print(f"{out / 'eval.json'}: this evaluation is finished (same settings, model and images); its results are left "
+          'as they are. Pass a new --out folder to evaluate again.')
+    return result
+
+
 def run(args, eps, batchings, accelerator, out, argv):
     import timm_hpm
     from timm_hpm.data import load_eval_tensors
     from timm_hpm.eval import hpm_mode
     from timm_hpm.runfiles import write_text_atomic
+    # eval.json is written last, once every process is done: a folder holding it (and its run's work files:
+    # check_out_folder) holds a finished evaluation, verified and reported below, never rewritten (its logs included)
+    finished = (out / 'eval.json').is_file()
+    log_files = [] if finished else [logging.FileHandler(out / f'log_rank{accelerator.process_index}.txt')]
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s',
-                        handlers=[logging.FileHandler(out / f'log_rank{accelerator.process_index}.txt'),
-                                  logging.StreamHandler(sys.stderr)] if accelerator.is_main_process else
-                        [logging.FileHandler(out / f'log_rank{accelerator.process_index}.txt')])
+                        handlers=log_files + [logging.StreamHandler(sys.stderr)] if accelerator.is_main_process else
+                        log_files or [logging.NullHandler()])
     model = load_model(args.model, args.checkpoint, not args.no_pretrained).to(accelerator.device)
     if args.channels_last:
         model = to_channels_last(model)
@@ -207,15 +240,17 @@ def run(args, eps, batchings, accelerator, out, argv):
     # hpm_mode: the head's mode evaluated (given or the model's own), null for a model without an HPM head
     metadata = dict(name=args.model, dataset=args.dataset, hpm_mode=hpm_mode(model),
                     architecture=base.pretrained_cfg.get('architecture'),
-                    command='python recipes/evaluate.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
+                    command=recorded_command(argv),
                     autoattack_backend=timm_hpm.eval.autoattack_backend(), timm_hpm_version=timm_hpm.__version__)
     start = time.time()
     if args.protocol == 'poison':
-        result = run_poison(args, eps, model, x, y, out, accelerator, metadata)
+        result = run_poison(args, eps, model, x, y, out, accelerator, metadata, finished)
     else:
-        result = run_attacks(args, eps, batchings, model, x, y, out, accelerator, metadata)
+        result = run_attacks(args, eps, batchings, model, x, y, out, accelerator, metadata, finished)
     if result is None:
         return None
+    if finished:
+        return report_finished(args, out)
     result['wall_seconds'] = round(time.time() - start, 1)
     result['num_processes'] = accelerator.num_processes
     write_text_atomic(out / 'eval.json', json.dumps(result, indent=2))
@@ -223,8 +258,10 @@ def run(args, eps, batchings, accelerator, out, argv):
     return result
 
 
-def run_attacks(args, eps, batchings, model, x, y, out, accelerator, metadata):
-    """MSA or AutoAttack on fixed batches: the resumable, sharded runner, then eval.md and model_info.json."""
+def run_attacks(args, eps, batchings, model, x, y, out, accelerator, metadata, finished=False):
+    """MSA or AutoAttack on fixed batches: the resumable, sharded runner, then eval.md and model_info.json.
+    ``finished``: the folder's results are written; the runner checks that they are this run's and computes
+    nothing, and nothing is written (the caller reports them)."""
     from timm_hpm.eval import MSAConfig, aggregate, evaluate, format_table, protocol_warnings, sanity_checks
     from timm_hpm.robustbench import model_info
     from timm_hpm.runfiles import write_text_atomic
@@ -245,10 +282,12 @@ def run_attacks(args, eps, batchings, model, x, y, out, accelerator, metadata):
              batchings=batchings, amp=args.amp == 'bf16', save_adversarial=args.save_adv,
              process_index=accelerator.process_index, num_processes=accelerator.num_processes,
              progress=accelerator.is_local_main_process, metadata=metadata, extend_from=args.extend_from,
-             surrogate_models=others)
+             surrogate_models=others, finished=finished)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return None
+    if finished:
+        return {}
     result = aggregate(out / 'attack', metadata)
     result['warnings'] = protocol_warnings(model, args.protocol)
     if args.sanity:
@@ -265,8 +304,10 @@ def run_attacks(args, eps, batchings, model, x, y, out, accelerator, metadata):
     return result
 
 
-def run_poison(args, eps, model, x, y, out, accelerator, metadata):
-    """The batch-poisoning protocol on the fixed batches of --batch-size (main process; resumable per batch)."""
+def run_poison(args, eps, model, x, y, out, accelerator, metadata, finished=False):
+    """The batch-poisoning protocol on the fixed batches of --batch-size (main process; resumable per batch).
+    ``finished``: the folder's results are written; run_poisoning checks the settings, model and images against
+    them, and nothing is written (the caller reports them)."""
     import torch
 
     from timm_hpm.eval import ModelView, poisoning_table, run_poisoning
@@ -290,6 +331,8 @@ def run_poison(args, eps, model, x, y, out, accelerator, metadata):
     result = dict(metadata, protocol='poison', n_examples=len(y), batch_size=args.batch_size, threat_model=args.norm,
                   eps=eps, clean_acc=clean, poisoning=rows,
                   settings={'steps': args.poison_steps, 'seed': args.seed, 'gradient_views': list(views)})
+    if finished:
+        return result
     table = poisoning_table(rows, args.norm)
     write_text_atomic(out / 'eval.md', f"Batch poisoning: {metadata['name']}, {len(y)} images, fixed batches of "
                                        f"{args.batch_size}, clean accuracy {100 * clean:.1f}%.\n\n{table}\n")

@@ -2,21 +2,33 @@
 
     python recipes/push_to_hub.py --run runs/<run>/final --results runs/<run>/eval.json --repo-id <org>/<name> [--dry-run]
     python recipes/push_to_hub.py --model hpm_small_cnn.fmnist_hpm --results ... --repo-id ... --dry-run  # shipped weights
+    python recipes/push_to_hub.py ... --cards-dir hub_cards     # also update the repository's copy of the card
 
-Builds the upload folder (model.safetensors, config.json, README.md card generated from the results JSON,
-the results, the training config), writes the card to ``hub_cards/<name>.md`` too, and uploads with
-huggingface_hub unless ``--dry-run``. Refuses results measured on other weights (the fingerprint that
-recipes/evaluate.py records next to eval.json must be that of the weights pushed) unless
-``--allow-mismatched-results``, which the card then states; refuses an invalid repo id, in dry runs too; refuses
-to replace a card already on the Hub without ``--overwrite-card``. The token comes from HF_TOKEN or
-``hf auth login`` and is never printed.
+Builds the upload folder ``--out`` (default runs/hub/<name>: model.safetensors, config.json, README.md card
+generated from the results JSON, the results, the training config) and uploads it with huggingface_hub unless
+``--dry-run``. ``--out`` must be new or empty, or an upload folder this script assembled before (it records the
+files it wrote in ``.timm_hpm_upload.json``): there only those files are replaced, anything else is left alone and
+not uploaded; any other folder is refused, and nothing is ever deleted that this script did not write. The card is
+copied to ``<cards-dir>/<name>.md`` only when ``--cards-dir`` is given (the repository's ``hub_cards/`` is written
+only on request: a dry run writes nothing there); a different card already there is replaced only with
+``--overwrite-card``. Refuses results measured on other weights (the fingerprint that recipes/evaluate.py records
+next to eval.json must be that of the weights pushed) unless ``--allow-mismatched-results``, which the card then
+states; refuses an invalid repo id, in dry runs too; refuses to replace a card already on the Hub without
+``--overwrite-card``. The token comes from HF_TOKEN or ``hf auth login`` and is never printed.
 """
 import argparse
+import json
+import os
+import shlex
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Every file this script writes into an upload folder (the card copy in --cards-dir aside).
+UPLOAD_FILES = ('model.safetensors', 'config.json', 'README.md', 'eval_hpm.json', 'eval_base.json', 'eval_control.json',
+                'eval_hpm_class_sorted.json', 'batch_order.json', 'eval_poisoning.json', 'training_config.yaml')
 
 
 def parse_args(argv=None):
@@ -46,10 +58,15 @@ def parse_args(argv=None):
     p.add_argument('--repo-id', required=True)
     p.add_argument('--license', default='other', help="an HF license id; 'other' with --license-name")
     p.add_argument('--license-name', default='unknown')
-    p.add_argument('--out', type=Path, help='where to assemble the upload folder (default runs/hub/<name>)')
-    p.add_argument('--cards-dir', type=Path, default=ROOT / 'hub_cards')
+    p.add_argument('--out', type=Path, help='where to assemble the upload folder (default runs/hub/<name>): a new or '
+                                            'empty folder, or one this script assembled before (only its files are '
+                                            'replaced); any other folder is refused')
+    p.add_argument('--cards-dir', type=Path, default=None,
+                   help="also write the card to <cards-dir>/<name>.md (e.g. hub_cards, the repository's cards); "
+                        'default: no copy, the card is the upload folder\'s README.md')
     p.add_argument('--dry-run', action='store_true', help='assemble and list, touch no network')
-    p.add_argument('--overwrite-card', action='store_true')
+    p.add_argument('--overwrite-card', action='store_true',
+                   help='replace a card already on the Hub, or a different card in --cards-dir')
     p.add_argument('--private', action='store_true')
     return p.parse_args(argv)
 
@@ -130,58 +147,109 @@ def comparisons(args, base_result, control_result) -> list:
     return out
 
 
-def assemble(args) -> Path:
+def check_out_folder(out: Path, inputs) -> list:
+    """The files of an earlier assembly in ``out`` that this one replaces ([] for a new or empty folder). Refused
+    (nothing changed): a folder holding an input of this command, and a folder with anything in it that this
+    script did not assemble (no manifest): nothing is ever deleted that this script did not write."""
+    from timm_hpm.hub import UPLOAD_MANIFEST, upload_files
+    resolved = out.resolve()
+    for path in inputs:
+        if path is not None and (Path(path).resolve() == resolved or resolved in Path(path).resolve().parents):
+            raise SystemExit(f'--out {out} holds {path}, an input of this command; nothing was changed. Assemble the '
+                             'upload folder in a new folder (--out; default runs/hub/<name>).')
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f'--out {out} is a file, not a folder; nothing was changed. Pass a new folder as --out.')
+    if not out.is_dir() or not any(out.iterdir()):
+        return []
+    previous = upload_files(out)
+    if previous is None:
+        names = sorted(p.name for p in out.iterdir())
+        raise SystemExit(f'--out {out} exists and holds files this script did not write ('
+                         f'{", ".join(names[:5])}{", ..." if len(names) > 5 else ""}; no {UPLOAD_MANIFEST}); nothing '
+                         'was changed or deleted. Pass a new or empty folder as --out (default runs/hub/<name>).')
+    return [f for f in previous if f in UPLOAD_FILES]
+
+
+def recorded_command(argv=None) -> str:
+    """This command line, shell-quoted (shlex.split gives the arguments back)."""
+    return shlex.join(['python', 'recipes/push_to_hub.py', *map(str, sys.argv[1:] if argv is None else argv)])
+
+
+def assemble(args, argv=None) -> Path:
+    """The upload folder: everything is checked and built in a temporary folder next to ``--out`` first, then moved
+    into it (replacing only the files of an earlier assembly there); the card copy goes to ``--cards-dir`` when given.
+    A refusal leaves ``--out`` and ``--cards-dir`` as they were."""
     from timm_hpm.cards import load_json, render_card
-    from timm_hpm.hub import save_for_hub
+    from timm_hpm.hub import UPLOAD_MANIFEST, save_for_hub
+    from timm_hpm.runfiles import write_text_atomic
     check_repo_id(args.repo_id)
-    model = load_weights(args)
-    unverified = check_results(args, model)
     name = args.repo_id.split('/')[-1]
     out = args.out or ROOT / 'runs' / 'hub' / name
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    run = save_for_hub(model, out / '.export') if args.model else args.run
-    for filename in ('model.safetensors', 'config.json'):
-        shutil.copy2(run / filename, out / filename)
-    result = load_json(args.results)
-    base_result = load_json(args.base_results) if args.base_results else None
-    control_result = load_json(args.control_results) if args.control_results else None
-    if args.model:
-        shutil.rmtree(out / '.export')
-    training_config_path = args.training_config or (args.run.parent / 'config.yaml' if args.run else None)
-    training_config = training_config_path.read_text() if training_config_path and training_config_path.is_file() \
-        else None
-    card = render_card(result, args.repo_id, load_json(out / 'config.json'), base_result=base_result,
-                       training_config=training_config, base_model=args.base_model, license=args.license,
-                       license_name=args.license_name, unverified_results=unverified,
-                       batch_order=batch_order_row(args.batch_order, model) if args.batch_order else None,
-                       natural_result=load_json(args.natural_results) if args.natural_results else None,
-                       poisoning_result=load_json(args.poisoning_results) if args.poisoning_results else None,
-                       control_result=control_result, comparisons=comparisons(args, base_result, control_result))
-    (out / 'README.md').write_text(card)
-    shutil.copy2(args.results, out / 'eval_hpm.json')
-    if args.base_results:
-        shutil.copy2(args.base_results, out / 'eval_base.json')
-    if args.control_results:
-        shutil.copy2(args.control_results, out / 'eval_control.json')
-    if args.natural_results:
-        shutil.copy2(args.natural_results, out / 'eval_hpm_class_sorted.json')
-    if args.batch_order:
-        shutil.copy2(args.batch_order, out / 'batch_order.json')
-    if args.poisoning_results:
-        shutil.copy2(args.poisoning_results, out / 'eval_poisoning.json')
-    if training_config:
-        (out / 'training_config.yaml').write_text(training_config)
-    args.cards_dir.mkdir(parents=True, exist_ok=True)
-    (args.cards_dir / f'{name}.md').write_text(card)
+    inputs = (args.run, args.results, args.base_results, args.control_results, args.natural_results,
+              args.poisoning_results, args.batch_order, args.training_config)
+    check_out_folder(out, inputs)
+    model = load_weights(args)
+    unverified = check_results(args, model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f'.{out.name}.assembling-') as tmp:
+        stage = Path(tmp)
+        if args.model:
+            run = save_for_hub(model, stage / 'export')
+        else:
+            run = args.run
+        for filename in ('model.safetensors', 'config.json'):
+            shutil.copy2(run / filename, stage / filename)
+        result = load_json(args.results)
+        base_result = load_json(args.base_results) if args.base_results else None
+        control_result = load_json(args.control_results) if args.control_results else None
+        training_config_path = args.training_config or (args.run.parent / 'config.yaml' if args.run else None)
+        training_config = training_config_path.read_text() if training_config_path and \
+            training_config_path.is_file() else None
+        card = render_card(result, args.repo_id, load_json(stage / 'config.json'), base_result=base_result,
+                           training_config=training_config, base_model=args.base_model, license=args.license,
+                           license_name=args.license_name, unverified_results=unverified,
+                           batch_order=batch_order_row(args.batch_order, model) if args.batch_order else None,
+                           natural_result=load_json(args.natural_results) if args.natural_results else None,
+                           poisoning_result=load_json(args.poisoning_results) if args.poisoning_results else None,
+                           control_result=control_result, comparisons=comparisons(args, base_result, control_result))
+        (stage / 'README.md').write_text(card)
+        for path, filename in ((args.results, 'eval_hpm.json'), (args.base_results, 'eval_base.json'),
+                               (args.control_results, 'eval_control.json'),
+                               (args.natural_results, 'eval_hpm_class_sorted.json'),
+                               (args.batch_order, 'batch_order.json'),
+                               (args.poisoning_results, 'eval_poisoning.json')):
+            if path:
+                shutil.copy2(path, stage / filename)
+        if training_config:
+            (stage / 'training_config.yaml').write_text(training_config)
+        card_copy = args.cards_dir / f'{name}.md' if args.cards_dir else None
+        if card_copy is not None and card_copy.is_file() and card_copy.read_text() != card and \
+                not args.overwrite_card:
+            raise SystemExit(f'{card_copy} holds another card (other figures or text); nothing was written. Pass '
+                             '--overwrite-card to replace it, another --cards-dir, or none (the card is the upload '
+                             "folder's README.md).")
+        files = [f for f in UPLOAD_FILES if (stage / f).is_file()]
+        previous = check_out_folder(out, inputs)  # again: the folder may have changed while the card was made
+        out.mkdir(exist_ok=True)
+        for filename in previous:
+            if filename not in files:
+                (out / filename).unlink(missing_ok=True)
+        for filename in files:
+            os.replace(stage / filename, out / filename)
+        write_text_atomic(out / UPLOAD_MANIFEST, json.dumps({
+            'written_by': 'recipes/push_to_hub.py', 'repo_id': args.repo_id, 'files': files,
+            'command': recorded_command(argv)}, indent=2))
+    if card_copy is not None:
+        card_copy.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(card_copy, card)
     return out
 
 
 def main(argv=None):
+    from timm_hpm.hub import upload_files
     args = parse_args(argv)
-    folder = assemble(args)
-    files = sorted(p.name for p in folder.iterdir())
+    folder = assemble(args, argv)
+    files = sorted(upload_files(folder))
     print(f'upload folder: {folder}')
     for f in files:
         print(f'  {f} ({(folder / f).stat().st_size} bytes)')

@@ -19,6 +19,7 @@ job takes about 16 minutes on 2 CPU cores (the printed table states them; pass `
 """
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -53,7 +54,7 @@ def parse_args(argv=None):
 
 
 def run(step: str, args: list) -> None:
-    print(f'\n=== {step} ===\n$ python {" ".join(str(a) for a in args)}', flush=True)
+    print(f'\n=== {step} ===\n$ {shlex.join(["python", *map(str, args)])}', flush=True)
     subprocess.run([sys.executable, *map(str, args)], check=True, cwd=REPO)
 
 
@@ -110,7 +111,8 @@ def main(argv=None):
     rows = summary_rows(results, args)
     table = format_table(rows, args) + '\n\nSensitivity of the fine-tuned model (FC head vs static l2 head; ' \
         f"{sensitivity['n_examples']} test images):\n\n" + format_summary(sensitivity)
-    record = dict(command='python recipes/quickstart.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
+    record = dict(command=shlex.join(['python', 'recipes/quickstart.py',  # shell-quoted: shlex.split gives it back
+                                      *map(str, argv if argv is not None else sys.argv[1:])]),
                   base=BASE, config=str(CONFIG.relative_to(REPO)), steps=args.steps, n_test=args.n_test,
                   eps=results['base']['eps'], rows=rows, timings_s=timings, seconds=round(sum(timings.values()), 1),
                   this_run_seconds=round(time.time() - start, 1),

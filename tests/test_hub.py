@@ -2,6 +2,7 @@
 numbers; results measured on other weights are refused (or, when allowed, stated in the card); the repo id is
 validated; the push goes through a recording stand-in for HfApi; --dry-run touches no network; an existing
 card is not overwritten unless asked; the token is never printed; an offline Hub is a clear error."""
+import fnmatch
 import json
 import socket
 import subprocess
@@ -95,8 +96,11 @@ class RecordingApi:
         self.calls.append(('file_exists', repo_id, filename))
         return self.existing_card
 
-    def upload_folder(self, *, repo_id, folder_path, commit_message, **kwargs):
-        self.calls.append(('upload_folder', repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+    def upload_folder(self, *, repo_id, folder_path, commit_message, allow_patterns=None, **kwargs):
+        # what HfApi.upload_folder sends: the files that match allow_patterns (all of them without)
+        self.calls.append(('upload_folder', repo_id, sorted(
+            p.name for p in Path(folder_path).iterdir()
+            if allow_patterns is None or any(fnmatch.fnmatch(p.name, pattern) for pattern in allow_patterns))))
         return 'https://huggingface.co/fake/commit'
 
 

@@ -186,8 +186,9 @@ def test_build_fashion_mnist_entry_reduced_budget(tmp_path):
     assert 'finetune: done, skipped' in first.stdout
     assert 'dry run: would upload' in first.stdout
     hub = sorted(p.name for p in (out / 'hub').iterdir())
-    assert hub == ['README.md', 'config.json', 'eval_base.json', 'eval_hpm.json', 'model.safetensors',
-                   'training_config.yaml']
+    assert hub == ['.timm_hpm_upload.json', 'README.md', 'config.json', 'eval_base.json', 'eval_hpm.json',
+                   'model.safetensors', 'training_config.yaml']  # the manifest: what push_to_hub.py wrote (uploaded)
+    assert sorted(json.loads((out / 'hub' / '.timm_hpm_upload.json').read_text())['files']) == hub[1:]
     card = (out / 'cards' / 'hpm_small_cnn.fmnist_hpm.md').read_text()
     assert card == (out / 'hub' / 'README.md').read_text() and 'timm-hpm/small_cnn.fmnist_pgdat' in card
     hpm = json.loads((out / 'eval_hpm' / 'eval.json').read_text())

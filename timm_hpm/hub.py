@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch.nn as nn
 from timm.models._hub import save_for_hf
@@ -16,7 +16,11 @@ from .models import hpm_variant, is_hpm_variant
 from .models._hpm import is_hpm_model
 
 __all__ = ['save_for_hub', 'reconstruction_args', 'push_folder', 'hub_reachable', 'CardExistsError',
-           'unverified_results']
+           'unverified_results', 'UPLOAD_MANIFEST', 'upload_files']
+
+#: The file that ``recipes/push_to_hub.py`` writes into an upload folder it assembled: the files it wrote there (the
+#: ones uploaded) and its command. A folder without it was not assembled by push_to_hub.py: it is never replaced.
+UPLOAD_MANIFEST = '.timm_hpm_upload.json'
 
 
 def reconstruction_args(model: nn.Module) -> Dict[str, Any]:
@@ -88,6 +92,23 @@ def unverified_results(results: Union[str, Path], model: nn.Module) -> Optional[
     return None
 
 
+def upload_files(folder: Union[str, Path]) -> Optional[List[str]]:
+    """The files of an upload folder that ``recipes/push_to_hub.py`` assembled (the list in its
+    :data:`UPLOAD_MANIFEST`); None for a folder without that file (e.g. one :func:`save_for_hub` wrote), or with one
+    that cannot be read."""
+    path = Path(folder) / UPLOAD_MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        files = json.loads(path.read_text())['files']
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(files, list) or not all(isinstance(f, str) and f and '/' not in f and f not in ('.', '..')
+                                              for f in files):
+        return None
+    return files
+
+
 class CardExistsError(RuntimeError):
     """The Hub repo already has a model card and overwriting was not asked for."""
 
@@ -118,10 +139,13 @@ def push_folder(folder: Union[str, Path], repo_id: str, *, api=None, private: bo
     """Upload a Hub-ready folder (weights, config.json, README.md card, results) with huggingface_hub.
 
     Creates the repo if needed; refuses to replace an existing README.md unless ``overwrite_card``. The token
-    comes from huggingface_hub's usual sources (HF_TOKEN, ``hf auth login``) and is never printed or logged.
+    comes from huggingface_hub's usual sources (HF_TOKEN, ``hf auth login``) and is never printed or logged. Of a
+    folder that ``recipes/push_to_hub.py`` assembled, only the files it wrote are uploaded (:func:`upload_files`:
+    not its manifest, nor anything else found there).
     """
     from huggingface_hub import HfApi
     folder = Path(folder)
+    files = upload_files(folder)
     if not (folder / 'model.safetensors').is_file() or not (folder / 'config.json').is_file():
         raise FileNotFoundError(f'{folder} is not a Hub-ready folder (model.safetensors and config.json expected).')
     if api is None:
@@ -130,7 +154,9 @@ def push_folder(folder: Union[str, Path], repo_id: str, *, api=None, private: bo
                                   f'uploaded; {folder} is ready to push later.')
         api = HfApi()
     api.create_repo(repo_id, private=private, exist_ok=True)
-    if (folder / 'README.md').exists() and api.file_exists(repo_id, 'README.md') and not overwrite_card:
+    card = (folder / 'README.md').exists() and (files is None or 'README.md' in files)
+    if card and api.file_exists(repo_id, 'README.md') and not overwrite_card:
         raise CardExistsError(f'{repo_id} already has a model card; pass overwrite_card=True (--overwrite-card) to '
                               'replace it.')
-    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
+                             allow_patterns=files)

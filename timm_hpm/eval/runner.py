@@ -10,6 +10,10 @@ run into the folder fails at once, naming the holder.
 A run on more examples or batchings can start from the finished units of other runs (``extend_from``): a unit is
 reused when it covers exactly the same examples in the same batching with the same settings, model and images (both
 fingerprinted in ``<run_dir>/fingerprint.json``), which makes the result identical to a run from scratch.
+
+A run whose results are already written (``finished``: the recipe's eval.json) is only checked: the same settings,
+model and images, every unit there; nothing is computed or written, and a missing unit is an error (finished
+results are never recomputed in place).
 """
 from __future__ import annotations
 
@@ -55,6 +59,7 @@ def evaluate(
         metadata: Optional[dict] = None,
         extend_from: Sequence[Path] = (),
         surrogate_models: Optional[Dict[str, nn.Module]] = None,
+        finished: bool = False,
 ) -> Optional[dict]:
     """Evaluate ``model`` on ``x, y`` (images in [0, 1]); returns the aggregated result on the main process
     (``None`` elsewhere: call :func:`aggregate` after all processes finished, or use the recipe).
@@ -62,7 +67,10 @@ def evaluate(
     ``extend_from``: run folders of other runs of the same model, settings and images whose finished units are
     copied instead of recomputed (e.g. a 1,000-image run started from a 250-image one, or a run of more
     batchings from a default-only one). ``surrogate_models``: MSA's extra surrogates (e.g. the base model the HPM
-    model was fine-tuned from), attacked after the head's modes; their names are ``cfg.surrogate_models``."""
+    model was fine-tuned from), attacked after the head's modes; their names are ``cfg.surrogate_models``.
+    ``finished``: the run's results are already written (the recipe's eval.json): the folder is checked against this
+    call (settings, model, images: an error when they differ, as for any run) and must hold every unit (an error
+    otherwise); nothing is computed, copied or written, not even a missing fingerprint.json."""
     num_classes = _check_inputs(model, x, y, cfg, protocol, batch_size, surrogate_models)
     surrogate_models = dict(surrogate_models or {})
     for warning in protocol_warnings(model, protocol):
@@ -73,15 +81,24 @@ def evaluate(
     # The other processes of this run share it (the caller starts them together; the recipe checks the lock first).
     with run_lock(run_dir, '--out') if process_index == 0 else contextlib.nullcontext():
         settings = check_settings(run_dir, protocol, batch_size, batchings, len(y), amp, cfg, process_index)
-        fingerprint = check_fingerprint(run_dir, model, x, y, write=process_index == 0)
-        reusable = reusable_units(extend_from, settings, fingerprint['model'], x, y) if extend_from else {}
+        fingerprint = check_fingerprint(run_dir, model, x, y, write=process_index == 0 and not finished)
+        reusable = reusable_units(extend_from, settings, fingerprint['model'], x, y) \
+            if extend_from and not finished else {}
         plan = make_batchings(len(y), batch_size, batchings, cfg.seed, labels=y)
         units = [(b, i, idx) for b in batchings for i, idx in enumerate(plan[b])]
-        mine = units[process_index::num_processes]  # round-robin: the processes of one run share the work
-        todo = [u for u in mine if load_unit(unit_path(run_dir, u[0], u[1]), u[2]) is None]
-        if len(todo) < len(mine):
-            _logger.info('resuming: %d of %d units already done', len(mine) - len(todo), len(mine))
-        todo = copy_reusable(todo, reusable, run_dir, save_adversarial, extend_from)
+        if finished:
+            missing = [u for u in units if load_unit(unit_path(run_dir, u[0], u[1]), u[2]) is None]
+            if missing:
+                raise ValueError(f'{run_dir} belongs to a finished evaluation (its results are written) but '
+                                 f'{len(missing)} of its {len(units)} batches have no readable unit file; finished '
+                                 'results are never recomputed in place. Evaluate into a new --out folder.')
+            todo = []
+        else:
+            mine = units[process_index::num_processes]  # round-robin: the processes of one run share the work
+            todo = [u for u in mine if load_unit(unit_path(run_dir, u[0], u[1]), u[2]) is None]
+            if len(todo) < len(mine):
+                _logger.info('resuming: %d of %d units already done', len(mine) - len(todo), len(mine))
+            todo = copy_reusable(todo, reusable, run_dir, save_adversarial, extend_from)
         _compute_units(todo, model, x, y, cfg, run_dir, protocol, amp, save_adversarial, num_classes, progress,
                        surrogate_models)
         if process_index != 0:

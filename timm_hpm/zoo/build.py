@@ -30,6 +30,7 @@ class BuildOptions:
     sets: List[str] = field(default_factory=list)  # fine-tuning --set KEY=VALUE overrides
     push: bool = False
     cards_dir: Optional[Path] = None  # default <out>/cards (hub_cards/ only when asked)
+    overwrite_card: bool = False  # replace a different card in cards_dir (and, with push, the one on the Hub)
     python: str = sys.executable
 
 
@@ -103,7 +104,8 @@ def plan_steps(entry: ZooEntry, opts: BuildOptions) -> List[Step]:
             '--results', str(out / 'eval_hpm' / 'eval.json'), '--base-results', str(out / 'eval_base' / 'eval.json'),
             '--training-config', str(run / 'config.yaml'), '--base-model', card.base_model, '--repo-id', card.repo_id,
             '--license', card.license, *(['--license-name', card.license_name] if card.license_name else []),
-            '--out', str(out / 'hub'), '--cards-dir', str(opts.cards_dir or out / 'cards')]
+            '--out', str(out / 'hub'), '--cards-dir', str(opts.cards_dir or out / 'cards')] + \
+        (['--overwrite-card'] if opts.overwrite_card else [])
     if opts.push:
         steps.append(Step('push', out / 'pushed.json', push, f'upload {out / "hub"} to {card.repo_id}'))
     else:
@@ -233,4 +235,5 @@ def export_base(entry: ZooEntry, model_dir: str, folder: Path) -> Path:
 
 
 def format_command(command: Sequence[str]) -> str:
-    return ' '.join(shlex.quote(str(c)) for c in command)
+    """The command line, shell-quoted: ``shlex.split`` gives ``command`` back."""
+    return shlex.join(str(c) for c in command)
