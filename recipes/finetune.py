@@ -1,7 +1,7 @@
 """HPM adversarial fine-tuning with accelerate.
 
     accelerate launch recipes/finetune.py --config recipes/configs/hpm_wrn28_10_cifar10.yaml
-    accelerate launch recipes/finetune.py --resume runs/<run>/      # after a crash or kill; the budget may grow
+    accelerate launch recipes/finetune.py --resume runs/<run>/      # after a crash or kill; the budget may change
     python recipes/finetune.py --config ... --epochs 1 --device cpu              # without accelerate launch
     accelerate launch --multi_gpu --num_processes 2 recipes/finetune.py ... --device cpu   # 2 CPU processes (gloo)
 
@@ -10,7 +10,9 @@ with prototypes, optimiser, RNG states, trainer state; nothing in it is ever unp
 timm_hpm/train/checkpoint.py), ``final/`` (model.safetensors + timm config.json, loadable with
 ``timm.create_model('local-dir:<run>/final', pretrained=True)``) and ``run.lock`` (held while a process runs in it).
 A fresh run refuses a folder that holds a run unless ``--overwrite``; ``--resume`` refuses changed settings except the
-step budget. The steps below follow accelerate's examples/cv_example.py; what they call lives in timm_hpm/train/.
+step budget, a budget below the steps already trained, and any change to a finished run (``final/`` written: its
+results are never rewritten; resumed with its own settings it is left untouched). The steps below follow accelerate's
+examples/cv_example.py; what they call lives in timm_hpm/train/.
 """
 import argparse
 import logging
@@ -54,6 +56,7 @@ def main(argv=None) -> Path:
     from accelerate.utils import ProjectConfiguration
 
     from timm_hpm.train import claim_run_folder, parse_overrides, resolve_config
+    from timm_hpm.train.runs import finished_resume
 
     overrides = parse_overrides(args.set, epochs=args.epochs, max_steps=args.max_steps)
     cfg, budget_changes = resolve_config(args.config, args.resume, overrides, args.output_dir)
@@ -67,7 +70,13 @@ def main(argv=None) -> Path:
         # unpickles (timm_hpm/train/checkpoint.py says where).
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, automatic_checkpoint_naming=True,
                                             total_limit=t.keep_checkpoints))
-    with claim_run_folder(accelerator, Path(cfg.output_dir), fresh=args.resume is None, overwrite=args.overwrite):
+    run_dir = Path(cfg.output_dir)
+    with claim_run_folder(accelerator, run_dir, fresh=args.resume is None, overwrite=args.overwrite):
+        # checked again under the lock (the run may have finished since): a finished run is never rewritten
+        if args.resume is not None and finished_resume(run_dir, budget_changes):
+            if accelerator.is_main_process:
+                print(f'{run_dir} has finished ({run_dir / "final"}); nothing to do.', file=sys.stderr)
+            return run_dir
         return train(accelerator, cfg, resume=args.resume is not None, budget_changes=budget_changes)
 
 
@@ -113,11 +122,12 @@ def train(accelerator, cfg, resume: bool, budget_changes: dict) -> Path:
 
     model, optimizer, train_loader, init_loader = accelerator.prepare(model, optimizer, train_loader, init_loader)
     raw = accelerator.unwrap_model(model)
+
+    # Resume (refused before anything is written when its checkpoint is past the budget), or initialise the dataset
+    # prototypes from the base model's features.
+    state = restore(accelerator, run_dir, raw, optimizer, total_steps) if resume else None
     if t.trackers:
         accelerator.init_trackers(run_dir.name, config={k: str(v) for k, v in cfg.to_dict().items()})
-
-    # Resume, or initialise the dataset prototypes from the base model's features.
-    state = restore(accelerator, run_dir, raw, optimizer) if resume else None
     if state is not None:
         scheduler.step_update(state['global_step'])  # the rate is a function of the step (and of the budget)
     else:

@@ -9,9 +9,17 @@ training. Every model is scored on the same held-out images (never the test set)
 per-image results go to ``<out>/scores/`` and the table (difference to the control, paired standard error, sign
 test) to ``<out>/study.json``, ``<out>/study.md`` and ``<out>/study.png``. Finished fine-tunes and scores are kept:
 rerun the command after an interruption, or with more candidates or seeds.
+
+Before any work, every finished score and every fine-tune the study would reuse is checked against what the study
+defines now: a score made with another definition, or a run folder whose ``config.yaml`` differs from the candidate's
+configuration (its definition changed, or another study gave the name to another configuration in the same --runs
+folder), stops the study naming what differs; nothing is deleted or retrained in its place. The figure needs
+matplotlib: without it the study stops at once, before any fine-tune, saying so (``--no-figure`` runs it without
+the figure), rather than failing at the end, after the work.
 """
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -29,11 +37,20 @@ def parse_args(argv=None):
     p.add_argument('--device', default='cpu', choices=['cpu', 'auto'], help='the fine-tunes\' device')
     p.add_argument('--update', type=Path, default=None, metavar='README',
                    help="also write the table into that file's generated section 'heldout-study'")
+    p.add_argument('--no-figure', action='store_true',
+                   help='do not draw <out>/study.png (which needs matplotlib); the tables are written as always')
     return p.parse_args(argv)
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if not args.no_figure:  # the figure is asked for: without matplotlib, stop now rather than after all the work
+        from timm_hpm.analysis.figures import require_matplotlib
+        try:
+            require_matplotlib(f'recipes/study.py (its figure {args.out / "study.png"})')
+        except ImportError as error:
+            raise SystemExit(f'{error}; or pass --no-figure to run the study without the figure.') from None
     import timm
     import yaml
     from tqdm import tqdm
@@ -41,9 +58,9 @@ def main(argv=None):
     import timm_hpm
     from timm_hpm.report import check_section, update_section
     from timm_hpm.runfiles import run_lock, write_text_atomic
-    from timm_hpm.study import (expand_study, finetune, held_out, plot_study, ranking_text, score_model, scoring_config,
-                                seed_summary, study_rows, study_table)
-    from timm_hpm.train import load_config
+    from timm_hpm.study import (check_run, expand_study, finetune, held_out, plot_study, ranking_text, score_model,
+                                scoring_config, seed_summary, study_rows, study_table)
+    from timm_hpm.train import ConfigError, RunFolderError, load_config
 
     if args.update is not None:  # refuse a wrong --update before hours of work, not after
         try:
@@ -66,28 +83,52 @@ def main(argv=None):
     eps, norm = base_cfg.eps, base_cfg.attack.norm
     attack = scoring_config(eps, norm, scoring).to_dict()  # in every score's definition: a changed attack is stale
     scores_dir = args.out / 'scores'
-    scores_dir.mkdir(parents=True, exist_ok=True)
+
+    def score_path(c):
+        return scores_dir / f"{c.name.replace('/', '__')}.json"
+
+    def definition_of(c):
+        return dict(kind=c.kind, overrides=c.overrides, model=c.model, hpm=c.hpm, run=c.run,
+                    eval_batch_size=c.eval_batch_size or scoring.get('batch_size', 250), scoring=scoring, attack=attack)
+
+    def fine_tuned(c):  # fine-tuned here (or before, by this candidate or the one named by its model_of)
+        return not (c.kind == 'inference' and c.run is None)  # (else a registered model)
+
+    def run_of(c):
+        return args.runs / (c.run or c.name), control_config if c.kind == 'control' else config
+
     with run_lock(args.out, '--out'):
+        # Before any work: every finished score, and every run folder the study would reuse (for a score to make,
+        # or the run a finished score came from), is what the study defines now.
+        for c in candidates:
+            if score_path(c).exists():
+                stored_score(score_path(c), c.name, definition_of(c))
+            if fine_tuned(c) and (c.name in keep or score_path(c).exists()):
+                run_dir, train_config = run_of(c)
+                try:
+                    check_run(train_config, run_dir, c.overrides, c.name)
+                except (RunFolderError, ConfigError) as error:
+                    raise SystemExit(f'error: {error}') from None
+        scores_dir.mkdir(parents=True, exist_ok=True)
         x = y = None
         scores = {}
         # --only limits what is fine-tuned and scored; the table has every candidate scored so far
         for c in tqdm(candidates, desc='study candidates'):
-            path = scores_dir / f"{c.name.replace('/', '__')}.json"
-            definition = dict(kind=c.kind, overrides=c.overrides, model=c.model, hpm=c.hpm, run=c.run,
-                              eval_batch_size=c.eval_batch_size or scoring.get('batch_size', 250), scoring=scoring,
-                              attack=attack)
+            path, definition = score_path(c), definition_of(c)
             if path.exists():
                 scores[c.name] = stored_score(path, c.name, definition)
                 continue
             if c.name not in keep:
                 continue
-            if c.kind == 'inference' and c.run is None:  # a registered model
+            if not fine_tuned(c):
                 model = timm.create_model(c.model, pretrained=True).eval()
                 seconds = None
-            else:  # fine-tuned here (or before, by this candidate or the one named by its model_of)
-                run_dir = args.runs / (c.run or c.name)
-                seconds = finetune(control_config if c.kind == 'control' else config, run_dir, c.overrides,
-                                   args.device)
+            else:
+                run_dir, train_config = run_of(c)
+                try:  # checked again: another process may have written the run since
+                    seconds = finetune(train_config, run_dir, c.overrides, args.device, c.name)
+                except (RunFolderError, ConfigError) as error:
+                    raise SystemExit(f'error: {error}') from None
                 model = timm.create_model(f"local-dir:{run_dir / 'final'}", pretrained=True).eval()
             for key, value in c.hpm.items():  # inference-time head options; the others stay as trained
                 setattr(timm_hpm.get_hpm_head(model), key, value)
@@ -116,9 +157,13 @@ def main(argv=None):
              'ranking': summary,
              'base': {k: base[k] for k in ('clean_acc', 'robust_acc')} if base else None,
              'timm_hpm_version': timm_hpm.__version__,
-             'command': 'python recipes/study.py ' + ' '.join(argv if argv is not None else sys.argv[1:])}, indent=2))
+             'command': 'python recipes/study.py ' + shlex.join(map(str, argv))}, indent=2))
         write_text_atomic(args.out / 'study.md', table + '\n')
-        plot_study(rows, args.out / 'study.png', f"held-out robust vs clean accuracy ({len(rows)} models)", base)
+        if not args.no_figure:
+            plot_study(rows, args.out / 'study.png', f"held-out robust vs clean accuracy ({len(rows)} models)", base)
+        elif (args.out / 'study.png').exists():
+            print(f'--no-figure: {args.out / "study.png"} is an earlier run\'s figure, not redrawn from this table',
+                  file=sys.stderr)
     print(table)
     if args.update is not None:
         update_section(args.update, 'heldout-study', table)

@@ -3,6 +3,7 @@ a killed run resumes to bitwise the same weights and prototypes, two processes (
 identical prototypes and weights on both ranks, and bad configurations fail before training."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,7 +97,13 @@ def test_two_processes_keep_identical_prototypes_and_weights(tmp_path):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     model = timm.create_model(f"local-dir:{out / 'final'}", pretrained=True)
     assert bool(model.hpm_head.prototypes_initialized)
-    # Both processes resume from the checkpoint (each its own RNG state) and go on in step.
+    # A finished run is never rewritten: a longer budget is refused (on both processes), the run left as it was.
+    refused = launch('--resume', str(out), '--epochs', '3')
+    assert refused.returncode != 0 and 'train.epochs 2 -> 3' in refused.stderr
+    assert {p.read_text() for p in out.glob('fingerprint_rank*.txt')} == fingerprints
+    # With final/ deleted on purpose (as the refusal says), both processes resume from the checkpoint (each its own
+    # RNG state) and go on in step.
+    shutil.rmtree(out / 'final')
     resumed = launch('--resume', str(out), '--epochs', '3')
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = {p.read_text() for p in out.glob('fingerprint_rank*.txt')}

@@ -55,7 +55,10 @@ def _resolve(finetune, argv):
 
 
 def _copy(run: Path, dest: Path) -> Path:
+    """A copy of the finished run as an interrupted one: its checkpoint, no final/ (a finished run is never
+    resumed: tests/test_safe_runs_reuse.py)."""
     shutil.copytree(run, dest)
+    shutil.rmtree(dest / 'final')
     return dest
 
 

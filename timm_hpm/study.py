@@ -8,6 +8,10 @@ candidate uses. Every model is scored on the same held-out images (the end of th
 never see; never the test set) with the same attack: whole-batch APGD-CE and APGD-T through the target itself and,
 for an HPM model, through its head's other modes (the surrogate part of MSA, without AutoAttack), the realised
 batch counted. Per-image results are kept, so every HPM figure is compared with its control image by image.
+
+A fine-tune is reused (finished, or resumed after an interruption) only when its run folder's ``config.yaml`` is the
+configuration the study asks of it (:func:`check_run`): a candidate whose definition changed, or another study that
+gives the same name to another configuration in a shared runs folder, is refused, naming the settings that differ.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from .data import build_train_val
 from .report import markdown_table, mean_difference, paired, paired_difference
 
 __all__ = ['Candidate', 'expand_study', 'held_out', 'score_model', 'finetune', 'study_rows', 'study_table',
-           'seed_summary', 'ranking_text', 'plot_study']
+           'seed_summary', 'ranking_text', 'plot_study', 'check_run', 'run_config']
 
 KINDS = ('hpm', 'control', 'inference')
 #: What a control shares with the HPM candidate it is read against (besides the seed): the budget.
@@ -154,16 +158,61 @@ def score_model(model, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, 
             'robust_acc': result['robust_acc'], 'union_acc': result['union_acc']}
 
 
-def finetune(config: Path, run_dir: Path, overrides: Dict[str, Any], device: str = 'cpu') -> Optional[float]:
+def _sets(overrides: Dict[str, Any]) -> List[str]:
+    """The ``--set KEY=VALUE`` items that give ``recipes/finetune.py`` these overrides."""
+    return [f'{k}={json.dumps(v)}' for k, v in overrides.items()]
+
+
+def run_config(config: Path, overrides: Dict[str, Any]):
+    """The configuration ``recipes/finetune.py --config config --set <overrides>`` resolves (and records in its run
+    folder's ``config.yaml``), read the way it reads it."""
+    from .train import load_config, parse_overrides
+    return load_config(config, parse_overrides(_sets(overrides)))
+
+
+def check_run(config: Path, run_dir: Path, overrides: Dict[str, Any], name: str = '') -> None:
+    """Refuse to reuse the fine-tune in ``run_dir`` (finished, or to be resumed) unless its recorded configuration
+    (``config.yaml``) is the one asked for (``config`` with ``overrides``), output folder aside: a
+    :class:`~timm_hpm.train.RunFolderError` names the settings that differ and what to do. A folder without a run
+    passes; a finished run without its ``config.yaml`` is refused (it cannot be checked)."""
+    from .train import ConfigError, RunFolderError, load_config
+    from .train.config import config_changes
+    from .train.runs import describe_changes, run_finished
+    run_dir = Path(run_dir)
+    who = f"{name}'s fine-tune" if name else 'the fine-tune'
+    saved = run_dir / 'config.yaml'
+    if not saved.is_file():
+        if run_finished(run_dir):
+            raise RunFolderError(f'{run_dir} holds finished weights but no config.yaml, so it cannot be checked to be '
+                                 f'{who}: use another --runs folder, or delete {run_dir} yourself to fine-tune again.')
+        return
+    try:
+        recorded = load_config(saved)
+    except ConfigError as error:
+        raise RunFolderError(f'{run_dir} holds a run whose configuration cannot be checked to be {who} ({error}): '
+                             f'use another --runs folder, or delete {run_dir} yourself to fine-tune again.') from None
+    changes = config_changes(recorded, run_config(config, overrides))
+    if changes:
+        raise RunFolderError(
+            f'{run_dir} holds a fine-tune with another configuration than {who} ({saved} -> what the study asks: '
+            f'{describe_changes(changes)}). It is not reused: give this study its own --runs folder (or the candidate '
+            f'another name), or delete {run_dir} yourself (and the scores made from it) to fine-tune it again.')
+
+
+def finetune(config: Path, run_dir: Path, overrides: Dict[str, Any], device: str = 'cpu', name: str = ''
+             ) -> Optional[float]:
     """Fine-tune with ``recipes/finetune.py`` into ``run_dir`` (resuming an interrupted run); seconds taken, or
-    None when the run had finished before."""
-    if (run_dir / 'final' / 'model.safetensors').exists():
+    None when the run had finished before. A run already there is reused only with the configuration asked for
+    (:func:`check_run`; ``name``, the candidate, names it in the refusal)."""
+    from .train.runs import run_finished
+    check_run(config, run_dir, overrides, name)
+    if run_finished(run_dir):
         return None
     recipe = Path(__file__).resolve().parent.parent / 'recipes' / 'finetune.py'
     if (run_dir / 'config.yaml').exists():
         cmd = ['--resume', str(run_dir)]
     else:
-        sets = [f'{k}={json.dumps(v)}' for k, v in overrides.items()]
+        sets = _sets(overrides)
         cmd = ['--config', str(config), '--output-dir', str(run_dir)] + (['--set'] + sets if sets else [])
     tic = time.time()
     subprocess.run([sys.executable, str(recipe), *cmd, '--device', device], check=True)

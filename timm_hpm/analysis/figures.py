@@ -4,9 +4,22 @@ import math
 
 from .sensitivity import finite_median
 
-__all__ = ['plot_sensitivity']
+__all__ = ['plot_sensitivity', 'require_matplotlib']
 
 _LABELS = {'fc': 'FC head (linear)', 'static': 'l2 head (static prototypes)'}
+
+
+def require_matplotlib(what: str) -> None:
+    """Raise an ImportError that says ``what`` needs matplotlib and how to install it, when matplotlib (with its
+    non-interactive Agg backend) cannot be imported. A command whose output includes a figure calls this before any
+    work, so that a missing plotting library stops it at once, not after hours of work."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot  # noqa: F401
+    except ImportError as error:
+        raise ImportError(f'{what} needs matplotlib, which cannot be imported here ({error}); install it with '
+                          '`pip install matplotlib` (or the package\'s dev extra, `pip install -e .[dev]`)') from None
 
 
 def plot_sensitivity(result: dict, path, title: str = '') -> None:

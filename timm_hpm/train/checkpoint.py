@@ -54,7 +54,7 @@ from safetensors.torch import load_model, save_model
 from ..runfiles import write_atomic, write_text_atomic
 
 __all__ = ['CheckpointError', 'save_checkpoint', 'save_run_checkpoint', 'load_checkpoint', 'latest_checkpoint',
-           'checkpoint_folders', 'write_atomic', 'write_text_atomic', 'read_json']
+           'checkpoint_folders', 'write_atomic', 'write_text_atomic', 'read_json', 'trainer_state']
 
 _logger = logging.getLogger(__name__)
 
@@ -159,6 +159,12 @@ def save_checkpoint(accelerator, folder: Path, model: torch.nn.Module, optimizer
             trainer_state['grad_scaler'] = accelerator.scaler.state_dict()
         write_text_atomic(folder / TRAINER_STATE, json.dumps(trainer_state))
     accelerator.wait_for_everyone()
+
+
+def trainer_state(folder: Path) -> Dict[str, Any]:
+    """The trainer state of a complete checkpoint folder (global_step, epoch, batches_done, ...), read and checked
+    without restoring anything (e.g. to compare its step with a resumed run's budget)."""
+    return _trainer_state(Path(folder) / TRAINER_STATE)
 
 
 def _trainer_state(path: Path) -> Dict[str, Any]:

@@ -4,7 +4,9 @@ A fresh run refuses a folder that already holds a run (unless told to overwrite 
 ``<run>/run.lock`` for its lifetime (:func:`timm_hpm.runfiles.run_lock`), so that a second process started into
 the same folder fails at once, naming the holder, instead of mixing its files with the first run's. A resumed run
 keeps the settings saved in its folder (only the step budget may change) and goes on from its newest complete
-checkpoint. Every process of a run learns of a refusal or an unreadable file, instead of waiting for the failed one.
+checkpoint; a finished run (``final/`` written) is never rewritten: resumed with its own settings it is left as it is,
+with another budget it is refused, and no run is shortened below the steps its checkpoint has trained. Every process
+of a run learns of a refusal or an unreadable file, instead of waiting for the failed one.
 """
 from __future__ import annotations
 
@@ -21,13 +23,13 @@ import yaml
 
 from ..models._hpm import get_hpm_head, is_hpm_model
 from ..runfiles import LOCK_NAME, FolderInUse, run_lock, write_text_atomic
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, trainer_state
 from .config import BUDGET_KEYS, ConfigError, FinetuneConfig, config_changes, load_config
 from .engine import broadcast_buffers, read_jsonl
 
 __all__ = ['RunFolderError', 'run_lock', 'run_files', 'prepare_fresh_run', 'LOCK_NAME', 'FolderInUse',
            'parse_overrides', 'resolve_config', 'claim_run_folder', 'raise_on_every_process', 'restore',
-           'state_fingerprint', 'write_fingerprints']
+           'state_fingerprint', 'write_fingerprints', 'run_finished', 'finished_resume', 'describe_changes']
 
 _logger = logging.getLogger(__name__)
 
@@ -63,6 +65,48 @@ def prepare_fresh_run(folder: Path, overwrite: bool) -> None:
             path.unlink()
 
 
+def run_finished(folder: Path) -> bool:
+    """Whether the run in ``folder`` has finished: its final weights and their timm config (``final/model.safetensors``
+    and ``final/config.json``, written last) are there. A final/ cut short (killed while saving) is written again by
+    a resume."""
+    final = Path(folder) / 'final'
+    return (final / 'model.safetensors').is_file() and (final / 'config.json').is_file()
+
+
+_UNSET = '(unset)'
+
+
+def _leaf_changes(key: str, old: Any, new: Any) -> List[Tuple[str, Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):  # e.g. model.hpm: name the option, not the whole mapping
+        return [leaf for sub in sorted(set(old) | set(new), key=str) if old.get(sub, _UNSET) != new.get(sub, _UNSET)
+                for leaf in _leaf_changes(f'{key}.{sub}', old.get(sub, _UNSET), new.get(sub, _UNSET))]
+    return [(key, old, new)]
+
+
+def describe_changes(changes: Dict[str, Tuple[Any, Any]]) -> str:
+    """``'train.lr 0.01 -> 0.05; model.hpm.alpha 0.5 -> 0.25'`` for
+    :func:`~timm_hpm.train.config.config_changes`' ``{key: (old, new)}`` (a mapping setting by its entries)."""
+    leaves = [leaf for k, (old, new) in changes.items() for leaf in _leaf_changes(k, old, new)]
+    return '; '.join(f'{k} {old if old is _UNSET else repr(old)} -> {new if new is _UNSET else repr(new)}'
+                     for k, old, new in leaves)
+
+
+def finished_resume(run_dir: Path, changes: Dict[str, Tuple[Any, Any]]) -> bool:
+    """Whether ``--resume run_dir`` finds a finished run (nothing to do); a finished run whose budget would change
+    (``changes``, ``{key: (old, new)}``) is refused: its results are never rewritten (a shorter budget would leave the
+    longer run's weights under a config that says otherwise; a longer one would replace weights already used)."""
+    if not run_finished(run_dir):
+        return False
+    if changes:
+        raise ConfigError(
+            f'--resume {run_dir}: the run has finished ({Path(run_dir) / "final"} holds its weights), so its '
+            f'settings cannot change: {describe_changes(changes)}. A finished run is never rewritten. Start a new '
+            f'run in another --output-dir (--config {Path(run_dir) / "config.yaml"} with the new budget), or, to go '
+            f'on from this run\'s checkpoints deliberately, delete {Path(run_dir) / "final"} yourself and resume '
+            'again.')
+    return True
+
+
 def parse_overrides(items: Sequence[str], epochs: Optional[int] = None, max_steps: Optional[int] = None
                     ) -> Dict[str, Any]:
     """``{'train.lr': 0.01, ...}`` from ``--set KEY=VALUE`` items (values read as YAML), ``--epochs`` and
@@ -86,8 +130,9 @@ def parse_overrides(items: Sequence[str], epochs: Optional[int] = None, max_step
 def resolve_config(config: Optional[Path], resume: Optional[Path], overrides: Dict[str, Any],
                    output_dir: Optional[Path] = None) -> Tuple[FinetuneConfig, Dict[str, Tuple[Any, Any]]]:
     """The run's configuration: ``config`` with ``overrides`` (into ``output_dir`` when given) for a fresh run;
-    for a ``resume`` folder its saved config.yaml, refusing any change but the step budget. Returns it with the
-    budget settings that change (``{key: (old, new)}``; empty for a fresh run)."""
+    for a ``resume`` folder its saved config.yaml, refusing any change but the step budget, and any change at all
+    when the run has finished (:func:`finished_resume`). Returns it with the budget settings that change
+    (``{key: (old, new)}``; empty for a fresh run)."""
     if resume is None:
         cfg = load_config(config, overrides)
         if output_dir is not None:
@@ -102,9 +147,10 @@ def resolve_config(config: Optional[Path], resume: Optional[Path], overrides: Di
     refused = {k: v for k, v in changes.items() if k not in BUDGET_KEYS}
     if refused:
         raise ConfigError(
-            f'--resume {resume}: ' + '; '.join(f'{k} {old!r} -> {new!r}' for k, (old, new) in refused.items()) +
+            f'--resume {resume}: ' + describe_changes(refused) +
             f" differ from the run's {saved_path}. A resumed run keeps its settings; only its step budget "
             f"({', '.join(BUDGET_KEYS)}) may change. Start a new run (another --output-dir) to change the others.")
+    finished_resume(Path(resume), changes)
     cfg.output_dir = str(resume)
     return cfg, changes
 
@@ -137,12 +183,22 @@ def claim_run_folder(accelerator, run_dir: Path, fresh: bool, overwrite: bool) -
         yield
 
 
-def restore(accelerator, run_dir: Path, model: torch.nn.Module, optimizer) -> Optional[Dict[str, Any]]:
+def restore(accelerator, run_dir: Path, model: torch.nn.Module, optimizer, total_steps: Optional[int] = None
+            ) -> Optional[Dict[str, Any]]:
     """The trainer state of the run's newest complete checkpoint, restored into model, optimiser and random
-    generators (None when there is none); log lines written after it are dropped."""
+    generators (None when there is none); log lines written after it are dropped. A checkpoint past ``total_steps``
+    (the step budget of the resumed run) is refused before anything is read into the run or written: a run is not
+    shortened below what it has trained."""
     state, error = None, None
     try:
         checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is not None and total_steps is not None:
+            done = trainer_state(checkpoint)['global_step']
+            if done > total_steps:
+                raise RunFolderError(
+                    f'--resume {run_dir}: its newest checkpoint {checkpoint} has trained {done} steps, more than the '
+                    f'budget of {total_steps} steps asked for now. A run is not shortened below what it has trained: '
+                    f'resume with a budget of at least {done} steps, or start a new run in another --output-dir.')
         if checkpoint is not None:
             state = load_checkpoint(accelerator, checkpoint, model, optimizer)
             _logger.info('resumed from %s (step %d)', checkpoint, state['global_step'])
@@ -151,8 +207,8 @@ def restore(accelerator, run_dir: Path, model: torch.nn.Module, optimizer) -> Op
             log_path = Path(run_dir) / 'log.jsonl'
             kept = [r for r in read_jsonl(log_path) if r.get('step', 0) <= step]
             write_text_atomic(log_path, ''.join(json.dumps(r) + '\n' for r in kept))
-    except CheckpointError as unreadable:
-        error = unreadable
+    except (CheckpointError, RunFolderError) as refused:
+        error = refused
     raise_on_every_process(accelerator, error)
     if state is None:
         _logger.warning('no checkpoint in %s: starting from scratch', run_dir)
