@@ -9,9 +9,11 @@ on exactly the batch that is scored), and what they check and wrap.
 """
 from ._ball import ascent_direction, project, random_init
 from .apgd import APGD_LOSSES, apgd, apgd_targeted, checkpoints, dlr_loss, targeted_dlr_loss
-from .inputs import NormalizedInput, accuracy, check_images, each_image_alone, normalized_view, parse_eps
+from .inputs import (NormalizedInput, accuracy, check_count, check_eps, check_flag, check_images, each_image_alone,
+                     normalized_view, option_label, parse_eps)
 from .pgd import pgd
 
 __all__ = ['pgd', 'apgd', 'apgd_targeted', 'APGD_LOSSES', 'checkpoints', 'dlr_loss', 'targeted_dlr_loss', 'project',
-           'ascent_direction', 'random_init', 'parse_eps', 'check_images', 'accuracy', 'NormalizedInput',
+           'ascent_direction', 'random_init', 'parse_eps', 'check_eps', 'check_count', 'check_flag', 'option_label',
+           'check_images', 'accuracy', 'NormalizedInput',
            'normalized_view', 'each_image_alone']

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ._ball import ascent_direction, check_norm, project, random_init
+from .inputs import check_count, check_eps
 
 __all__ = ['apgd', 'apgd_targeted', 'dlr_loss', 'targeted_dlr_loss', 'checkpoints', 'APGD_LOSSES']
 
@@ -69,6 +70,13 @@ def _loss_fn(loss: str, y: torch.Tensor, target: Optional[torch.Tensor]) -> Call
 Observer = Callable[[torch.Tensor, torch.Tensor], None]
 
 
+def _check_budget(eps: float, n_iter: int) -> None:
+    """A radius and a number of iterations APGD can run with (0 iterations: the random start alone); the bound on a
+    Linf eps is the callers' (:func:`~timm_hpm.attacks.check_eps`), the geometry is valid for any radius."""
+    check_count(n_iter, 'n_iter', 0, what='iterations of APGD')
+    check_eps(eps, norm=None)
+
+
 def _loss_and_grad(model: Model, x_adv: torch.Tensor, loss_fn, observe: Optional[Observer] = None):
     with torch.enable_grad():
         x_adv = x_adv.detach().requires_grad_(True)
@@ -101,6 +109,7 @@ def apgd(
     need ``target``). ``observe(x_adv, logits)`` is called with every batch the model is evaluated on (the start,
     each iterate, each restart from the best points)."""
     check_norm(norm)
+    _check_budget(eps, n_iter)
     loss_fn = _loss_fn(loss, y, target)
     view = (-1,) + (1,) * (x.ndim - 1)
     x = x.detach()
@@ -160,6 +169,9 @@ def apgd_targeted(
     Targeted DLR needs >= 4 classes; with fewer, targeted cross-entropy is used. Yields one candidate batch per
     target rank, lazily: a caller that has broken every sample stops early. ``observe``: as in :func:`apgd`.
     """
+    check_norm(norm)
+    _check_budget(eps, n_iter)
+    check_count(n_target_classes, 'n_target_classes', 1, what='target classes of APGD-T')
     with torch.no_grad():
         logits = model(x)
     num_classes = logits.shape[1]

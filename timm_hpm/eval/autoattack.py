@@ -13,7 +13,8 @@ import torch.nn as nn
 __all__ = ['autoattack_backend', 'make_autoattack', 'run_autoattack', 'STANDARD_ATTACKS']
 
 STANDARD_ATTACKS = ('apgd-ce', 'apgd-t', 'fab-t', 'square')
-_VERSIONS = ('standard', 'plus', 'rand', 'custom')
+AUTOATTACK_VERSIONS = ('standard', 'plus', 'rand', 'custom')
+_VERSIONS = AUTOATTACK_VERSIONS
 
 
 def autoattack_backend(prefer: Optional[str] = None) -> str:

@@ -25,9 +25,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..attacks import accuracy, apgd, apgd_targeted, check_images
+from ..attacks import accuracy, apgd, apgd_targeted, check_count, check_eps, check_flag, check_images, option_label
+from ..attacks._ball import NORMS
+from ..layers.hpm_head import HPM_MODES
 from ..models._hpm import is_hpm_model
-from .autoattack import make_autoattack, run_autoattack
+from .autoattack import AUTOATTACK_VERSIONS, make_autoattack, run_autoattack
 from .checks import unwrap
 from .realised import IterateScores, RealisedBatch
 from .stages import AUTOATTACK, COMBINED, candidate_name
@@ -35,10 +37,37 @@ from .views import ModelView, hpm_views
 
 __all__ = ['MSAConfig', 'attack_batch', 'msa']
 
+#: The ``recipes/evaluate.py`` flag of each option that has one: an option's error names both.
+CLI_FLAGS = {'eps': '--eps', 'norm': '--norm', 'surrogates': '--surrogates', 'surrogate_models': '--surrogate-model',
+             'apgd_iters': '--apgd-iters', 'n_target_classes': '--n-target-classes',
+             'target_n_target_classes': '--target-n-target-classes', 'combine_rounds': '--combine-rounds',
+             'autoattack_iters': '--autoattack-iters', 'square_queries': '--square-queries', 'seed': '--seed',
+             'batch_size': '--batch-size'}
+
+
+def _names(value, name: str, optional: bool = False, choices: Optional[Sequence[str]] = None) -> Optional[List[str]]:
+    """A list of names (a sequence of distinct strings, from ``choices`` when given; not one string, whose letters
+    would be taken for names), or a ValueError naming the option."""
+    if value is None and optional:
+        return None
+    label = option_label(name, value, CLI_FLAGS.get(name))
+    if isinstance(value, str):
+        raise ValueError(f'{label}: must be a list of names, not one string (e.g. [{value!r}])')
+    if not isinstance(value, Sequence) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f'{label}: must be a list of names (non-empty strings)')
+    unknown = [v for v in value if choices is not None and v not in choices]
+    if unknown:
+        raise ValueError(f'{label}: unknown {unknown}; choose from {list(choices)}')
+    if len(set(value)) != len(value):
+        raise ValueError(f'{label}: names one twice')
+    return list(value)
+
 
 @dataclass
 class MSAConfig:
-    """Options of the protocol (all reported in the results)."""
+    """Options of the protocol (all reported in the results). Checked when made (and by :meth:`validate`, which
+    :func:`msa`, :func:`attack_batch` and the runner call again): an option out of its range is a ValueError naming
+    it, its value, its ``recipes/evaluate.py`` flag and the valid range, before any work."""
     eps: float
     norm: str = 'Linf'
     surrogates: Sequence[str] = ('fc', 'static', 'soft', 'dynamic')
@@ -57,6 +86,47 @@ class MSAConfig:
     surrogate_autoattack: bool = False  # also each surrogate's AutoAttack cascade (APGD-CE, APGD-T, FAB-T)
     cascade: bool = True
     seed: int = 0
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> 'MSAConfig':
+        """Every option's type and range (budgets of at least one iteration, query and target class; eps finite,
+        > 0 and, for Linf, at most 1), or a ValueError naming the option; returns the config."""
+        def flag(name):
+            return CLI_FLAGS.get(name)
+        if self.norm not in NORMS:
+            raise ValueError(f"{option_label('norm', self.norm, flag('norm'))}: must be one of {list(NORMS)}")
+        check_eps(self.eps, self.norm, 'eps', flag('eps'))
+        _names(self.surrogates, 'surrogates', choices=HPM_MODES)
+        _names(self.surrogate_models, 'surrogate_models')
+        check_count(self.apgd_iters, 'apgd_iters', 1, flag('apgd_iters'), what="iterations of MSA's whole-batch APGD")
+        check_count(self.n_target_classes, 'n_target_classes', 1, flag('n_target_classes'),
+                    what='APGD-T target classes per surrogate')
+        check_count(self.target_n_target_classes, 'target_n_target_classes', 1, flag('target_n_target_classes'),
+                    what='APGD-T target classes through the target')
+        check_count(self.combine_rounds, 'combine_rounds', 0, flag('combine_rounds'),
+                    what='whole-batch combination rounds; 0: none')
+        check_count(self.autoattack_iters, 'autoattack_iters', 1, flag('autoattack_iters'), optional=True,
+                    what="AutoAttack's iterations; None: its own")
+        check_count(self.square_queries, 'square_queries', 1, flag('square_queries'), optional=True,
+                    what="Square's queries; None: AutoAttack's own")
+        for name in ('score_iterates', 'surrogate_apgd', 'autoattack', 'surrogate_autoattack', 'cascade'):
+            check_flag(getattr(self, name), name)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"{option_label('seed', self.seed, flag('seed'))}: must be an integer")
+        if self.autoattack_version not in AUTOATTACK_VERSIONS:
+            raise ValueError(f"{option_label('autoattack_version', self.autoattack_version)}: must be one of "
+                             f'{list(AUTOATTACK_VERSIONS)}')
+        attacks = _names(self.autoattack_attacks, 'autoattack_attacks', optional=True)
+        if self.autoattack_version == 'custom' and self.autoattack and not attacks:
+            raise ValueError("autoattack_version='custom' needs autoattack_attacks, e.g. ['apgd-ce', 'apgd-t']")
+        if self.autoattack_version != 'custom' and attacks:
+            raise ValueError(f"autoattack_attacks={attacks} needs autoattack_version='custom'")
+        if not (self.autoattack or self.surrogate_apgd or self.surrogate_autoattack):
+            raise ValueError('no attack is on (autoattack, surrogate_apgd and surrogate_autoattack are all False): '
+                             'the robust accuracy would be the clean accuracy; turn one on')
+        return self
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -165,6 +235,9 @@ def attack_batch(
     batch that was stopped resumes at its next stage with the same result as an uninterrupted one (the random
     generator's state is saved with it). ``passes_before`` in the result: the passes the finished stages of an
     earlier start made (zero without one); ``seconds`` includes their time."""
+    if not isinstance(cfg, MSAConfig):
+        raise ValueError(f'cfg must be an MSAConfig, got {type(cfg).__name__}')
+    cfg.validate()  # again: a config changed after it was made is checked before any work
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     views = [target, *surrogates.values()]
@@ -266,6 +339,8 @@ def msa(
             MSA attack only its still-robust samples. The target is always attacked through itself too (as
             ``'target'``, with AutoAttack's 9 target classes) unless one of ``surrogates`` is a view of it. Default
             for an HPM model: its head's modes (``fc``, ``static``, ``soft``, ``dynamic``).
+        eps: the radius: finite and > 0, at most 1 for Linf (images in [0, 1]); ``config.eps`` when given.
+        batch_size: an integer >= 1, or None (all of ``x`` in one batch).
         config: the protocol's options (``eps``, ``norm`` and the rest); default ``MSAConfig(eps)``.
         batch_dependent: whether the target's predictions depend on the batch (then AutoAttack's own figure is not
             used: its images are re-scored on the fixed batches).
@@ -273,11 +348,20 @@ def msa(
     ``union_acc`` (per-sample union of all candidates, a bound that need not be realisable), ``candidate_acc``
     (each candidate batch's accuracy), ``correct`` (per-sample bools of the realised batches) and ``x_adv``.
     """
+    if config is not None and not isinstance(config, MSAConfig):
+        raise ValueError(f'config must be an MSAConfig, got {type(config).__name__}')
+    eps = check_eps(eps, config.norm if config is not None else 'Linf', 'eps')
+    if config is not None:
+        config.validate()
+        if config.eps != eps:
+            raise ValueError(f'eps={eps} but config.eps={config.eps}: give one')
     cfg = config or MSAConfig(eps=eps)
-    if config is not None and config.eps != eps:
-        raise ValueError(f'eps={eps} but config.eps={config.eps}: give one')
+    if batch_size is not None:
+        check_count(batch_size, 'batch_size', 1, what='images per fixed batch; None: all of x in one batch')
+    if surrogates is not None and not isinstance(surrogates, dict):
+        raise ValueError(f'surrogates must be a dict name -> model (or None), got {type(surrogates).__name__}')
     num_classes = getattr(model, 'num_classes', None)
-    check_images(x, y, num_classes)
+    check_images(x, y, num_classes)  # a non-empty (B, C, H, W) batch in [0, 1], finite, with B integer labels
     batch_size = batch_size or x.shape[0]
     hpm = is_hpm_model(unwrap(model))  # also behind a normalising view (timm_hpm.attacks.normalized_view)
     if surrogates is None:

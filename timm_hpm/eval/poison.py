@@ -16,30 +16,75 @@ head), every iterate scored on the target; the best iterate counts.
 from __future__ import annotations
 
 import json
+import numbers
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Sequence
 
 import torch
 from tqdm import tqdm
 
-from ..attacks import ascent_direction, project, random_init
+from ..attacks import ascent_direction, check_count, check_eps, check_images, option_label, project, random_init
+from ..attacks._ball import NORMS
 from ..report import markdown_table
 from ..runfiles import write_text_atomic
 from .run_folder import data_fingerprint, model_fingerprint
 
-__all__ = ['POISON_FRACTIONS', 'poison_counts', 'poison_batch', 'run_poisoning', 'poisoning_table']
+__all__ = ['POISON_FRACTIONS', 'PoisonConfig', 'poison_counts', 'poison_batch', 'run_poisoning', 'poisoning_table']
 
 #: k/B: one member, then 1%, 5%, 10% and 25% of the batch (rounded, at least one member).
 POISON_FRACTIONS = (0.01, 0.05, 0.10, 0.25)
+
+#: The ``recipes/evaluate.py --protocol poison`` flag of each setting: a setting's error names both.
+CLI_FLAGS = {'eps': '--eps', 'norm': '--norm', 'steps': '--poison-steps', 'seed': '--seed',
+             'batch_size': '--batch-size'}
+
+
+@dataclass(frozen=True)
+class PoisonConfig:
+    """The poisoning attack's settings, checked when made: ``eps`` finite and > 0 (at most 1 for Linf, images in
+    [0, 1]; the unbounded radius of L2 is the box's diagonal), ``steps`` >= 1 PGD steps (0 would score the random
+    start as if it were an attack, a negative number nothing at all), an integer seed. A setting out of its range is
+    a ValueError naming it, its value, its ``recipes/evaluate.py`` flag and the valid range. :func:`run_poisoning`
+    and :func:`poison_batch` make one from their arguments."""
+    eps: float
+    norm: str = 'Linf'
+    steps: int = 100
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.norm not in NORMS:
+            raise ValueError(f"{option_label('norm', self.norm, CLI_FLAGS['norm'])}: must be one of {list(NORMS)}")
+        check_eps(self.eps, self.norm, 'eps', CLI_FLAGS['eps'])
+        check_count(self.steps, 'steps', 1, CLI_FLAGS['steps'], what='PGD steps of each poisoning attack')
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"{option_label('seed', self.seed, CLI_FLAGS['seed'])}: must be an integer")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_k(k, batch_size: int) -> int:
+    """A number of poisoned members: at least 1, at most B - 1 (someone must be left to flip)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= batch_size - 1:
+        raise ValueError(f'k={k!r}: the number of poisoned members must be an integer in [1, {batch_size - 1}] for '
+                         f'a batch of {batch_size} (one poisoned member at least, one untouched member to flip)')
+    return int(k)
 
 
 def poison_counts(batch_size: int) -> List[int]:
     """The numbers k of poisoned members for a batch of ``batch_size``: 1 and each of :data:`POISON_FRACTIONS`
     (rounded half up, at least 1, at most B - 1), without repeats."""
-    if batch_size < 2:
-        raise ValueError(f'poisoning needs batches of at least 2 images (one to poison, one to flip), got {batch_size}')
+    check_count(batch_size, 'batch_size', 2, CLI_FLAGS['batch_size'],
+                what='poisoning needs batches of at least 2 images: one to poison, one to flip')
     ks = [1] + [min(max(1, int(f * batch_size + 0.5)), batch_size - 1) for f in POISON_FRACTIONS]
     return sorted(set(ks))
+
+
+def _check_views(gradient_views) -> None:
+    if not isinstance(gradient_views, dict) or not gradient_views:
+        raise ValueError('gradient_views must name at least one model whose gradient the attack follows '
+                         f'(a dict name -> model), got {gradient_views!r}; without one nothing is attacked')
 
 
 def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -52,9 +97,15 @@ def poison_batch(target: Callable, gradient_views: Dict[str, Callable], x: torch
                  eps: float, norm: str = 'Linf', steps: int = 100, seed: int = 0) -> dict:
     """Poison ``k`` random members of the batch ``x`` to flip the others; returns the members poisoned, the
     untouched members correct on the clean batch (``victims``) and how many of them the best poisoned batch
-    flips (``flipped``), per gradient view and overall."""
-    generator = torch.Generator().manual_seed(seed)
+    flips (``flipped``), per gradient view and overall. ``eps``/``norm``/``steps``/``seed``: as
+    :class:`PoisonConfig` checks them (``eps`` may be the unbounded radius, the ball that holds all of [0, 1]);
+    ``k`` in [1, B - 1]; ``gradient_views``: at least one."""
+    PoisonConfig(eps=eps, norm=norm, steps=steps, seed=seed)
+    _check_views(gradient_views)
+    check_images(x, y)
     b = x.shape[0]
+    _check_k(k, b)
+    generator = torch.Generator().manual_seed(seed)
     poisoned = torch.randperm(b, generator=generator)[:k].sort().values.to(x.device)
     untouched = torch.ones(b, dtype=torch.bool, device=x.device)
     untouched[poisoned] = False
@@ -101,8 +152,18 @@ def run_poisoning(target: Callable, gradient_views: Dict[str, Callable], x: torc
     """The protocol on the fixed batches of ``batch_size`` (in order) of ``x``, for every k of
     :func:`poison_counts` and for ``eps`` and unbounded perturbations. One JSON file per batch under ``out``
     (written atomically): a killed run resumes, skipping finished batches; settings that differ from the
-    folder's (settings, model weights or images) are refused. Returns the aggregated records ``{k, eps, bounded, flipped_fraction, flipped,
-    victims, batches}``."""
+    folder's (settings, model weights or images) are refused. Returns the aggregated records ``{k, eps, bounded,
+    flipped_fraction, flipped, victims, batches}``.
+
+    Every setting is checked before the folder is touched (:class:`PoisonConfig`: eps, norm, steps >= 1, seed;
+    ``batch_size`` >= 2; at least one gradient view; a non-empty batch of images in [0, 1] with its labels): a
+    ValueError naming the setting, never a table of 0% flipped from an attack that did not run."""
+    PoisonConfig(eps=eps, norm=norm, steps=steps, seed=seed)
+    check_count(batch_size, 'batch_size', 2, CLI_FLAGS['batch_size'],
+                what='poisoning needs batches of at least 2 images: one to poison, one to flip')
+    _check_views(gradient_views)
+    check_images(x, y)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {'batch_size': batch_size, 'eps': eps, 'norm': norm, 'steps': steps, 'seed': seed,
                 'n_examples': x.shape[0], 'views': list(gradient_views),

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..report import markdown_table
-from .run_folder import load_unit
+from .run_folder import load_unit, read_unit_fields
 from .stages import AUTOATTACK, candidate_stage, is_per_sample_union, stage_order
 
 __all__ = ['aggregate', 'format_table', 'stage_breaks', 'robust_flags']
@@ -17,13 +17,15 @@ __all__ = ['aggregate', 'format_table', 'stage_breaks', 'robust_flags']
 
 def robust_flags(run_folder: Path, batching: str = 'default') -> Optional[Dict[int, bool]]:
     """Per-image robustness of an evaluation run folder (``recipes/evaluate.py --out``): image index -> robust in
-    its realised batch of ``batching``, from the unit files under ``attack/units``; None when there are none."""
+    its realised batch of ``batching``, from the unit files under ``attack/units``; None when there are none. A unit
+    file that cannot be read, or whose ``indices``/``realised`` are malformed (wrong types, another number of
+    flags than indices), is a ValueError naming it."""
     files = sorted((Path(run_folder) / 'attack' / 'units').glob(f'{batching}_*.json'))
     if not files:
         return None
     flags = {}
     for f in files:
-        unit = json.loads(f.read_text())
+        unit = read_unit_fields(f, ('indices', 'realised'))
         flags.update(zip(unit['indices'], map(bool, unit['realised'])))
     return flags
 
