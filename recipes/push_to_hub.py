@@ -131,8 +131,8 @@ def comparisons(args, base_result, control_result) -> list:
     from timm_hpm.eval import robust_flags
     model_flags = robust_flags(args.results.parent)
     out = []
-    for path, result, what in ((args.base_results, base_result, 'the base'),
-                               (args.control_results, control_result, 'the budget-matched control')):
+    for path, result, what, role in ((args.base_results, base_result, 'the base', 'base'),
+                                     (args.control_results, control_result, 'the budget-matched control', 'control')):
         flags = robust_flags(path.parent) if path is not None and model_flags is not None else None
         if flags is None:
             if path is not None:
@@ -141,7 +141,8 @@ def comparisons(args, base_result, control_result) -> list:
             continue
         try:
             attack = {'autoattack': 'AutoAttack', 'msa': 'MSA'}.get(result.get('protocol'), result.get('protocol'))
-            out.append(paired_comparison(model_flags, flags, f"{what} (`{result.get('name')}`) under {attack}"))
+            out.append(paired_comparison(model_flags, flags, f"{what} (`{result.get('name')}`) under {attack}",
+                                          role=role))
         except ValueError as error:
             raise SystemExit(f'{args.results} and {path}: {error}; evaluate both on the same images.')
     return out

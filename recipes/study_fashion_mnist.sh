@@ -87,7 +87,7 @@ $PY recipes/evaluate.py --model hpm_small_cnn.fmnist_hpm --protocol poison --dat
 # 4. sensitivity analysis (FC head vs l2 head of the HPM model)
 $PY recipes/sensitivity.py --model hpm_small_cnn.fmnist_hpm --dataset fashion_mnist --eps-max 0.2 \
     --n-examples "$N_SENS" --out "$OUT/sensitivity_$N_SENS"
-# 5. the Hub-ready folder and the generated card (hub_cards/hpm_small_cnn.fmnist_hpm.md); nothing is uploaded
+# 5. the Hub-ready folder and the generated card, copied to hub_cards/hpm_small_cnn.fmnist_hpm.md; nothing is uploaded
 BEST=$($PY -c "import json; print(json.load(open('$OUT/tuning/tuning.json'))['best'])")
 $PY recipes/push_to_hub.py --model hpm_small_cnn.fmnist_hpm --training-config "$OUT/tuning/configs/$BEST.yaml" \
     --results "$OUT/eval_hpm_msa4_$N_TEST/eval.json" --base-results "$OUT/eval_base_$N_TEST/eval.json" \
@@ -95,7 +95,8 @@ $PY recipes/push_to_hub.py --model hpm_small_cnn.fmnist_hpm --training-config "$
     --batch-order "$OUT/batch_order_$N_TEST/table.json" \
     --natural-results "$OUT/eval_hpm_class_sorted_b32_$N_BATCHINGS/eval.json" \
     --poisoning-results "$OUT/poison_hpm_$N_BATCHINGS/eval.json" \
-    --base-model timm-hpm/small_cnn.fmnist_pgdat --repo-id timm-hpm/hpm_small_cnn.fmnist_hpm --license apache-2.0 --dry-run
+    --base-model timm-hpm/small_cnn.fmnist_pgdat --repo-id timm-hpm/hpm_small_cnn.fmnist_hpm --license apache-2.0 --dry-run \
+    --cards-dir hub_cards --overwrite-card
 # 6. the held-out design-space study (every candidate and its budget-matched control fine-tuned and scored on
 #    held-out training images, never the test set; about 8 hours of the 2 cores) and, at full strength on the test
 #    images, the candidates it ranked first: the shipped model on evaluation batches of 1,000 (hpm_eval_b1000) and

@@ -69,11 +69,16 @@ def test_card_metadata_and_numbers(run_folder):
     assert data['library_name'] == 'timm' and data['license'] == 'mit'
     assert data['base_model'] == 'timm-hpm/small_cnn.fmnist'
     assert data['datasets'] == ['zalando-datasets/fashion_mnist']
+    # the model-index holds this model's results only (the Hub lists every entry as this model's): clean and MSA
     metrics = {m['name']: m['value'] for m in data['model-index'][0]['results'][0]['metrics']}
-    assert metrics['Clean accuracy (HPM)'] == 81.23
-    assert metrics['MSA robust accuracy (Linf, eps=0.1)'] == 60.12
-    assert metrics['AutoAttack robust accuracy of the base (Linf, eps=0.1)'] == 62.0
+    assert metrics == {'Clean accuracy': 81.23, 'Robust accuracy, MSA worst case (Linf, eps=0.1)': 60.12}
     assert '60.12%' in text and 'hf-hub:timm-hpm/hpm_small_cnn.fmnist' in text and 'arXiv:2606.01746' in text
+    # the base stays in the text table; no column carries AutoAttack alone on this batch-dependent model
+    assert '| base (small_cnn) | 83.00% | 62.00% | AutoAttack (standard) |' in text
+    assert '| AutoAttack |' not in text and 'AutoAttack (fixed batches)' not in text
+    # without per-image results the verdict gives the figures and says they are unpaired
+    assert ('**Compared with its base (60.12% vs 62.00%; not compared image by image): see the table.**'
+            in text.split('An HPM')[0])
 
 
 def test_card_refuses_results_that_do_not_fit(run_folder):
@@ -162,12 +167,18 @@ def test_card_compares_with_the_base_and_the_budget_matched_control(tmp_path):
                        source=['--model', 'hpm_small_cnn.fmnist_hpm'],
                        extra=['--control-results', str(results / 'eval_control_1000' / 'eval.json')])
     card = (folder / 'README.md').read_text()
-    assert '| budget-matched control (small_cnn.fmnist_control) | 79.60% | 70.30% | - |' in card
+    assert '| budget-matched control (small_cnn.fmnist_control) | 79.60% | 70.30% | AutoAttack (standard) |' in card
+    assert '| **this model** (hpm_small_cnn.test) | 78.20% | **68.20%** | MSA, worst case over batchings' in card
+    # the first lines say it in plain words, from the paired comparison (its interval below 0: less robust)
+    assert card.split('# hpm_small_cnn.test\n\n')[1].startswith(
+        '**Compared with its base (68.20% vs 70.30%; not compared image by image): see the table; with its '
+        'budget-matched control (68.20% vs 70.30%: -2.1 points, 95% CI -3.5 to -0.7, p = 0.0046): less robust '
+        'than.**')
     assert ('against the budget-matched control (`small_cnn.fmnist_control`) under AutoAttack: 36 images only it '
             'keeps, 15 only this model keeps, difference\n  -2.1 points (95% CI -3.5 to -0.7), p = 0.0046') in card
     assert 'against the base' not in card  # base_eval.json copied out of its run folder: no per-image results
     metrics = {m['name']: m['value'] for m in ModelCard(card).data.to_dict()['model-index'][0]['results'][0]['metrics']}
-    assert metrics['AutoAttack robust accuracy of the budget-matched control (Linf, eps=0.1)'] == 70.3
+    assert metrics == {'Clean accuracy': 78.2, 'Robust accuracy, MSA worst case (Linf, eps=0.1)': 68.2}
     assert (folder / 'eval_control.json').is_file()
     with pytest.raises(SystemExit, match='different images'):
         _assemble(None, tmp_path, results=results / 'eval_hpm_msa4_1000' / 'eval.json',

@@ -56,38 +56,56 @@ def _check_results(result: Dict[str, Any], *others: Optional[Dict[str, Any]]) ->
             raise ValueError(f"the HPM result and {other.get('name')}'s were measured under different threat models.")
 
 
-def paired_comparison(model_flags: Dict[int, bool], other_flags: Dict[int, bool], other: str) -> Dict[str, Any]:
+def paired_comparison(model_flags: Dict[int, bool], other_flags: Dict[int, bool], other: str,
+                      role: Optional[str] = None) -> Dict[str, Any]:
     """The HPM model against ``other`` on the same images, from each run's per-image robustness
     (:func:`timm_hpm.eval.robust_flags`): the images only one of them keeps, the difference in points with its paired
-    95% interval and the exact sign-test p (the card's comparison lines)."""
+    95% interval and the exact sign-test p (the card's comparison lines). ``role`` (``'base'``, ``'control'``) tells
+    the card's verdict which comparison this is."""
     from .report import paired, paired_difference
     counts = paired(other_flags, model_flags)  # refuses runs over different images
     order = sorted(other_flags)
     d = paired_difference([other_flags[i] for i in order], [model_flags[i] for i in order])
-    return dict(other=other, n=counts['n'], only_other=counts['only_a'], only_model=counts['only_b'],
+    return dict(other=other, role=role, n=counts['n'], only_other=counts['only_a'], only_model=counts['only_b'],
                 difference=f"{100 * counts['difference']:+.1f}", ci_low=f"{100 * d['ci95'][0]:+.1f}",
-                ci_high=f"{100 * d['ci95'][1]:+.1f}", p=f"{counts['p']:.2g}")
+                ci_high=f"{100 * d['ci95'][1]:+.1f}", p=f"{counts['p']:.2g}",
+                lower=d['ci95'][1] < 0, higher=d['ci95'][0] > 0)
 
 
-def _metrics(result: Dict[str, Any], base_result: Optional[Dict[str, Any]], eps_text: str,
-             control_result: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
-    """The model-index metrics (accuracies in %): the HPM model's clean and MSA, the base's and the budget-matched
-    control's clean and AutoAttack."""
+def _verdict(result: Dict[str, Any], base_result: Optional[Dict[str, Any]],
+             control_result: Optional[Dict[str, Any]], comparisons: List[Dict[str, Any]]) -> Optional[str]:
+    """The card's first lines in plain words: is this model more or less robust than its base and its budget-matched
+    control, by the paired comparison on the same images (its 95% interval decides; without one, the figures alone
+    are given and said to be unpaired)."""
+    parts = []
+    for role, other, what in (('base', base_result, 'its base'), ('control', control_result,
+                                                                  'its budget-matched control')):
+        if other is None or other.get('autoattack_acc') is None:
+            continue
+        c = next((c for c in comparisons if c.get('role') == role), None)
+        figures = f"{_pct(result['msa_acc'])} vs {_pct(other['autoattack_acc'])}"
+        if c is None:
+            parts.append((None, f'{what} ({figures}; not compared image by image)'))
+        else:
+            word = 'less robust than' if c['lower'] else 'more robust than' if c['higher'] else \
+                'not distinguishable in robustness from'
+            parts.append((word, f"{what} ({figures}: {c['difference']} points, 95% CI {c['ci_low']} to "
+                                f"{c['ci_high']}, p = {c['p']})"))
+    if not parts:
+        return None
+    words = {w for w, _ in parts}
+    if len(words) == 1 and None not in words:
+        return f"**This model is {parts[0][0]} {' and '.join(t for _, t in parts)}.**"
+    return '**Compared with ' + '; with '.join(f"{t}: {w or 'see the table'}" for w, t in parts) + '.**'
+
+
+def _metrics(result: Dict[str, Any], eps_text: str) -> List[Dict[str, Any]]:
+    """The model-index metrics (accuracies in %): this model's own results only, clean and the worst case measured
+    (MSA's realised figure, the one the card says to use). The base's and the control's figures stay in the card's
+    text: the Hub shows every model-index entry as a result of this model."""
     threat = f"({result['threat_model']}, eps={eps_text})"
-    metrics = [dict(name='Clean accuracy (HPM)', value=round(100 * result['clean_acc'], 2)),
-               dict(name=f'MSA robust accuracy {threat}', value=round(100 * result['msa_acc'], 2))]
-    if base_result is not None:
-        metrics.append(dict(name='Clean accuracy (base model)', value=round(100 * base_result['clean_acc'], 2)))
-        if base_result.get('autoattack_acc') is not None:
-            metrics.append(dict(name=f'AutoAttack robust accuracy of the base {threat}',
-                                value=round(100 * base_result['autoattack_acc'], 2)))
-    if control_result is not None:
-        metrics.append(dict(name='Clean accuracy (budget-matched control)',
-                            value=round(100 * control_result['clean_acc'], 2)))
-        if control_result.get('autoattack_acc') is not None:
-            metrics.append(dict(name=f'AutoAttack robust accuracy of the budget-matched control {threat}',
-                                value=round(100 * control_result['autoattack_acc'], 2)))
-    return metrics
+    return [dict(name='Clean accuracy', value=round(100 * result['clean_acc'], 2)),
+            dict(name=f'Robust accuracy, MSA worst case {threat}', value=round(100 * result['msa_acc'], 2))]
 
 
 def _input_size(model_config: Dict[str, Any]) -> str:
@@ -125,8 +143,9 @@ def render_card(result: Dict[str, Any], repo_id: str, model_config: Dict[str, An
                 batch_order: Optional[Dict[str, Any]] = None, natural_result: Optional[Dict[str, Any]] = None,
                 poisoning_result: Optional[Dict[str, Any]] = None, control_result: Optional[Dict[str, Any]] = None,
                 comparisons: Optional[List[Dict[str, Any]]] = None) -> str:
-    """The README.md of a Hub repo: YAML metadata (library_name, license, tags, datasets, base_model,
-    model-index with clean, AutoAttack-of-the-base and MSA accuracies) and the human-readable card.
+    """The README.md of a Hub repo: YAML metadata (library_name, license, tags, datasets, base_model, model-index
+    with this model's clean and MSA worst-case accuracies only) and the human-readable card, whose first lines say
+    whether the model is more or less robust than its base and its budget-matched control.
 
     ``unverified_results``: why ``result`` may not have been measured on these weights; the card then says so
     above its figures. ``batch_order``: this model's row of ``recipes/batch_order_table.py``'s table.json (its
@@ -141,18 +160,20 @@ def render_card(result: Dict[str, Any], repo_id: str, model_config: Dict[str, An
     hub_id, dataset_name = HUB_DATASETS.get(dataset, (dataset, dataset))
     eps_text = _eps_text(result['eps'], result['threat_model'])
     name = repo_id.split('/')[-1]
+    # one robust column: each model's valid figure (AutoAttack for the batch-independent base and control, MSA's
+    # worst case for this batch-dependent model; AutoAttack alone on it is one MSA stage, shown nowhere as a figure)
     table = []
     if base_result is not None:
         table.append(dict(model=f"base ({base_result.get('name')})", clean=_pct(base_result['clean_acc']),
-                          autoattack=_pct(base_result.get('autoattack_acc')), msa='-'))
+                          robust=_pct(base_result.get('autoattack_acc')), attack='AutoAttack (standard)'))
     if control_result is not None:
         table.append(dict(model=f"budget-matched control ({control_result.get('name')})",
                           clean=_pct(control_result['clean_acc']),
-                          autoattack=_pct(control_result.get('autoattack_acc')), msa='-'))
-    table.append(dict(model=f'HPM ({name})', clean=_pct(result['clean_acc']), autoattack=_pct(result.get('autoattack_acc')),
-                      msa=_pct(result['msa_acc'])))
-    per_batching = [dict(name=k, clean=_pct(v['clean_acc']), autoattack=_pct(v.get('autoattack_acc')),
-                         realised=_pct(v['realised_acc']), union=_pct(v['union_acc']))
+                          robust=_pct(control_result.get('autoattack_acc')), attack='AutoAttack (standard)'))
+    table.append(dict(model=f'**this model** ({name})', clean=_pct(result['clean_acc']),
+                      robust=f"**{_pct(result['msa_acc'])}**", attack='MSA, worst case over batchings (realised)'))
+    per_batching = [dict(name=k, clean=_pct(v['clean_acc']), realised=_pct(v['realised_acc']),
+                         union=_pct(v['union_acc']))
                     for k, v in result.get('batchings', {}).items()]
     args = model_config.get('model_args', {})
     order = None
@@ -169,8 +190,9 @@ def render_card(result: Dict[str, Any], repo_id: str, model_config: Dict[str, An
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     source = Path(template).read_text() if template is not None else TEMPLATE.read_text()
     text = env.from_string(source).render(
-        card_data=card_metadata(name, _metrics(result, base_result, eps_text, control_result), hub_id, dataset_name,
-                                license, license_name, base_model),
+        card_data=card_metadata(name, _metrics(result, eps_text), hub_id, dataset_name, license, license_name,
+                                base_model),
+        verdict=_verdict(result, base_result, control_result, list(comparisons or [])),
         dataset=dict(hub_id=hub_id, name=dataset_name), name=name, repo_id=repo_id,
         base_description=f'`{base_model}`' if base_model else f"a `{model_config.get('architecture')}` model",
         threat_model=result['threat_model'], eps_text=eps_text, n_examples=result['n_examples'], table=table,
