@@ -185,13 +185,43 @@ def main(argv=None):
     from accelerate import Accelerator
 
     from timm_hpm.attacks import parse_eps
-    eps = parse_eps(args.eps, args.norm)
+    try:  # every option checked before a folder, a model or an image is touched
+        eps = parse_eps(args.eps, args.norm)
+        check_options(args, eps)
+    except ValueError as error:
+        raise SystemExit(f'evaluate.py: {error}') from None
     batchings = args.batchings or (list(MSA_BATCHINGS) if args.protocol == 'msa' else ['default'])
     accelerator = Accelerator(cpu=args.device == 'cpu')
     out = args.out or Path('runs/eval') / f"{args.model.replace('/', '_').replace(':', '_')}_{args.protocol}"
     out.mkdir(parents=True, exist_ok=True)
     with lock_out_folder(out, accelerator, args.protocol):
         return run(args, eps, batchings, accelerator, out, argv)
+
+
+def msa_config(args, eps: float, surrogate_models=()):
+    """The attack configuration of these options (``MSAConfig`` checks every budget and option when made)."""
+    from timm_hpm.eval import MSAConfig
+    return MSAConfig(eps=eps, norm=args.norm, surrogates=tuple(args.surrogates),
+                     surrogate_models=tuple(surrogate_models),
+                     apgd_iters=args.apgd_iters, n_target_classes=args.n_target_classes,
+                     target_n_target_classes=args.target_n_target_classes, combine_rounds=args.combine_rounds,
+                     score_iterates=not args.no_score_iterates, surrogate_apgd=not args.no_surrogate_apgd,
+                     autoattack_iters=args.autoattack_iters, square_queries=args.square_queries,
+                     surrogate_autoattack=args.surrogate_autoattack, cascade=not args.no_cascade, seed=args.seed)
+
+
+def check_options(args, eps: float) -> None:
+    """The options' own checks (the library's: MSAConfig, PoisonConfig), up front: a ValueError naming the option."""
+    from timm_hpm.eval.poison import PoisonConfig
+    for flag, value in (('--n-examples', args.n_examples), ('--batch-size', args.batch_size)):
+        if value < 1:
+            raise ValueError(f'{flag} {value}: must be >= 1')
+    if args.sanity and args.sanity_examples < 1:
+        raise ValueError(f'--sanity-examples {args.sanity_examples}: must be >= 1')
+    if args.protocol == 'poison':
+        PoisonConfig(eps=eps, norm=args.norm, steps=args.poison_steps, seed=args.seed)
+    else:
+        msa_config(args, eps, [name.replace('/', '_') for name in surrogate_model_names(args)])
 
 
 def recorded_command(argv=None) -> str:
@@ -262,7 +292,7 @@ def run_attacks(args, eps, batchings, model, x, y, out, accelerator, metadata, f
     """MSA or AutoAttack on fixed batches: the resumable, sharded runner, then eval.md and model_info.json.
     ``finished``: the folder's results are written; the runner checks that they are this run's and computes
     nothing, and nothing is written (the caller reports them)."""
-    from timm_hpm.eval import MSAConfig, aggregate, evaluate, format_table, protocol_warnings, sanity_checks
+    from timm_hpm.eval import aggregate, evaluate, format_table, protocol_warnings, sanity_checks
     from timm_hpm.robustbench import model_info
     from timm_hpm.runfiles import write_text_atomic
     names = surrogate_model_names(args)
@@ -271,13 +301,7 @@ def run_attacks(args, eps, batchings, model, x, y, out, accelerator, metadata, f
         others = {name: to_channels_last(other) for name, other in others.items()}
     if others:
         logging.getLogger('evaluate').info('MSA also attacks through %s', ', '.join(names))
-    cfg = MSAConfig(eps=eps, norm=args.norm, surrogates=tuple(args.surrogates), surrogate_models=tuple(others),
-                    apgd_iters=args.apgd_iters, n_target_classes=args.n_target_classes,
-                    target_n_target_classes=args.target_n_target_classes, combine_rounds=args.combine_rounds,
-                    score_iterates=not args.no_score_iterates, surrogate_apgd=not args.no_surrogate_apgd,
-                    autoattack_iters=args.autoattack_iters,
-                    square_queries=args.square_queries,
-                    surrogate_autoattack=args.surrogate_autoattack, cascade=not args.no_cascade, seed=args.seed)
+    cfg = msa_config(args, eps, others)
     evaluate(model, x, y, cfg, out / 'attack', protocol=args.protocol, batch_size=args.batch_size,
              batchings=batchings, amp=args.amp == 'bf16', save_adversarial=args.save_adv,
              process_index=accelerator.process_index, num_processes=accelerator.num_processes,

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from timm_hpm.analysis import format_summary
 from timm_hpm.eval import stage_label, stage_order
 from timm_hpm.report import markdown_table
@@ -69,10 +71,19 @@ def main(argv=None):
 
     ft = out / 'finetune'
     tic = time.time()
+    sets = ['train.eval_pgd_steps=0', 'train.log_every=10']
+    if args.train_examples:
+        sets.append(f'data.train_examples={args.train_examples}')
+    # a fine-tune already there (finished, or to resume) is reused only with the configuration asked for
+    from timm_hpm.study import check_run
+    from timm_hpm.train import RunFolderError
+    overrides = dict(s.split('=', 1) for s in sets)
+    overrides['train.max_steps'] = args.steps
+    try:
+        check_run(CONFIG, ft, {k: yaml.safe_load(str(v)) for k, v in overrides.items()}, 'the quick start')
+    except RunFolderError as error:
+        raise SystemExit(f'{error} (or pass another --out)') from None
     if not (ft / 'final' / 'model.safetensors').exists():
-        sets = ['train.eval_pgd_steps=0', 'train.log_every=10']
-        if args.train_examples:
-            sets.append(f'data.train_examples={args.train_examples}')
         resume = ['--resume', ft] if (ft / 'config.yaml').exists() else ['--config', CONFIG, '--output-dir', ft]
         run('1/4 HPM fine-tuning of the shipped base', ['recipes/finetune.py', *resume, '--max-steps', args.steps,
                                                       '--device', 'cpu', '--set', *sets])

@@ -10,6 +10,7 @@ in ``partial.json``, so an interrupted run resumes.
 """
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -88,7 +89,7 @@ def main(argv=None):
     per_sample = feature_sensitivity(model, x, y, batch_size=args.batch_size)
     result = {
         'model': args.model, 'dataset': args.dataset, 'n_examples': len(y),
-        'command': 'python recipes/sensitivity.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
+        'command': shlex.join(['python', 'recipes/sensitivity.py', *(argv if argv is not None else sys.argv[1:])]),
         'timm_hpm_version': timm_hpm.__version__,
         'robust_accuracy': {'eps': eps_values, 'norm': args.norm, 'attack': f'APGD-CE then APGD-DLR, '
                             f'{args.apgd_iters} iterations each, on the samples still robust',

@@ -17,7 +17,7 @@ The candidate with the highest ``msa_val`` is reported as ``best``. Finished can
 """
 import argparse
 import json
-import subprocess
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -32,8 +32,8 @@ from timm_hpm.attacks import normalized_view
 from timm_hpm.eval import MSAConfig, evaluate
 from timm_hpm.eval import ModelView
 from timm_hpm.report import tuning_table
-from timm_hpm.study import held_out
-from timm_hpm.train import load_config
+from timm_hpm.study import finetune, held_out
+from timm_hpm.train import RunFolderError, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -81,7 +81,7 @@ def main(argv=None):
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     results.setdefault('candidates', {})
     results.update(sweep=str(args.sweep), config=str(sweep['config']), common=sweep.get('common', {}), scoring=scoring,
-                   command='python recipes/tune_hpm.py ' + ' '.join(argv if argv is not None else sys.argv[1:]))
+                   command=shlex.join(['python', 'recipes/tune_hpm.py', *(argv if argv is not None else sys.argv[1:])]))
     base_cfg = load_config(config)
     eps, norm = base_cfg.eps, base_cfg.attack.norm
 
@@ -105,18 +105,10 @@ def main(argv=None):
             continue
         run_dir = args.runs / name
         overrides = {**sweep.get('common', {}), **(overrides or {})}
-        sets = [f'{k}={json.dumps(v)}' for k, v in overrides.items()]
-        if (run_dir / 'config.yaml').exists() and not (run_dir / 'final' / 'model.safetensors').exists():
-            cmd = ['--resume', str(run_dir)]
-        else:
-            cmd = ['--config', str(config), '--output-dir', str(run_dir)] + (['--set'] + sets if sets else [])
-        if not (run_dir / 'final' / 'model.safetensors').exists():
-            tic = time.time()
-            subprocess.run([sys.executable, str(REPO / 'recipes' / 'finetune.py'), *cmd, '--device', args.device],
-                           check=True)
-            train_seconds = round(time.time() - tic, 1)
-        else:
-            train_seconds = None
+        try:  # a run folder already there is reused (or resumed) only with this candidate's configuration
+            train_seconds = finetune(config, run_dir, overrides, args.device, name)
+        except RunFolderError as error:
+            raise SystemExit(str(error)) from None
         (args.out / 'configs').mkdir(exist_ok=True)  # the resolved config of every candidate, kept with the results
         (args.out / 'configs' / f'{name}.yaml').write_text((run_dir / 'config.yaml').read_text())
         model = timm.create_model(f'local-dir:{run_dir / "final"}', pretrained=True).eval()

@@ -9,6 +9,7 @@ again under bf16 autocast. Reported: forward/backward images, wall time, robust 
 """
 import argparse
 import json
+import shlex
 import platform
 import shutil
 import sys
@@ -79,7 +80,8 @@ def main():
         'msa': run(model, x, y, cfg, 'msa', False, args.batch_size),
         'msa_bf16': run(model, x, y, cfg, 'msa', True, args.batch_size),
     }
-    result = dict(command='python recipes/benchmarks/bench_msa.py ' + ' '.join(sys.argv[1:]), dataset=args.dataset,
+    result = dict(command=shlex.join(['python', 'recipes/benchmarks/bench_msa.py', *sys.argv[1:]]),
+                  dataset=args.dataset,
                   model=args.model, eps=eps, n_examples=args.n_examples, batch_size=args.batch_size, arms=arms,
                   machine=dict(platform=platform.platform(), threads=torch.get_num_threads(), torch=torch.__version__))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -191,7 +191,7 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: MSACo
                         progress=progress)[key]
 
     large = 0.5 if cfg.norm == 'Linf' else 10.0
-    eps_grid = sorted({cfg.eps / 2, cfg.eps, 2 * cfg.eps, large})
+    eps_grid = sorted({cfg.eps / 2, cfg.eps, min(2 * cfg.eps, 1.0) if cfg.norm == 'Linf' else 2 * cfg.eps, large})
     by_eps = {e: run(f'eps_{e:.6f}', replace(cfg, eps=e)) for e in eps_grid}
     more_iters = run('more_iters', replace(cfg, apgd_iters=2 * cfg.apgd_iters,
                                            autoattack_iters=2 * (cfg.autoattack_iters or 100)))
