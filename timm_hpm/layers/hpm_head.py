@@ -15,7 +15,7 @@ Modes (``head.mode``) select views on the same weights:
 """
 import contextlib
 import math
-from typing import Iterator, NamedTuple, Optional
+from typing import Any, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -23,12 +23,16 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
 from ._fx import is_fx_tracing
-from .hpm_prototypes import HPM_MODES, PrototypeUpdatesMixin, check_options, l2_logits, mixed_prototypes
+from .hpm_prototypes import (HPM_MODES, HPM_OPTION_DOMAINS, HPMOptionError, NonFiniteWatch, PrototypeUpdatesMixin,
+                             check_head_size, check_hpm_option, check_hpm_options, finite_rows, l2_logits,
+                             mixed_prototypes)
 
-__all__ = ['HPMHead', 'HPMOutput', 'HPM_MODES', 'HPM_OPTIONS']
+__all__ = ['HPMHead', 'HPMOutput', 'HPM_MODES', 'HPM_OPTIONS', 'HPM_OPTION_DOMAINS', 'HPMOptionError',
+           'check_hpm_option', 'check_hpm_options']
 
-#: The head's options (``hpm_cfg`` of the registered models, ``convert_to_hpm`` keywords, configs' ``model.hpm``).
-HPM_OPTIONS = ('mode', 'tau', 'alpha', 'momentum', 'gamma_init', 'pseudo_labels')
+#: The head's options (``hpm_cfg`` of the registered models, ``convert_to_hpm`` keywords, configs' ``model.hpm``);
+#: their valid values are ``HPM_OPTION_DOMAINS``, checked by ``check_hpm_options`` wherever options enter.
+HPM_OPTIONS = tuple(HPM_OPTION_DOMAINS)
 
 
 class HPMOutput(NamedTuple):
@@ -61,9 +65,13 @@ class HPMHead(PrototypeUpdatesMixin, nn.Module):
             update (it uses the true labels): a prototype follows what the FC head predicts, errors included.
             Off by default: a training forward without labels then warns once that the prototypes do not move.
         bias: whether the FC layer has a bias.
+
+    Every option is checked (type and range, ``HPM_OPTION_DOMAINS``) here, by its setter (``head.alpha = 0.3``)
+    and by :meth:`set_options`; a bad value raises :class:`HPMOptionError` naming the option, the value and the
+    valid values.
     """
-    # TorchScript compiles the forward, which reads ``_mode``; the checked setter stays in Python.
-    __jit_unused_properties__ = ['mode']
+    # TorchScript compiles the forward, which reads ``_mode``, ``_tau``, ...; the checked setters stay in Python.
+    __jit_unused_properties__ = ['mode', 'tau', 'alpha', 'momentum', 'gamma_init', 'pseudo_labels']
 
     def __init__(
             self,
@@ -81,23 +89,27 @@ class HPMHead(PrototypeUpdatesMixin, nn.Module):
             dtype=None,
     ):
         super().__init__()
-        check_options(in_features, num_classes, tau, alpha, momentum, gamma_init)
+        check_head_size(in_features, num_classes)
+        options = check_hpm_options(dict(mode=mode, tau=tau, alpha=alpha, momentum=momentum, gamma_init=gamma_init,
+                                         pseudo_labels=pseudo_labels))
         factory = dict(device=device, dtype=dtype)
         self.in_features = in_features
         self.num_classes = num_classes
         self.out_features = num_classes  # nn.Linear's name, for code that inspects classifiers
-        self.tau = float(tau)
-        self.alpha = float(alpha)
-        self.momentum = float(momentum)
-        self.gamma_init = float(gamma_init)
-        self.pseudo_labels = bool(pseudo_labels)
+        self._mode: str = options['mode']
+        self._tau: float = options['tau']
+        self._alpha: float = options['alpha']
+        self._momentum: float = options['momentum']
+        self._gamma_init: float = options['gamma_init']
+        self._pseudo_labels: bool = options['pseudo_labels']
         self._warned: bool = False  # one warning per head about a training forward without labels
         self._checked_init: bool = False  # prototypes_initialized read by the pseudo-label update (once per head)
         self._checked_eval: bool = False  # ... and by an eval forward, to warn when they were never initialised
-        self.mode = mode
+        self._warned_nonfinite: bool = False  # one warning per head about rows left out of the batch prototypes
+        self._nonfinite_watch = NonFiniteWatch()
         self.weight = nn.Parameter(torch.empty(num_classes, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(num_classes, **factory)) if bias else None
-        self.log_gamma = nn.Parameter(torch.tensor(math.log(gamma_init), **factory))
+        self.log_gamma = nn.Parameter(torch.tensor(math.log(self._gamma_init), **factory))
         self.register_buffer('dataset_prototypes', torch.zeros(num_classes, in_features, **factory))
         self.register_buffer('prototypes_initialized', torch.tensor(False, device=device))
         self.reset_parameters()
@@ -132,9 +144,56 @@ class HPMHead(PrototypeUpdatesMixin, nn.Module):
 
     @mode.setter
     def mode(self, value: str) -> None:
-        if value not in HPM_MODES:
-            raise ValueError(f'Unknown HPM mode {value!r}; choose one of {HPM_MODES}.')
-        self._mode = value
+        self._mode = check_hpm_option('mode', value)
+
+    @property
+    def tau(self) -> float:
+        return self._tau
+
+    @tau.setter
+    def tau(self, value: float) -> None:
+        self._tau = check_hpm_option('tau', value)
+
+    @property
+    def alpha(self) -> float:
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        self._alpha = check_hpm_option('alpha', value)
+
+    @property
+    def momentum(self) -> float:
+        return self._momentum
+
+    @momentum.setter
+    def momentum(self, value: float) -> None:
+        self._momentum = check_hpm_option('momentum', value)
+
+    @property
+    def gamma_init(self) -> float:
+        """The l2 scale the head was created with (recorded; the scale in use is the parameter ``log_gamma``)."""
+        return self._gamma_init
+
+    @gamma_init.setter
+    def gamma_init(self, value: float) -> None:
+        self._gamma_init = check_hpm_option('gamma_init', value)
+
+    @property
+    def pseudo_labels(self) -> bool:
+        return self._pseudo_labels
+
+    @pseudo_labels.setter
+    def pseudo_labels(self, value: bool) -> None:
+        self._pseudo_labels = check_hpm_option('pseudo_labels', value)
+
+    def set_options(self, **options: Any) -> 'HPMHead':
+        """Change options of an existing head (e.g. one loaded from a checkpoint): all are checked before any is
+        set, so a bad one (:class:`HPMOptionError`) changes nothing. ``gamma_init`` is only recorded: the scale in
+        use is the trained ``log_gamma``. Returns the head."""
+        for name, value in check_hpm_options(options).items():
+            setattr(self, name, value)
+        return self
 
     @property
     def gamma(self) -> torch.Tensor:
@@ -167,7 +226,7 @@ class HPMHead(PrototypeUpdatesMixin, nn.Module):
         """Prototypes p (K x D) used by the l2 logits, for ``mode`` (default: the head's mode)."""
         if mode is None:
             mode = self._mode
-        return mixed_prototypes(features, fc_logits, dataset_prototypes, mode, self.alpha, self.tau, self.num_classes)
+        return mixed_prototypes(features, fc_logits, dataset_prototypes, mode, self._alpha, self._tau, self.num_classes)
 
     def l2_logits(self, features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
         """``-gamma ||f_i - p_k||^2`` as one matmul (the cost of the FC head), B x K."""
@@ -186,27 +245,41 @@ class HPMHead(PrototypeUpdatesMixin, nn.Module):
                 raise ValueError(f'HPMHead expects pooled features of shape (batch, {self.in_features}), got '
                                  f'{tuple(features.shape)}.')
         fc_logits = self.fc_forward(features)
-        update = (targets is not None or self.pseudo_labels) and self.training and self.momentum < 1.0
+        update = (targets is not None or self._pseudo_labels) and self.training and self._momentum < 1.0
+        finite: Optional[torch.Tensor] = None
         if self._mode == 'fc':
             logits = fc_logits
         elif torch.jit.is_scripting():
-            logits = self._l2_forward(features, fc_logits, update)
+            logits, finite = self._l2_forward(features, fc_logits, update)
         elif is_fx_tracing():
-            logits = self._l2_forward(features, fc_logits, update)
+            logits, finite = self._l2_forward(features, fc_logits, update)
         else:
             # The l2 head runs in fp32: ||f||^2 - 2 f.p + ||p||^2 cancels badly in bf16/fp16.
             with torch.autocast(features.device.type, enabled=False):
-                logits = self._l2_forward(features, fc_logits, update)
+                logits, finite = self._l2_forward(features, fc_logits, update)
         if not torch.jit.is_scripting():
             if not is_fx_tracing():
+                if finite is not None:
+                    self._note_dropped_rows(finite)
                 self._after_forward(features, fc_logits, targets)
             if return_fc:
                 return HPMOutput(logits, fc_logits)
         return logits
 
-    def _l2_forward(self, features: torch.Tensor, fc_logits: torch.Tensor, update: bool) -> torch.Tensor:
+    def _l2_forward(self, features: torch.Tensor, fc_logits: torch.Tensor, update: bool
+                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The l2 logits, and (for the batch-dependent modes) the mask of the rows that entered the batch
+        prototypes: a row with a non-finite feature or FC logit is left out (its logits are NaN), so it cannot
+        change the other rows' predictions."""
         feats = features.float()
         mu = self.dataset_prototypes.float()
         if update:
             mu = mu.clone()  # the in-place EMA update after this forward must not touch tensors saved for backward
-        return self.l2_logits(feats, self.mixed_prototypes(feats, fc_logits.float(), mu))
+        if self._mode == 'static' or self._alpha == 1.0:
+            return self.l2_logits(feats, mu), None
+        z = fc_logits.float()
+        finite = finite_rows(feats, z)
+        dropped = ~finite[:, None]
+        feats = feats.masked_fill(dropped, 0.0)  # finite everywhere: gradients stay finite for the other rows
+        prototypes = mixed_prototypes(feats, z, mu, self._mode, self._alpha, self._tau, self.num_classes, finite)
+        return self.l2_logits(feats, prototypes).masked_fill(dropped, float('nan')), finite

@@ -1,7 +1,7 @@
 """Model families; importing this package registers them with timm."""
 from ._builder import hpm_base_model, pretrained_model_args
-from ._checkpoint import clean_checkpoint, hpm_checkpoint_filter
-from ._weights import HF_HUB_ORG, PretrainedWeightsUnavailable, check_local_dir, hub_id
+from ._checkpoint import check_finite_weights, clean_checkpoint, hpm_checkpoint_filter
+from ._weights import HF_HUB_ORG, PretrainedWeightsUnavailable, UnusableWeights, check_local_dir, hub_id
 from ._hpm import HPMModelMixin, convert_to_hpm, get_hpm_head, is_hpm_model
 from .dm_preact_resnet import DMPreActResNet
 from .preact_resnet import PreActResNet

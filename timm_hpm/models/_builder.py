@@ -7,11 +7,11 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg
 from timm.models._builder import resolve_pretrained_cfg
 
-from ..layers.hpm_head import HPM_OPTIONS
+from ..layers.hpm_head import HPM_OPTIONS, HPMOptionError, check_hpm_options
 from ._checkpoint import clean_checkpoint, hpm_checkpoint_filter
 from ._hpm import attach_hpm_head
-from ._weights import (HF_HUB_ORG, PretrainedWeightsUnavailable, check_local_dir, hub_errors, hub_id,
-                       unavailable_message)
+from ._weights import (HF_HUB_ORG, PretrainedWeightsUnavailable, UnusableWeights, check_local_dir, hub_errors,
+                       hub_id, unavailable_message, weights_location)
 
 __all__ = ['HF_HUB_ORG', 'hub_id', 'PretrainedWeightsUnavailable', 'clean_checkpoint', 'hpm_checkpoint_filter',
            'check_local_dir', 'build_family', 'family_cfgs', 'pretrained_model_args', 'hpm_base_model']
@@ -78,8 +78,9 @@ def build_family(
         model_cls: the family's class (or a callable taking the model kwargs).
         classifier: name of the linear classifier module (the pretrained cfg's ``classifier``).
         hpm: put an :class:`HPMHead` in place of the classifier.
-        hpm_cfg: HPM head options (``mode``, ``tau``, ``alpha``, ``momentum``, ``gamma_init``); the tag's own
-            (:func:`family_cfgs`) are the defaults.
+        hpm_cfg: HPM head options (``mode``, ``tau``, ``alpha``, ``momentum``, ``gamma_init``, ``pseudo_labels``);
+            the tag's own (:func:`family_cfgs`) are the defaults. Checked before anything is built or loaded: a
+            bad one raises :class:`~timm_hpm.layers.HPMOptionError` (never a weight-loading error).
         unused_checkpoint_modules: top-level modules that the family's checkpoints carry and its architecture
             does not have (dropped on load by :func:`hpm_checkpoint_filter`).
         kwargs: model arguments and ``build_model_with_cfg`` options (``feature_cfg``, ``features_only`` ...).
@@ -94,7 +95,8 @@ def build_family(
         options = {**tag_hpm_cfg, **(hpm_cfg or {})}
         unknown = set(options) - set(HPM_OPTIONS)
         if unknown:
-            raise TypeError(f'unknown hpm_cfg options {sorted(unknown)}; valid: {", ".join(HPM_OPTIONS)}.')
+            raise HPMOptionError(f'unknown hpm_cfg options {sorted(unknown)}; valid: {", ".join(HPM_OPTIONS)}.')
+        options = check_hpm_options(options)
 
         def factory(**model_kwargs):
             return attach_hpm_head(model_cls(**model_kwargs), classifier, options, allow_headless=True)
@@ -112,6 +114,12 @@ def build_family(
         # From the Hub, an unreachable endpoint falls back to the local cache inside huggingface_hub itself
         # (no retries; HF_HUB_OFFLINE=1 skips the network), and a cache miss raises LocalEntryNotFoundError.
         model = build_model_with_cfg(factory, variant, True, pretrained_filter_fn=filter_fn, **kwargs)
+    except HPMOptionError:
+        raise  # an option error is not about the weights
+    except UnusableWeights as error:
+        # the weights were read, and their content is refused (hpm_checkpoint_filter): no advice about the Hub
+        name = f'{variant}.{cfg.tag}' if cfg.tag else variant
+        raise UnusableWeights(f'pretrained weights for {name!r} from {weights_location(cfg)}: {error}') from None
     except hub_errors() as error:
         if 'Error(s) in loading state_dict' in str(error):
             raise  # the weights were found but do not fit: torch's message names the missing/unexpected keys

@@ -1,5 +1,6 @@
 """Checkpoints into models: a flat state dict from a training checkpoint, and timm's ``pretrained_filter_fn`` that
-lets an HPM model load a base checkpoint (and a plain model an HPM one)."""
+lets an HPM model load a base checkpoint (and a plain model an HPM one) and refuses weights that cannot be used
+(non-finite values, an HPM checkpoint without part of its head state)."""
 import logging
 from typing import Any, Dict, Mapping, Sequence
 
@@ -7,8 +8,9 @@ import torch
 import torch.nn as nn
 
 from ._hpm import is_hpm_model
+from ._weights import UnusableWeights
 
-__all__ = ['clean_checkpoint', 'hpm_checkpoint_filter']
+__all__ = ['clean_checkpoint', 'hpm_checkpoint_filter', 'check_finite_weights']
 
 _logger = logging.getLogger(__name__)
 
@@ -43,8 +45,25 @@ def clean_checkpoint(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
 
 
 _HEAD_STATE = ('log_gamma', 'dataset_prototypes', 'prototypes_initialized')
-_UNINITIALISED_WARNING = ('the dataset prototypes start at the FC weights and must be initialised from data before '
-                          'the HPM head is used (timm_hpm.train.init_prototypes or model.hpm_head.init_prototypes_).')
+_UNINITIALISED_WARNING = ('the dataset prototypes start at the FC weights, flagged uninitialised, and must be '
+                          'initialised from data before the HPM head is used: fine-tune it (recipes/finetune.py '
+                          'initialises them first), or call timm_hpm.train.init_prototypes or '
+                          'model.hpm_head.init_prototypes_.')
+
+
+def check_finite_weights(state_dict: Mapping[str, torch.Tensor]) -> None:
+    """:class:`UnusableWeights` naming the first floating-point tensor with a NaN or an inf (a model with such
+    weights classifies nothing, and evaluating it would report 0% without a word)."""
+    for key, value in state_dict.items():
+        if not (value.is_floating_point() or value.is_complex()) or value.device.type == 'meta':
+            continue
+        finite = torch.isfinite(value)
+        if not bool(finite.all()):
+            bad = int(finite.numel() - finite.sum())
+            raise UnusableWeights(
+                f'the tensor {key!r} holds {bad} non-finite value(s) (NaN or inf) of {value.numel()}: the file is '
+                'corrupt or was saved from a run that diverged. Use weights saved before the divergence (an earlier '
+                'checkpoint of the run, with a lower learning rate), or copy/download the file again.')
 
 
 def _without_head_state(state_dict: Dict[str, torch.Tensor], classifier: Any) -> Dict[str, torch.Tensor]:
@@ -66,11 +85,26 @@ def hpm_checkpoint_filter(state_dict: Mapping[str, Any], model: nn.Module, unuse
     filled with the prototypes set to the FC rows and ``prototypes_initialized`` False, with a warning: the
     prototypes must then be initialised from data (``timm_hpm.train.init_prototypes``) before use.
 
+    An HPM checkpoint has all three HPM entries (``dataset_prototypes``, ``prototypes_initialized``,
+    ``log_gamma``); one with some of them but not all is refused (:class:`UnusableWeights`): it was cut short or
+    edited, and filling the gap would make up prototypes (e.g. the FC rows flagged initialised by the checkpoint's
+    own flag). Its backbone and FC weights can still serve as a base checkpoint: load the file into the plain
+    architecture (which ignores the HPM entries), convert it with ``timm_hpm.convert_to_hpm`` and initialise the
+    prototypes by fine-tuning.
+
     The HPM entries belong to the classifier, so they follow timm's rule for a changed head: when the model
     has another number of classes than the checkpoint (or none), timm drops the classifier's weight and bias,
     and the prototypes and the l2 scale go with them (same warning). A plain model loading an HPM checkpoint
     takes everything but the HPM entries.
+
+    Every floating-point tensor that is loaded must be finite (:func:`check_finite_weights`).
     """
+    state_dict = _filter(state_dict, model, unused_modules)
+    check_finite_weights(state_dict)
+    return state_dict
+
+
+def _filter(state_dict: Mapping[str, Any], model: nn.Module, unused_modules: Sequence[str]) -> Dict[str, torch.Tensor]:
     state_dict = clean_checkpoint(state_dict)
     if unused_modules:
         state_dict = {k: v for k, v in state_dict.items() if k.split('.', 1)[0] not in unused_modules}
@@ -87,6 +121,14 @@ def hpm_checkpoint_filter(state_dict: Mapping[str, Any], model: nn.Module, unuse
                             f'classifier is not loaded, and ' + _UNINITIALISED_WARNING)
         return _without_head_state(state_dict, name)
     missing = [k for k in _HEAD_STATE if f'{name}.{k}' not in state_dict]
+    if missing and len(missing) < len(_HEAD_STATE):
+        present = [f'{name}.{k}' for k in _HEAD_STATE if k not in missing]
+        raise UnusableWeights(
+            f'an HPM checkpoint (it has {present}) without {[f"{name}.{k}" for k in missing]}: its head state is '
+            'incomplete (the file was cut short or edited), and loading it would make up what is missing. Save the '
+            'fine-tuned model again (timm_hpm.hub.save_for_hub), or use the file as a base checkpoint: load it into '
+            'the plain architecture (without hpm_; it ignores the HPM entries), convert it with '
+            'timm_hpm.convert_to_hpm and initialise the prototypes by fine-tuning (recipes/finetune.py).')
     if missing:
         _logger.warning('loading a base (non-HPM) checkpoint into an HPM model: ' + _UNINITIALISED_WARNING)
         fill = {

@@ -4,7 +4,7 @@ from typing import Any, Dict, Optional, Type
 import torch
 import torch.nn as nn
 
-from ..layers.hpm_head import HPMHead
+from ..layers.hpm_head import HPMHead, check_hpm_options
 from ._common import check_image_size, set_submodule
 
 __all__ = ['convert_to_hpm', 'attach_hpm_head', 'HPMModelMixin', 'is_hpm_model', 'get_hpm_head']
@@ -177,16 +177,20 @@ def convert_to_hpm(model: nn.Module, *, classifier: Optional[str] = None, **hpm_
     Works on timm models (the classifier is found through ``pretrained_cfg['classifier']`` or
     ``get_classifier()``) and on plain modules whose classifier is their last ``nn.Linear`` (e.g. RobustBench
     architectures); ``classifier='name'`` names it explicitly. ``hpm_options`` are :class:`HPMHead` options
-    (``mode``, ``tau``, ``alpha``, ``momentum``, ``gamma_init``). Returns the same model object.
+    (``mode``, ``tau``, ``alpha``, ``momentum``, ``gamma_init``, ``pseudo_labels``), checked before the model is
+    touched (:class:`~timm_hpm.layers.HPMOptionError`). Returns the same model object.
     """
     if isinstance(model, HPMModelMixin):
-        raise ValueError('model already has an HPM head; change its options on model.hpm_head instead.')
+        raise ValueError('model already has an HPM head; change its options with model.hpm_head.set_options(...) '
+                         'instead.')
     return attach_hpm_head(model, classifier or _find_classifier_name(model), hpm_options, allow_headless=False)
 
 
 def attach_hpm_head(model: nn.Module, name: str, hpm_options: Dict[str, Any], allow_headless: bool) -> nn.Module:
     """The conversion itself; ``allow_headless`` accepts an ``nn.Identity`` classifier (``num_classes=0``),
-    as timm's factories must."""
+    as timm's factories must. The options are checked first (also for a headless model, which keeps them for
+    ``reset_classifier``)."""
+    hpm_options = check_hpm_options(hpm_options)
     try:
         linear = model.get_submodule(name)
     except AttributeError:

@@ -2,8 +2,8 @@
 import json
 from pathlib import Path
 
-__all__ = ['HF_HUB_ORG', 'hub_id', 'PretrainedWeightsUnavailable', 'check_local_dir', 'unavailable_message',
-           'hub_errors']
+__all__ = ['HF_HUB_ORG', 'hub_id', 'PretrainedWeightsUnavailable', 'UnusableWeights', 'check_local_dir',
+           'unavailable_message', 'weights_location', 'hub_errors']
 
 #: The Hugging Face Hub organisation that hosts every timm-hpm weight.
 HF_HUB_ORG = 'timm-hpm'
@@ -16,6 +16,11 @@ def hub_id(model_name_tag: str) -> str:
 
 class PretrainedWeightsUnavailable(RuntimeError):
     """Pretrained weights could not be loaded (not published yet, offline Hub, missing or corrupt file)."""
+
+
+class UnusableWeights(PretrainedWeightsUnavailable):
+    """Pretrained weights were found and read, but their content cannot be used (non-finite values, an HPM
+    checkpoint without part of its head state); the message names the tensor or entries and says what to do."""
 
 
 def check_local_dir(name: str) -> None:
@@ -33,6 +38,15 @@ def check_local_dir(name: str) -> None:
     if not architecture:
         raise PretrainedWeightsUnavailable(f'{config} names no "architecture"; a local-dir: folder holds the '
                                            'config.json and model.safetensors that timm_hpm.hub.save_for_hub writes.')
+
+
+def weights_location(cfg) -> str:
+    """Where the weights of a resolved pretrained ``cfg`` are read from, in words."""
+    if cfg.source == 'local-dir' or cfg.file:
+        return f'the file {cfg.file!r}'
+    if cfg.hf_hub_id:
+        return f'the Hugging Face Hub repository {cfg.hf_hub_id!r}'
+    return 'the state dict given as pretrained_cfg_overlay' if cfg.state_dict is not None else 'its weight location'
 
 
 def unavailable_message(variant: str, cfg, error: BaseException) -> str:

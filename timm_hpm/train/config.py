@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import yaml
 
 from ..attacks import parse_eps
-from ..layers.hpm_head import HPM_MODES, HPM_OPTIONS
+from ..layers.hpm_head import HPM_MODES, HPM_OPTIONS, HPMOptionError, check_hpm_option
 from ..models import is_hpm_variant
 
 __all__ = ['FinetuneConfig', 'ModelSection', 'DataSection', 'AttackSection', 'TrainSection', 'load_config',
@@ -35,7 +35,9 @@ class ModelSection:
     base: Optional[str] = None
     robustbench_dir: str = './models'
     model_args: Dict[str, Any] = field(default_factory=dict)
-    hpm: Dict[str, Any] = field(default_factory=dict)  # HPMHead options: mode, tau, alpha, momentum, gamma_init
+    # HPMHead options (mode, tau, alpha, momentum, gamma_init, pseudo_labels), checked by validate() against
+    # timm_hpm.layers.HPM_OPTION_DOMAINS, the head's own check.
+    hpm: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -136,11 +138,16 @@ class FinetuneConfig:
             close = timm.list_models(f"*{name.split('.')[0].split('_')[-1]}*")[:5]
             raise ConfigError(f'model.name: unknown model {name!r}' + (f'; did you mean one of {close}?' if close else
                                                                        '; see timm.list_models()'))
+        if not isinstance(self.model.hpm, dict):
+            raise ConfigError(f'model.hpm must be a mapping of HPM options, got {self.model.hpm!r}')
         unknown = set(self.model.hpm) - set(HPM_OPTIONS)
         if unknown:
             raise ConfigError(f'model.hpm: unknown options {sorted(unknown)}; valid: {", ".join(HPM_OPTIONS)}')
-        if self.model.hpm.get('mode', 'dynamic') not in HPM_MODES:
-            raise ConfigError(f"model.hpm.mode must be one of {HPM_MODES}")
+        for key, value in self.model.hpm.items():
+            try:
+                check_hpm_option(key, value)
+            except HPMOptionError as error:
+                raise ConfigError(f'model.hpm.{key}: {error}') from None
         if self.data.dataset not in DATASETS:
             raise ConfigError(f'data.dataset: unknown dataset {self.data.dataset!r}; choose from {DATASETS}')
         if self.attack.type not in ('pgd', 'trades', 'none'):
@@ -182,6 +189,10 @@ class FinetuneConfig:
             raise ConfigError('data.batch_size must be >= 1 and data.val_examples >= 0')
         if not self.train.lr > 0:
             raise ConfigError('train.lr must be > 0')
+        lambda_fc = self.train.lambda_fc
+        if isinstance(lambda_fc, bool) or not isinstance(lambda_fc, (int, float)) or not 0 <= lambda_fc < float('inf'):
+            raise ConfigError(f'train.lambda_fc={lambda_fc!r} is invalid: the weight of the FC loss must be a finite '
+                              'number >= 0')
         return self
 
 

@@ -73,9 +73,9 @@ def build_model(cfg: FinetuneConfig) -> nn.Module:
     if not is_hpm_model(model):
         model = convert_to_hpm(model, **hpm_options)
     else:
-        head = get_hpm_head(model)
-        for key, value in hpm_options.items():
-            setattr(head, key, value)
+        # an hf-hub:/local-dir: HPM model: model.hpm changes the loaded head's options, each checked (validate()
+        # already refused bad ones; this is the same check for callers that build a config by hand)
+        get_hpm_head(model).set_options(**hpm_options)
     return model
 
 
