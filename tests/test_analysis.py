@@ -104,9 +104,11 @@ def tiny_hpm():
     y = torch.arange(24) % 4
     with torch.no_grad():
         feats = model.forward_head(model.forward_features(x), pre_logits=True)
-        # an FC head that fits the labels exactly (least squares on centred features): a fragile classifier
+        # an FC head that fits the labels exactly (least squares on centred features): a fragile classifier; the
+        # wrong classes' logits are 1 apart, so the runner-up is never decided by rounding (with equal wrong-class
+        # logits it changed with the batch size on some CPUs)
         centred = feats - feats.mean(0)
-        target = 10 * torch.nn.functional.one_hot(y, 4).float()
+        target = 10 * torch.nn.functional.one_hot(y, 4).float() + torch.arange(4.0)
         model.hpm_head.weight.copy_(torch.linalg.lstsq(centred, target - target.mean(0)).solution.t())
         model.hpm_head.bias.copy_(target.mean(0) - model.hpm_head.weight @ feats.mean(0))
         model.hpm_head.init_prototypes_([(feats, y)])
@@ -131,7 +133,10 @@ def test_feature_sensitivity_matches_head_closed_forms(tiny_hpm):
     # input-space first-order estimate is margin / l1 norm of the input gradient
     est = torch.tensor(res['static']['linf_flip_estimate'])
     l1 = torch.tensor(res['static']['input_grad_l1'])
-    assert torch.allclose(est, m_s.detach().clamp_min(0) / l1, rtol=1e-4, atol=1e-7)
+    # compared in margin units with atol 0.05: the static head's logits (-gamma ||f - mu||^2, hundreds here) cancel
+    # large terms, and float32 rounding of the batches of 10 and of the whole batch differs by a few hundredths on
+    # some CPUs; a wrong formula (another norm, no clamp) is off by far more
+    assert torch.allclose(est * l1, m_s.detach().clamp_min(0), rtol=1e-3, atol=0.05)
     summary = summarize(res)
     assert summary['fc']['n_correct'] == int((margin > 0).sum())
     assert summary['fc']['clean_acc'] == pytest.approx(float((margin > 0).float().mean()))

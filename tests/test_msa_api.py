@@ -62,21 +62,28 @@ def transductive(one_thread):
     return model.eval(), x, y
 
 
-def test_autoattacks_own_bookkeeping_overestimates_a_transductive_model_and_msa_does_not(transductive):
+def test_autoattacks_own_bookkeeping_is_no_fixed_batch_figure_and_msas_is(transductive):
+    """On a transductive model AutoAttack's own verdict (it re-batches the still-robust points) is not the accuracy
+    of any batch: re-scoring its own images on the fixed batch gives another figure (which way depends on the
+    float path: on some CPUs it claims more, on others less). MSA's figure is one concrete batch, at most
+    AutoAttack's re-scored images."""
     model, x, y = transductive
     eps = 0.12
     with torch.no_grad():
         assert bool((model(x).argmax(1) == y).all())
     adversary = make_autoattack(model, eps, version='custom', attacks=['apgd-ce', 'apgd-t'], num_classes=K,
                                 n_iter=20, seed=0)
-    _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=len(y))
+    x_aa, y_adv = adversary.run_standard_evaluation(x, y, batch_size=len(y))
     own = float((y_adv == y).float().mean())  # AutoAttack's figure: sub-batches of still-robust points
+    with torch.no_grad():
+        own_rescored = float((model(x_aa).argmax(1) == y).float().mean())
+    assert abs(own - own_rescored) >= 1 / len(y)  # its printout is not what its images do to the fixed batch
     result = msa(model, x, y, eps, config=MSAConfig(eps=eps, **FAST))
     with torch.no_grad():  # MSA's figure is one concrete batch: re-scoring it whole gives the same number
         rescored = float((model(result['x_adv']).argmax(1) == y).float().mean())
     delta = (result['x_adv'] - x).abs().amax()
     assert rescored == result['robust_acc'] and float(delta) <= eps + 1e-6
-    assert own >= result['robust_acc'] + 4 / len(y)  # AutoAttack's own figure claims robustness that is not there
+    assert result['robust_acc'] <= own_rescored
     assert result['union_acc'] <= result['robust_acc'] <= result['candidate_acc']['autoattack']
     assert 'target/apgd-ce' in result['candidate_acc']  # the target was attacked through itself
 

@@ -31,6 +31,7 @@ from ..layers.hpm_head import HPM_MODES
 from ..models._hpm import is_hpm_model
 from .autoattack import AUTOATTACK_VERSIONS, make_autoattack, run_autoattack
 from .checks import unwrap
+from .progress import StageProgress
 from .realised import IterateScores, RealisedBatch
 from .stages import AUTOATTACK, COMBINED, candidate_name
 from .views import ModelView, hpm_views
@@ -143,7 +144,8 @@ def _same_view(a: nn.Module, b: nn.Module) -> bool:
 
 
 def _surrogate_stage(batch: RealisedBatch, name: str, surrogate: nn.Module, n_targets: int, cfg: 'MSAConfig',
-                     generator: torch.Generator, active: Callable[[], torch.Tensor]) -> None:
+                     generator: torch.Generator, active: Callable[[], torch.Tensor],
+                     progress: Optional[StageProgress] = None) -> None:
     """White-box APGD-CE and APGD-T (``n_targets`` target classes) through one surrogate, each scored on the target;
     for a batch-dependent surrogate also every whole batch each run evaluated (``cfg.score_iterates``)."""
     x, y = batch.x, batch.y
@@ -162,6 +164,8 @@ def _surrogate_stage(batch: RealisedBatch, name: str, surrogate: nn.Module, n_ta
                                         else accuracy(batch.target, xa, y))
 
     def observe(x_adv: torch.Tensor, logits: torch.Tensor) -> None:
+        if progress is not None:
+            progress.tick()
         if iterates[0] is not None:
             iterates[0](x_adv, logits)
 
@@ -225,6 +229,7 @@ def attack_batch(
         seed: int,
         num_classes: int,
         checkpoint=None,
+        progress: Optional[StageProgress] = None,
 ) -> dict:
     """MSA on one fixed batch. Returns per-sample correctness (lists of bools) of the target on the clean
     batch, on each candidate batch, and on the final realised batch, AutoAttack's own verdict (``autoattack_own``,
@@ -234,11 +239,13 @@ def attack_batch(
     None, ``save(tensors, meta)``): the batch's progress is saved after each stage before the combinations, and a
     batch that was stopped resumes at its next stage with the same result as an uninterrupted one (the random
     generator's state is saved with it). ``passes_before`` in the result: the passes the finished stages of an
-    earlier start made (zero without one); ``seconds`` includes their time."""
+    earlier start made (zero without one); ``seconds`` includes their time. ``progress``: a
+    :class:`~timm_hpm.eval.progress.StageProgress` showing each stage and its attack iterations."""
     if not isinstance(cfg, MSAConfig):
         raise ValueError(f'cfg must be an MSAConfig, got {type(cfg).__name__}')
     cfg.validate()  # again: a config changed after it was made is checked before any work
     start = time.perf_counter()
+    progress = progress or StageProgress(enabled=False)
     generator = torch.Generator().manual_seed(seed)
     views = [target, *surrogates.values()]
     saved = checkpoint.load() if checkpoint is not None else None
@@ -271,6 +278,7 @@ def attack_batch(
                                                  **passes}})
 
     if cfg.autoattack and AUTOATTACK not in done:
+        progress.stage('AutoAttack on the target')  # its iterations run inside AutoAttack, unseen
         if bool(batch.clean.any()):
             # Plain AutoAttack's figure: all its images, re-scored on this fixed batch (its own verdict is kept
             # beside, never used: it shows what AutoAttack's printout would claim).
@@ -292,16 +300,20 @@ def attack_batch(
         if not bool(active().any()):
             break
         n_targets = cfg.target_n_target_classes if _same_view(surrogate, target) else cfg.n_target_classes
-        if cfg.surrogate_apgd:
-            _surrogate_stage(batch, name, surrogate, n_targets, cfg, generator, active)
+        if cfg.surrogate_apgd:  # APGD-CE, then APGD-T per target: each its start and iterations
+            progress.stage(f'APGD-CE/T via {name}', (1 + n_targets) * (cfg.apgd_iters + 1))
+            _surrogate_stage(batch, name, surrogate, n_targets, cfg, generator, active, progress)
         if cfg.surrogate_autoattack and bool(active().any()):
+            progress.stage(f'AutoAttack via {name}')
             adversary = make_autoattack(surrogate, cfg.eps, cfg.norm, version='custom',
                                         attacks=['apgd-ce', 'apgd-t', 'fab-t'], seed=seed, device=x.device,
                                         num_classes=num_classes, n_iter=cfg.autoattack_iters)
             batch.consider(candidate_name(name, 'autoattack'), run_autoattack(adversary, x, y, batch_size=x.shape[0]),
                            active())
         finish(name)
+    progress.stage('combinations of every stage\'s breaks')
     batch.combine(cfg.combine_rounds)
+    progress.close()
     cost.close(COMBINED)
     return {
         'clean': batch.clean.tolist(),

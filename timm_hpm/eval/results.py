@@ -121,14 +121,51 @@ def aggregate(run_dir: Path, metadata: Optional[dict] = None) -> dict:
     return result
 
 
+#: MSA's full-strength budget (MSAConfig's defaults): a run with any of these lower is a reduced-budget run.
+_FULL_MSA = dict(apgd_iters=100, n_target_classes=3, target_n_target_classes=9, combine_rounds=3)
+_FULL_MSA_SWITCHES = ('score_iterates', 'surrogate_apgd', 'autoattack')
+_HEAD_VIEWS = ('fc', 'static', 'soft', 'dynamic')
+
+
+def reduced_budget(result: dict) -> list:
+    """What ran below full strength in an evaluation (recipes/evaluate.py's eval.json): AutoAttack other than the
+    standard cascade at its own iterations and queries, and for MSA any budget below its defaults (fewer APGD
+    iterations, targets or combination rounds, a stage switched off, a head view left out). Empty: full strength."""
+    settings = result.get('settings') or {}
+    msa = settings.get('msa') or {}
+    protocol = result.get('protocol') or settings.get('protocol')
+    out = []
+    if msa.get('autoattack', True) and (msa.get('autoattack_version', 'standard') != 'standard'
+                                        or msa.get('autoattack_attacks')):
+        out.append(f"AutoAttack version {msa.get('autoattack_version')!r} (attacks {msa.get('autoattack_attacks')})")
+    if msa.get('autoattack_iters') is not None:
+        out.append(f"AutoAttack APGD/FAB iterations {msa['autoattack_iters']} (standard: 100)")
+    if msa.get('square_queries') is not None:
+        out.append(f"Square queries {msa['square_queries']} (standard: 5000)")
+    if protocol == 'msa':
+        for key, full in _FULL_MSA.items():
+            if key in msa and msa[key] < full:
+                out.append(f'{key} {msa[key]} (full: {full})')
+        out += [f'{key} off' for key in _FULL_MSA_SWITCHES if msa.get(key, True) is False]
+        missing = [v for v in _HEAD_VIEWS if v not in msa.get('surrogates', _HEAD_VIEWS)]
+        if missing and result.get('hpm_mode') not in (None, 'fc', 'static'):
+            out.append(f'surrogate views left out: {missing}')
+    return out
+
+
 def format_table(result: dict) -> str:
     """A human-readable table of a result."""
     def pct(v):
         return f'{100 * v:.2f}%'
     # AutoAttack's own printout (its re-batching) is shown for runs that recorded it (MSA v3 on)
     own = any(b.get('autoattack_own_acc') is not None for b in result['batchings'].values())
+    reduced = reduced_budget(result)
     lines = [f"{result.get('name', 'model')}  ({result['protocol']}, {result['threat_model']} eps="
-             f"{result['eps']:.4f}, {result['n_examples']} examples, batch {result['batch_size']})", '',
+             f"{result['eps']:.4f}, {result['n_examples']} examples, batch {result['batch_size']})", '']
+    if reduced:
+        lines += ['REDUCED ATTACK BUDGET: these are not full-strength figures (' + ', '.join(reduced) + '); '
+                  'drop those options for full strength.', '']
+    lines += [
              markdown_table(['batching', 'clean'] + (["AutoAttack's own printout"] if own else [])
                             + ['AutoAttack (fixed batches)', 'realised worst case', 'per-sample union bound'],
                             [[name, pct(b['clean_acc'])]

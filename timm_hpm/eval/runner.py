@@ -32,6 +32,7 @@ from ..runfiles import run_lock, write_atomic
 from .batching import BATCHINGS, make_batchings
 from .checks import check_eval_ready, protocol_warnings, unwrap
 from .msa import MSAConfig, attack_batch
+from .progress import StageProgress
 from .views import ModelView, PassCounter, hpm_views
 from .results import aggregate
 from .run_folder import (StageCheckpoint, check_fingerprint, check_settings, copy_reusable, data_fingerprint,
@@ -146,14 +147,16 @@ def _compute_units(todo: list, model: nn.Module, x: torch.Tensor, y: torch.Tenso
     if num_classes is None:
         with torch.no_grad():
             num_classes = target(x[:1]).shape[1]
-    for batching, index, idx in tqdm(todo, desc=f'{protocol} units', disable=not progress):
+    stages = StageProgress(enabled=progress and protocol == 'msa')  # a line under the batches' bar
+    for batching, index, idx in tqdm(todo, desc=f'{protocol} batches', disable=not progress, position=0):
+        stages.batch = f'{batching} batch {index}'
         before = counter.as_dict()
         xb, yb = x[idx], y[idx]
         seed = cfg.seed * 1_000_003 + index * 101 + BATCHINGS.index(batching)
         path, data_sha256 = unit_path(run_dir, batching, index), data_fingerprint(xb, yb)
         checkpoint = StageCheckpoint(path, data_sha256) if protocol == 'msa' else None
         result = attack_batch(target, surrogates, xb, yb, cfg, seed=seed, num_classes=num_classes,
-                              checkpoint=checkpoint)
+                              checkpoint=checkpoint, progress=stages)
         x_adv = result.pop('x_adv')
         delta = (x_adv - xb).flatten(1)
         norm = delta.abs().amax(1) if cfg.norm == 'Linf' else delta.norm(dim=1)
