@@ -234,7 +234,10 @@ def test_second_process_fails_at_once_naming_the_holder(tmp_path):
     finally:
         os.killpg(holder.pid, signal.SIGKILL)
         holder.wait()
-    resumed = _cli(['--resume', run, '--set', 'train.epochs=1', '--max-steps', 1])
+    # a short budget to finish fast, one step past the newest checkpoint (a resume never shortens a run below it)
+    newest = max(int(p.name.split('_')[1]) for p in (run / 'checkpoints').glob('checkpoint_*')
+                 if (p / 'trainer_state.json').exists())
+    resumed = _cli(['--resume', run, '--set', 'train.epochs=1', '--max-steps', newest + 1])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert 'stale' in resumed.stderr and f'pid {holder.pid}' in resumed.stderr
 

@@ -55,13 +55,13 @@ def push_to_hub():
 
 @pytest.fixture()
 def checkout(push_to_hub, tmp_path, monkeypatch):
-    """The recipe's checkout played by a copy (its hub_cards/): a test of the old behaviour writes there, never into
-    the real one."""
+    """The recipe's checkout played by a copy (its hub_cards/), the working folder: a test of the old behaviour
+    writes there, never into the real one."""
     root = tmp_path / 'checkout'
     (root / 'hub_cards').mkdir(parents=True)
     for card in (ROOT / 'hub_cards').iterdir():
         (root / 'hub_cards' / card.name).write_bytes(card.read_bytes())
-    monkeypatch.setattr(push_to_hub, 'ROOT', root)
+    monkeypatch.chdir(root)
     return root
 
 
@@ -266,7 +266,7 @@ def test_push_to_hub_records_its_command_shell_quoted(push_to_hub, checkout, tmp
     argv = _probe(tmp_path / 'up load')
     push_to_hub.main(argv)
     command = json.loads((tmp_path / 'up load' / UPLOAD_MANIFEST).read_text())['command']
-    assert shlex.split(command) == ['python', 'recipes/push_to_hub.py', *argv]
+    assert shlex.split(command) == ['python', '-m', 'timm_hpm.cli.push_to_hub', *argv]  # main() of the module
 
 
 def test_batch_order_table_records_its_command_shell_quoted(tiny_dir, tmp_path):

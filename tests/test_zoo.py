@@ -1,4 +1,4 @@
-"""The model-zoo manifest (recipes/zoo.yaml, timm_hpm/zoo.py), its table, recipes/build_zoo.py end to end on the
+"""The model-zoo manifest (timm_hpm/zoo/zoo.yaml, timm_hpm/zoo/), its table, recipes/build_zoo.py end to end on the
 Fashion-MNIST entry (reduced budget, dry-run push, a second run skips every step) and the CPU rehearsal of a CIFAR
 entry at full model size (recipes/benchmarks/rehearse_zoo.py)."""
 import dataclasses
@@ -35,7 +35,7 @@ def entries():
 def test_manifest_lists_every_published_tag(entries):
     assert list(entries) == [FMNIST] + RB_TAGS
     used = {e.config for e in entries.values()}
-    assert {f'recipes/configs/{p.name}' for p in (ROOT / 'recipes' / 'configs').glob('hpm_*.yaml')} <= used
+    assert {p.stem for p in (ROOT / 'timm_hpm' / 'configs').glob('hpm_*.yaml')} <= used  # packaged configs, by name
     for tag in RB_TAGS:
         rb = entries[tag].robustbench  # the base's facts come from the RobustBench table
         assert rb in ROBUSTBENCH_MODELS and f'{timm_hpm.hpm_variant(rb.architecture)}.{rb.tag}' == tag
@@ -65,13 +65,13 @@ def _broken(index, **changes):
     (1, dict(eval__eps='4/255'), "not RobustBench's 8/255"),
     (1, dict(eval__batchings=['sorted']), 'batchings'),
     (1, dict(eval__apgd_iters=0), 'apgd_iters: must be a positive integer'),
-    (1, dict(config='recipes/configs/hpm_wrn28_10_cifar100.yaml'), 'trains on cifar100'),
-    (1, dict(config='recipes/configs/no_such.yaml'), 'no such file'),
+    (1, dict(config='hpm_wrn28_10_cifar100'), 'trains on cifar100'),
+    (1, dict(config='no_such'), 'no such file'),
     (1, dict(card__repo_id='no-namespace'), 'user or organisation'),
     (1, dict(card__license='mit'), "pretrained cfg says 'unknown'"),
     (1, dict(hardware='tpu'), "'cpu' or 'gpu'"),
     (0, dict(base='small_cnn.fmnist_control_missing'), 'neither rb:'),
-    (5, dict(config='recipes/configs/hpm_wrn28_10_cifar10.yaml'), 'not the architecture'),
+    (5, dict(config='hpm_wrn28_10_cifar10'), 'not the architecture'),
 ])
 def test_manifest_entry_errors_name_the_field(index, changes, message):
     with pytest.raises(ZooError, match=message):

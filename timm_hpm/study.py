@@ -201,21 +201,21 @@ def check_run(config: Path, run_dir: Path, overrides: Dict[str, Any], name: str 
 
 def finetune(config: Path, run_dir: Path, overrides: Dict[str, Any], device: str = 'cpu', name: str = ''
              ) -> Optional[float]:
-    """Fine-tune with ``recipes/finetune.py`` into ``run_dir`` (resuming an interrupted run); seconds taken, or
-    None when the run had finished before. A run already there is reused only with the configuration asked for
-    (:func:`check_run`; ``name``, the candidate, names it in the refusal)."""
+    """Fine-tune with ``python -m timm_hpm.cli.finetune`` (what ``recipes/finetune.py`` runs) into ``run_dir``
+    (resuming an interrupted run); seconds taken, or None when the run had finished before. A run already there is
+    reused only with the configuration asked for (:func:`check_run`; ``name``, the candidate, names it in the
+    refusal)."""
     from .train.runs import run_finished
     check_run(config, run_dir, overrides, name)
     if run_finished(run_dir):
         return None
-    recipe = Path(__file__).resolve().parent.parent / 'recipes' / 'finetune.py'
     if (run_dir / 'config.yaml').exists():
         cmd = ['--resume', str(run_dir)]
     else:
         sets = _sets(overrides)
         cmd = ['--config', str(config), '--output-dir', str(run_dir)] + (['--set'] + sets if sets else [])
     tic = time.time()
-    subprocess.run([sys.executable, str(recipe), *cmd, '--device', device], check=True)
+    subprocess.run([sys.executable, '-m', 'timm_hpm.cli.finetune', *cmd, '--device', device], check=True)
     return round(time.time() - tic, 1)
 
 

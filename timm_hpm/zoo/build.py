@@ -1,6 +1,7 @@
-"""The build of one zoo entry (what ``recipes/build_zoo.py`` runs: base checkpoint, fine-tuning, the base under
-AutoAttack, the HPM model under MSA, the Hub folder and card, the push), each step's command and whether it is done,
-and the README's zoo table."""
+"""The build of one zoo entry (what ``timm-hpm-zoo``, ``python -m timm_hpm.cli.build_zoo``, runs: base checkpoint,
+fine-tuning, the base under AutoAttack, the HPM model under MSA, the Hub folder and card, the push), each step's
+command and whether it is done, and the README's zoo table. The steps run the package's modules
+(``python -m timm_hpm.cli.finetune``, ``...evaluate``, ``...push_to_hub``): a build needs no checkout."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 
-from .manifest import RECIPES, ZooEntry, ZooError, _DATA_NEEDS
+from .manifest import ZooEntry, ZooError, _DATA_NEEDS
 
 __all__ = ['BuildOptions', 'Step', 'plan_steps', 'build_record', 'check_build_record', 'build_command',
            'entry_status', 'zoo_table', 'export_base', 'format_command']
@@ -51,10 +52,13 @@ def _base_ref(entry: ZooEntry, out: Path) -> str:
     return f'local-dir:{out / "base"}' if entry.is_robustbench else entry.base
 
 
-def _launch(opts: BuildOptions, script: str) -> List[str]:
+def _launch(opts: BuildOptions, name: str) -> List[str]:
+    """The command that starts the package's module ``timm_hpm.cli.<name>`` (under ``accelerate launch -m`` with
+    the accelerate launcher)."""
+    module = f'timm_hpm.cli.{name}'
     if opts.launcher == 'accelerate':
-        return [opts.python, '-m', 'accelerate.commands.launch', *opts.launch_args, str(RECIPES / script)]
-    return [opts.python, str(RECIPES / script)]
+        return [opts.python, '-m', 'accelerate.commands.launch', *opts.launch_args, '-m', module]
+    return [opts.python, '-m', module]
 
 
 def plan_steps(entry: ZooEntry, opts: BuildOptions) -> List[Step]:
@@ -72,11 +76,11 @@ def plan_steps(entry: ZooEntry, opts: BuildOptions) -> List[Step]:
 
     run = out / 'finetune'
     if (run / 'config.yaml').is_file():  # a started run: continue it with its settings (the budget may change)
-        finetune = [*_launch(opts, 'finetune.py'), '--resume', str(run)]
+        finetune = [*_launch(opts, 'finetune'), '--resume', str(run)]
     else:
         sets = ([f'model.robustbench_dir={opts.model_dir}'] if entry.is_robustbench else []) + \
                ([f'data.data_dir={opts.data_dir}'] if opts.data_dir else []) + list(opts.sets)
-        finetune = [*_launch(opts, 'finetune.py'), '--config', str(entry.config_path), '--output-dir', str(run)] + \
+        finetune = [*_launch(opts, 'finetune'), '--config', str(entry.config_path), '--output-dir', str(run)] + \
             (['--set', *sets] if sets else [])
     if opts.max_steps is not None:
         finetune += ['--max-steps', str(opts.max_steps)]
@@ -88,19 +92,19 @@ def plan_steps(entry: ZooEntry, opts: BuildOptions) -> List[Step]:
     aa_options = [a for key in ('autoattack_iters', 'square_queries') if getattr(ev, key) is not None
                   for a in (f"--{key.replace('_', '-')}", str(getattr(ev, key)))]
     steps.append(Step('eval_base', out / 'eval_base' / 'eval.json',
-                      [*_launch(opts, 'evaluate.py'), '--model', _base_ref(entry, out), '--protocol', 'autoattack',
+                      [*_launch(opts, 'evaluate'), '--model', _base_ref(entry, out), '--protocol', 'autoattack',
                        *common, *aa_options, '--out', str(out / 'eval_base')],
                       f'the base under AutoAttack (standard), {ev.n_examples} images -> {out / "eval_base"}'))
     surrogates = ['--surrogate-model', _base_ref(entry, out)] if ev.base_surrogate else []
     steps.append(Step('eval_hpm', out / 'eval_hpm' / 'eval.json',
-                      [*_launch(opts, 'evaluate.py'), '--model', f'local-dir:{run / "final"}', '--protocol', 'msa',
+                      [*_launch(opts, 'evaluate'), '--model', f'local-dir:{run / "final"}', '--protocol', 'msa',
                        *common, '--batchings', *ev.batchings, '--surrogates', *ev.surrogates, *ev.options(),
                        *surrogates, '--out', str(out / 'eval_hpm')],
                       f'the HPM model under MSA ({", ".join(ev.batchings)}), {ev.n_examples} images -> '
                       f'{out / "eval_hpm"}'))
 
     card = entry.card
-    push = [opts.python, str(RECIPES / 'push_to_hub.py'), '--run', str(run / 'final'),
+    push = [opts.python, '-m', 'timm_hpm.cli.push_to_hub', '--run', str(run / 'final'),
             '--results', str(out / 'eval_hpm' / 'eval.json'), '--base-results', str(out / 'eval_base' / 'eval.json'),
             '--training-config', str(run / 'config.yaml'), '--base-model', card.base_model, '--repo-id', card.repo_id,
             '--license', card.license, *(['--license-name', card.license_name] if card.license_name else []),
@@ -131,6 +135,10 @@ def check_build_record(path: Path, record: dict) -> None:
     if not path.is_file():
         return
     old = json.loads(path.read_text())
+    config = old.get('entry', {}).get('config') if isinstance(old.get('entry'), dict) else None
+    if isinstance(config, str) and config.startswith('recipes/configs/') and config.endswith('.yaml'):
+        # recorded before the configs became package data: the checkout's path of the packaged config of that name
+        old['entry']['config'] = config[len('recipes/configs/'):-len('.yaml')]
     if old != record:
         diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
         if 'entry' in diff:

@@ -1,7 +1,9 @@
-"""The model zoo manifest (``recipes/zoo.yaml``): one entry per published HPM tag, checked field by field.
+"""The model zoo manifest (``timm_hpm/zoo/zoo.yaml``, package data; ``recipes/zoo.yaml`` in a checkout links to it):
+one entry per published HPM tag, checked field by field.
 
 The RobustBench facts of a base (its architecture, tag, reported figures) come from timm_hpm/robustbench_table.py;
-the manifest names the base only."""
+the manifest names the base only. An entry's fine-tuning ``config`` is the name of a config shipped with the package
+(``timm_hpm/configs/<name>.yaml``) or a YAML file, relative to the manifest's folder."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,9 +17,8 @@ __all__ = ['DEFAULT_MANIFEST', 'EVAL_OPTIONS', 'ZooError', 'EvalSettings', 'Card
            'load_manifest', 'override_eval']
 
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository (recipes/ beside timm_hpm/)
-DEFAULT_MANIFEST = ROOT / 'recipes' / 'zoo.yaml'
-RECIPES = ROOT / 'recipes'
+#: The manifest shipped with the package.
+DEFAULT_MANIFEST = Path(__file__).resolve().parent / 'zoo.yaml'
 
 #: recipes/evaluate.py's MSA/AutoAttack options a manifest entry may set (``None``: evaluate.py's default).
 EVAL_OPTIONS = {'apgd_iters': int, 'n_target_classes': int, 'target_n_target_classes': int, 'combine_rounds': int,
@@ -72,10 +73,12 @@ class CardFacts:
 class ZooEntry:
     tag: str  # the HPM model.tag published
     base: str  # a registered model.tag with weights, or rb:<RobustBench name>
-    config: str  # fine-tuning config, relative to the repository root
+    config: str  # fine-tuning config: a packaged config's name, or a YAML file relative to the manifest's folder
     hardware: str  # 'cpu' or 'gpu'
     eval: EvalSettings
     card: CardFacts
+    #: the manifest's folder, which a config given as a file is relative to (not part of the entry: not recorded)
+    root: Path = dataclasses.field(default=Path(__file__).resolve().parent, repr=False, compare=False)
 
     @property
     def is_robustbench(self) -> bool:
@@ -89,10 +92,14 @@ class ZooEntry:
 
     @property
     def config_path(self) -> Path:
-        return ROOT / self.config
+        """The fine-tuning config's file: the packaged config of that name, or the file relative to the manifest's
+        folder."""
+        return config_file(self.config, self.root)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        del out['root']
+        return out
 
 
 def _fail(where: str, message: str):
@@ -102,7 +109,7 @@ def _fail(where: str, message: str):
 def _check_keys(where: str, given: dict, cls, required: Sequence[str]) -> None:
     if not isinstance(given, dict):
         _fail(where, f'expected a mapping, got {type(given).__name__}')
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls)} - {'root'}  # ZooEntry.root is the manifest's folder
     unknown = sorted(set(given) - known)
     if unknown:
         _fail(where, f'unknown keys {unknown}; valid: {sorted(known)}')
@@ -160,9 +167,19 @@ def _parse_card(where: str, raw: dict) -> CardFacts:
     return CardFacts(**raw)
 
 
-def parse_entry(raw: dict, index: int = 0, root: Path = ROOT) -> ZooEntry:
+def config_file(config: str, root: Path) -> Path:
+    """The file of an entry's ``config``: a packaged config's name (``timm_hpm/configs/<name>.yaml``), else a YAML
+    file relative to ``root`` (the manifest's folder)."""
+    from ..cli import CONFIG_DIR
+    if '/' not in config and '\\' not in config and not config.endswith(('.yaml', '.yml')):
+        return CONFIG_DIR / f'{config}.yaml'
+    return Path(root) / config
+
+
+def parse_entry(raw: dict, index: int = 0, root: Optional[Path] = None) -> ZooEntry:
     """One manifest entry, every field checked against the registry, RobustBench's table and its fine-tuning
-    config; a ``ZooError`` names the entry and the field."""
+    config; a ``ZooError`` names the entry and the field. ``root``: the folder a config given as a file is relative
+    to (the manifest's; default the packaged manifest's)."""
     import timm
 
     import timm_hpm
@@ -182,7 +199,10 @@ def parse_entry(raw: dict, index: int = 0, root: Path = ROOT) -> ZooEntry:
         _fail(f'{where}.hardware', f"'cpu' or 'gpu', got {raw['hardware']!r}")
     ev = _parse_eval(f'{where}.eval', raw['eval'])
     card = _parse_card(f'{where}.card', raw['card'])
-    entry = ZooEntry(tag=tag, base=raw['base'], config=raw['config'], hardware=raw['hardware'], eval=ev, card=card)
+    if not isinstance(raw['config'], str) or not raw['config']:
+        _fail(f'{where}.config', f"a packaged config's name or a YAML file, got {raw['config']!r}")
+    entry = ZooEntry(tag=tag, base=raw['base'], config=raw['config'], hardware=raw['hardware'], eval=ev, card=card,
+                     **({'root': Path(root)} if root is not None else {}))
 
     base = entry.base
     if entry.is_robustbench:
@@ -202,7 +222,7 @@ def parse_entry(raw: dict, index: int = 0, root: Path = ROOT) -> ZooEntry:
         _fail(f'{where}.base', f'{base} is not the plain architecture of {tag}')
 
     from ..train import ConfigError, load_config
-    path = root / entry.config
+    path = entry.config_path
     if not path.is_file():
         _fail(f'{where}.config', f'no such file: {path}')
     try:
@@ -224,9 +244,11 @@ def parse_entry(raw: dict, index: int = 0, root: Path = ROOT) -> ZooEntry:
     return entry
 
 
-def load_manifest(path: Path = DEFAULT_MANIFEST, root: Path = ROOT) -> Dict[str, ZooEntry]:
-    """The manifest's entries by tag, each checked (``ZooError`` on the first problem, naming it)."""
+def load_manifest(path: Path = DEFAULT_MANIFEST, root: Optional[Path] = None) -> Dict[str, ZooEntry]:
+    """The manifest's entries by tag, each checked (``ZooError`` on the first problem, naming it). ``root``: the
+    folder its configs given as files are relative to (default: the manifest's folder)."""
     path = Path(path)
+    root = path.resolve().parent if root is None else root
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as error:
