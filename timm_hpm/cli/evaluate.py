@@ -88,7 +88,22 @@ def parse_args(argv=None):
                    help="skip MSA's whole-batch APGD through the surrogates; with --surrogate-autoattack --no-cascade "
                         "--combine-rounds 0 --no-score-iterates: the paper's protocol (AutoAttack "
                         "on each surrogate, transferred, per-sample worst case), for comparison only")
-    p.add_argument('--poison-steps', type=int, default=100, help='with --protocol poison: PGD steps per attack')
+    p.add_argument('--poison-steps', type=int, default=100,
+                   help='with --protocol poison: PGD steps of each poisoning run within eps')
+    # the poisoning attack's strength (timm_hpm.eval.poison.PoisonConfig; the defaults are full strength)
+    p.add_argument('--poison-unbounded-steps', type=int, default=None,
+                   help='steps of each unbounded poisoning run (default: 6 x --poison-steps)')
+    p.add_argument('--poison-restarts', type=int, default=1, help='runs per objective and gradient view')
+    p.add_argument('--poison-objectives', nargs='+', default=['soft_count'],
+                   help='soft_count (victims closest to flipping weigh most), top_m, margin_sum')
+    p.add_argument('--poison-target-classes', type=int, default=3,
+                   help='class-directed runs (victims pushed toward one class), 0: none')
+    p.add_argument('--poison-anneal', action=argparse.BooleanOptionalAction, default=True,
+                   help="a run through the soft head annealed toward the hard assignment")
+    p.add_argument('--poison-top-m', type=int, default=5, help='victims the top_m objective concentrates on')
+    p.add_argument('--poison-temperature', type=float, default=0.02, help="soft_count's sigmoid temperature (logits)")
+    p.add_argument('--poison-feature-bound', action=argparse.BooleanOptionalAction, default=True,
+                   help='also the feature-space bound: k free feature vectors with no image behind them')
     p.add_argument('--autoattack-iters', type=int, default=None, help="default: AutoAttack's own (100)")
     p.add_argument('--square-queries', type=int, default=None, help="default: AutoAttack's own (5000)")
     p.add_argument('--surrogate-autoattack', action='store_true', help="also each surrogate's AutoAttack cascade")
@@ -214,6 +229,15 @@ def msa_config(args, eps: float, surrogate_models=()):
                      surrogate_autoattack=args.surrogate_autoattack, cascade=not args.no_cascade, seed=args.seed)
 
 
+def poison_options(args) -> dict:
+    """The poisoning attack's strength options of these arguments (PoisonConfig's fields beyond eps, norm, steps,
+    seed)."""
+    return dict(unbounded_steps=args.poison_unbounded_steps, restarts=args.poison_restarts,
+                objectives=tuple(args.poison_objectives), target_classes=args.poison_target_classes,
+                anneal=args.poison_anneal, top_m=args.poison_top_m, temperature=args.poison_temperature,
+                feature_bound=args.poison_feature_bound)
+
+
 def check_options(args, eps: float) -> None:
     """The options' own checks (the library's: MSAConfig, PoisonConfig), up front: a ValueError naming the option."""
     from timm_hpm.eval.poison import PoisonConfig
@@ -223,7 +247,7 @@ def check_options(args, eps: float) -> None:
     if args.sanity and args.sanity_examples < 1:
         raise ValueError(f'--sanity-examples {args.sanity_examples}: must be >= 1')
     if args.protocol == 'poison':
-        PoisonConfig(eps=eps, norm=args.norm, steps=args.poison_steps, seed=args.seed)
+        PoisonConfig(eps=eps, norm=args.norm, steps=args.poison_steps, seed=args.seed, **poison_options(args))
     else:
         msa_config(args, eps, [name.replace('/', '_') for name in surrogate_model_names(args)])
 
@@ -355,13 +379,14 @@ def run_poison(args, eps, model, x, y, out, accelerator, metadata, finished=Fals
         target = ModelView(model, None)
         views = {'model': target}
     rows = run_poisoning(target, views, x, y, args.batch_size, eps, out / 'poison', norm=args.norm,
-                         steps=args.poison_steps, seed=args.seed, progress=True)
+                         steps=args.poison_steps, seed=args.seed, progress=True, **poison_options(args))
     with torch.no_grad():
         clean = float(sum(int((target(xb).argmax(1) == yb).sum())
                           for xb, yb in zip(x.split(args.batch_size), y.split(args.batch_size)))) / len(y)
     result = dict(metadata, protocol='poison', n_examples=len(y), batch_size=args.batch_size, threat_model=args.norm,
                   eps=eps, clean_acc=clean, poisoning=rows,
-                  settings={'steps': args.poison_steps, 'seed': args.seed, 'gradient_views': list(views)})
+                  settings={'steps': args.poison_steps, 'seed': args.seed, 'gradient_views': list(views),
+                            **{k: list(v) if isinstance(v, tuple) else v for k, v in poison_options(args).items()}})
     if finished:
         return result
     table = poisoning_table(rows, args.norm)
