@@ -160,7 +160,8 @@ def main(argv=None):
              'command': 'python recipes/study.py ' + shlex.join(map(str, argv))}, indent=2))
         write_text_atomic(args.out / 'study.md', table + '\n')
         if not args.no_figure:
-            plot_study(rows, args.out / 'study.png', f"held-out robust vs clean accuracy ({len(rows)} models)", base)
+            plot_study(summary, rows, args.out / 'study.png',
+                       f'every HPM candidate against its budget-matched control ({len(summary)} candidates)')
         elif (args.out / 'study.png').exists():
             print(f'--no-figure: {args.out / "study.png"} is an earlier run\'s figure, not redrawn from this table',
                   file=sys.stderr)

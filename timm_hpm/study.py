@@ -304,32 +304,38 @@ def ranking_text(summary: Sequence[dict], top: int = 3) -> str:
             'the seeds image by image, ± 1 SE): ' + '; '.join(items) + '.') if items else ''
 
 
-def plot_study(rows: Sequence[dict], path: Path, title: str, base: Optional[dict] = None) -> None:
-    """Robust against clean accuracy for every candidate (controls as squares; ``base``, the base model's score, as
-    a star), each point named (its candidate, without the seed when there is one seed), a PNG at ``path``."""
+def plot_study(summary: Sequence[dict], rows: Sequence[dict], path: Path, title: str) -> None:
+    """Each candidate's paired difference to its budget-matched control (held-out robust accuracy, points), best
+    first: the mean over its seeds with its 95% interval (:func:`seed_summary`), each seed's own difference as a
+    dot (``rows``, :func:`study_rows`), a line at 0 (the control). One row per candidate, named on the axis, so no
+    label overlaps another. Candidates without a scored control are left out (the table lists them). A PNG at
+    ``path``."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    markers = {'control': 's', 'hpm': 'o', 'inference': '^'}
-    for kind in KINDS:
-        pts = [r for r in rows if r['kind'] == kind]
-        if pts:
-            ax.scatter([100 * r['clean_acc'] for r in pts], [100 * r['robust_acc'] for r in pts], marker=markers[kind],
-                       label=kind, alpha=0.8)
-    if base is not None:
-        ax.scatter([100 * base['clean_acc']], [100 * base['robust_acc']], marker='*', s=120, color='black',
-                   label='base')
-    one_seed = len({r['seed'] for r in rows}) == 1
+    shown = sorted((r for r in summary if r.get('difference')), key=lambda r: r['difference']['difference'])
+    per_seed: Dict[str, List[float]] = {}
     for r in rows:
-        name = r['name'].split('/')[0] if one_seed else r['name']
-        ax.annotate(name, (100 * r['clean_acc'], 100 * r['robust_acc']), textcoords='offset points', xytext=(4, 3),
-                    fontsize=7)
-    ax.set_xlabel('clean accuracy (%)')
-    ax.set_ylabel('robust accuracy, held-out (%)')
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
+        if r.get('difference') and r['kind'] != 'control':
+            per_seed.setdefault(r['name'].split('/')[0], []).append(100 * r['difference']['difference'])
+    fig, ax = plt.subplots(figsize=(7.2, 1.2 + 0.28 * max(len(shown), 1)))
+    for i, r in enumerate(shown):
+        d = r['difference']
+        low, high = (100 * v for v in d['ci95'])
+        colour = 'tab:red' if high < 0 else 'tab:green' if low > 0 else 'tab:grey'
+        ax.plot([low, high], [i, i], color=colour, linewidth=2)
+        ax.plot([100 * d['difference']], [i], 'o', color=colour)
+        dots = per_seed.get(r['name'], [])
+        if len(dots) > 1:
+            ax.plot(dots, [i] * len(dots), '|', color='black', markersize=8)
+    ax.axvline(0, color='black', linewidth=1)
+    ax.set_yticks(range(len(shown)))
+    ax.set_yticklabels([f"{r['name']} ({len(r['seeds'])} seed{'s' if len(r['seeds']) > 1 else ''})" for r in shown],
+                       fontsize=8)
+    ax.set_xlabel('held-out robust accuracy minus the control, points (95% interval; | each seed)', fontsize=9)
+    ax.set_xlim(right=max(0.5, ax.get_xlim()[1]))  # the control's line never at the edge
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis='x', alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
