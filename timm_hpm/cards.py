@@ -130,10 +130,13 @@ def _poisoning(result: Optional[Dict[str, Any]], norm: str) -> Optional[Dict[str
         return None
     rows = [dict(k=r['k'], batch_size=r['batch_size'],
                  flipped=f"{_pct(r['flipped_fraction'])} ({r['flipped']} of {r['victims']})",
-                 eps=f"{norm} eps {_eps_text(r['eps'], norm)}" if r['bounded'] else 'unbounded (anywhere in [0, 1])')
+                 eps=f"{norm} eps {_eps_text(r['eps'], norm)}" if r['bounded'] else 'unbounded (anywhere in [0, 1])',
+                 bound=f"{r['feature_bound']} of {r['victims']}" if r.get('feature_bound') is not None else None)
             for r in result['poisoning']]
+    # attack v2 (several runs, the best realised batch) records a feature-space bound per row; v1 (one PGD run) none
     return dict(rows=rows, n_examples=result['n_examples'], batch_size=result['batch_size'],
-                steps=result['settings']['steps'], command=result.get('command', 'unknown'))
+                steps=result['settings']['steps'], command=result.get('command', 'unknown'),
+                bound=any(r['bound'] is not None for r in rows))
 
 
 def render_card(result: Dict[str, Any], repo_id: str, model_config: Dict[str, Any],
