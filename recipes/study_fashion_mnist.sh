@@ -85,6 +85,8 @@ $PY recipes/evaluate.py --model hpm_small_cnn.fmnist_hpm --protocol msa --datase
 #     strength; poison_hpm_250 is the earlier one-run attack, 50 steps, kept for comparison)
 $PY recipes/evaluate.py --model hpm_small_cnn.fmnist_hpm --protocol poison --dataset fashion_mnist --eps 0.1 \
     --n-examples "$N_BATCHINGS" --batch-size 250 --device cpu --out "$OUT/poison_v2_hpm_$N_BATCHINGS"
+$PY recipes/evaluate.py --model hpm_small_cnn.fmnist_hpm --protocol poison --dataset fashion_mnist --eps 0.1 \
+    --n-examples "$N_TEST" --batch-size 250 --device cpu --out "$OUT/poison_v2_hpm_${N_TEST}_b250"
 # 4. sensitivity analysis (FC head vs l2 head of the HPM model)
 $PY recipes/sensitivity.py --model hpm_small_cnn.fmnist_hpm --dataset fashion_mnist --eps-max 0.2 \
     --n-examples "$N_SENS" --out "$OUT/sensitivity_$N_SENS"
@@ -95,7 +97,7 @@ $PY recipes/push_to_hub.py --model hpm_small_cnn.fmnist_hpm --training-config "$
     --control-results "$OUT/eval_control_$N_TEST/eval.json" \
     --batch-order "$OUT/batch_order_$N_TEST/table.json" \
     --natural-results "$OUT/eval_hpm_class_sorted_b32_$N_BATCHINGS/eval.json" \
-    --poisoning-results "$OUT/poison_v2_hpm_$N_BATCHINGS/eval.json" \
+    --poisoning-results "$OUT/poison_v2_hpm_${N_TEST}_b250/eval.json" \
     --base-model timm-hpm/small_cnn.fmnist_pgdat --repo-id timm-hpm/hpm_small_cnn.fmnist_hpm --license apache-2.0 --dry-run \
     --cards-dir hub_cards --overwrite-card
 # 6. the held-out design-space study (every candidate and its budget-matched control fine-tuned and scored on
