@@ -6,6 +6,7 @@ from .layers import HPM_MODES, HPMHead, HPMOutput
 from .models import (HF_HUB_ORG, HPMModelMixin, PretrainedWeightsUnavailable, clean_checkpoint, convert_to_hpm,
                      get_hpm_head, hpm_variant, hub_id, is_hpm_model, is_hpm_variant)
 from .version import __version__
+from .benchmark import benchmark
 
 
 def list_models(pretrained: bool = False) -> list:
