@@ -1,6 +1,7 @@
 """Tune HPM fine-tuning on the held-out split (never the test set): one fine-tune per candidate, scored there.
 
-    python recipes/tune_hpm.py --sweep recipes/configs/fashion_mnist_hpm_sweep.yaml --out results/fashion_mnist/tuning
+    python recipes/tune_hpm.py --sweep studies/fashion_mnist/configs/hpm_sweep.yaml \
+        --out studies/fashion_mnist/results/tuning
 
 Each candidate is the sweep's base config with its overrides (``model.hpm.alpha: 0.25``, ``train.max_steps: 400``,
 ...), fine-tuned by ``recipes/finetune.py`` into ``<runs>/<name>``. It is then scored on the first ``n_val``

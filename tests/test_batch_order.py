@@ -88,7 +88,8 @@ def test_msa_attacks_and_scores_the_class_sorted_batches(tmp_path):
     result = evaluate(model, x, y, MSAConfig(eps=0.05, **FAST), tmp_path, protocol='msa', batch_size=8,
                       batchings=('class_sorted',), progress=False)
     batches = consecutive_batches(folder_order(y), 8)
-    units = [json.loads(f.read_text()) for f in sorted((tmp_path / 'units').glob('class_sorted_*.json'))]
+    from timm_hpm.eval.unit_store import read_units
+    units = [u for (b, _), u in sorted(read_units(tmp_path).items()) if b == 'class_sorted']
     assert [u['indices'] for u in units] == batches
     with torch.no_grad():
         clean = sum(int((model(x[b]).argmax(1) == y[b]).sum()) for b in batches) / len(y)

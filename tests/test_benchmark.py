@@ -16,6 +16,7 @@ from conftest import needs_fashion_mnist
 
 import timm_hpm
 from timm_hpm.benchmark import BenchmarkResult, format_report
+from timm_hpm.cli.benchmark_table import table as benchmark_table
 from timm_hpm.eval.batch_dependence import batch_dependence
 from timm_hpm.layers.batch_stats_norm import BatchStatsNorm2d, NormStatsView, norm_stats, set_norm_stats
 
@@ -228,10 +229,10 @@ def test_a_killed_benchmark_resumes_to_the_same_result(tmp_path):
     # as after a kill: the final files never written, some batches (MSA units, poisoning batches) not finished
     for name in ('benchmark.json', 'benchmark.md', 'model_info.json'):
         (tmp_path / 'run' / name).unlink()
-    units = sorted((tmp_path / 'run' / 'attack' / 'units').glob('*.json'))
-    units[0].unlink()
-    units[-1].unlink()
-    next(iter(sorted((tmp_path / 'run' / 'poison').glob('batch_*.json')))).unlink()
+    units = tmp_path / 'run' / 'attack' / 'units.jsonl'  # the first and last units' lines removed
+    units.write_text(''.join(units.read_text().splitlines(keepends=True)[1:-1]))
+    batches = tmp_path / 'run' / 'poison' / 'batches.jsonl'  # the first poisoning batch's line removed
+    batches.write_text(''.join(batches.read_text().splitlines(keepends=True)[1:]))
     again = timm_hpm.benchmark(_model(BatchStats), n_examples=12, dataset=(x, y), eps=0.05, batch_size=6,
                                budget=TINY, out=tmp_path / 'run', progress=False)
     assert tuple(again) == tuple(first)
@@ -288,9 +289,10 @@ def test_the_base_figure_is_evaluate_recipes_autoattack_figure(tmp_path):
                                 progress=False)
     assert result.report['protocol'] == 'autoattack'
     assert tuple(result) == (evaluated['clean_acc'], evaluated['autoattack_acc'])
-    for unit in sorted((tmp_path / 'evaluate' / 'attack' / 'units').glob('*.json')):
-        theirs = json.loads(unit.read_text())
-        ours = json.loads((tmp_path / 'benchmark' / 'attack' / 'units' / unit.name).read_text())
+    from timm_hpm.eval.unit_store import read_units
+    benchmark_units = read_units(tmp_path / 'benchmark' / 'attack')
+    for key, theirs in read_units(tmp_path / 'evaluate' / 'attack').items():
+        ours = benchmark_units[key]
         assert ours['realised'] == theirs['realised'] and ours['autoattack_own'] == theirs['autoattack_own']
     info = json.loads((tmp_path / 'benchmark' / 'model_info.json').read_text())
     recipe_info = json.loads((tmp_path / 'evaluate' / 'model_info.json').read_text())
@@ -335,12 +337,11 @@ def test_a_batch_stats_network_is_dependent_and_its_running_view_independent(tmp
 
 
 def test_the_tbn_family_in_a_fresh_process():
-    """The registered tbn_small_cnn (imported in its own process: registering it here would add it to the registry
-    the other tests' model tables are checked against): its eval mode uses test-batch statistics, norm_stats='running'
-    the running ones, and the recipe's --norm-stats sets them."""
+    """``import timm_hpm`` registers tbn_small_cnn (checked in a fresh process, so nothing else imported it first): its
+    eval mode uses test-batch statistics, norm_stats='running' the running ones."""
     code = '''
 import json, torch, timm
-import timm_hpm, timm_hpm.models.tbn_small_cnn
+import timm_hpm
 from timm_hpm.eval.batch_dependence import batch_dependence
 x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 out = {}
@@ -361,7 +362,7 @@ print(json.dumps(out))
 # ------------------------------------------------------------------------------------------------------ the recipe
 
 def test_the_recipe_writes_the_report_and_refuses_a_finished_folder(tmp_path, capsys):
-    recipe = load_recipe('benchmark')
+    from timm_hpm.cli import benchmark as recipe  # recipes/benchmark.py runs its cli()
     out = tmp_path / 'bench'
     argv = ['--model', 'small_cnn', '--no-pretrained', '--dataset', 'synthetic', '--eps', '0.05', '--n-examples',
             '6', '--batch-size', '3', '--detection-examples', '6', '--autoattack-iters', '2', '--square-queries',
@@ -369,7 +370,7 @@ def test_the_recipe_writes_the_report_and_refuses_a_finished_folder(tmp_path, ca
     result = recipe.main(argv)
     report = json.loads((out / 'benchmark.json').read_text())
     assert report['robust_acc'] == result.robust_accuracy and report['protocol'] == 'autoattack'
-    assert report['command'].startswith('python recipes/benchmark.py --model small_cnn')
+    assert report['command'].startswith('python -m timm_hpm.cli.benchmark --model small_cnn')  # called from Python
     assert json.loads((out / 'model_info.json').read_text())['protocol'] == 'autoattack'
     assert 'Protocol: **autoattack**' in capsys.readouterr().out
     before = (out / 'benchmark.json').read_bytes()
@@ -385,7 +386,7 @@ def test_the_table_recipe_reads_finished_benchmarks_and_updates_a_section(tmp_pa
     for name, cls in (('plain', PerImage), ('stats', BatchStats)):
         timm_hpm.benchmark(_model(cls), n_examples=12, dataset=(x, y), eps=0.05, batch_size=6, budget=TINY,
                            model_name=name, out=tmp_path / name, progress=False)
-    table = load_recipe('benchmark_table').table([tmp_path / 'plain', tmp_path / 'stats'])
+    table = benchmark_table([tmp_path / 'plain', tmp_path / 'stats'])
     plain, stats = [line for line in table.splitlines() if line.startswith('| `')]
     assert 'batch-independent' in plain and 'AutoAttack (standard)' in plain
     assert 'batch-dependent' in stats and 'MSA + natural orders + poisoning' in stats

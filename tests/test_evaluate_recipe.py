@@ -85,11 +85,14 @@ def test_killed_run_resumes_to_the_same_json(model_dir, reference, tmp_path):
            '--out', str(out)]
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while time.time() < deadline and len(list((out / 'attack' / 'units').glob('*.json'))) < 3:
+    def finished_units():  # the whole lines of the units file
+        units = out / 'attack' / 'units.jsonl'
+        return units.read_bytes().count(b'\n') if units.exists() else 0
+    while time.time() < deadline and finished_units() < 3:
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    done = len(list((out / 'attack' / 'units').glob('*.json')))
+    done = finished_units()
     assert 3 <= done < 20 and not (out / 'eval.json').exists()
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -229,12 +232,14 @@ def test_surrogate_models_are_the_named_ones_and_the_recorded_base_only_on_reque
 
 
 def test_help_imports_nothing_heavy():
-    """--help answers before the evaluation's imports (accelerate, the evaluation, the data). The code is the package's
-    (timm_hpm.cli.evaluate): importing it imports the package first, which registers its models (torch, timm)."""
+    """--help answers before the evaluation's heavy imports (accelerate, the data, AutoAttack). The code is the
+    package's (timm_hpm.cli.evaluate): importing it imports the package first, which registers its models (torch,
+    timm); the attack options are generated from MSAConfig's and PoisonConfig's fields, so timm_hpm.eval is imported
+    too."""
     code = ('import sys, runpy; sys.argv = ["evaluate.py", "--help"]\n'
             'try:\n    runpy.run_path(%r, run_name="__main__")\n'
             'except SystemExit:\n    pass\n'
-            'print(sorted(m for m in ("accelerate", "timm_hpm.eval", "timm_hpm.data") if m in sys.modules))'
+            'print(sorted(m for m in ("accelerate", "timm_hpm.data", "autoattack") if m in sys.modules))'
             % str(ROOT / 'recipes' / 'evaluate.py'))
     result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -272,12 +277,13 @@ def test_channels_last_changes_only_the_memory_layout(rgb_model_dir, tmp_path, m
         runs[channels_last] = tmp_path / f'channels_last_{channels_last}'
         recipe.main(args + ['--channels-last'] * channels_last + ['--out', str(runs[channels_last])])
         assert layouts == {channels_last}
-    units = sorted(p.name for p in (runs[False] / 'attack' / 'units').glob('*.json'))
-    assert units == sorted(p.name for p in (runs[True] / 'attack' / 'units').glob('*.json')) and len(units) == 2
+    from timm_hpm.eval.unit_store import read_units
+    units = sorted(read_units(runs[False] / 'attack'))
+    assert units == sorted(read_units(runs[True] / 'attack')) and len(units) == 2
 
-    def unit(run, name):
+    def unit(run, key):
         timed = ('seconds', 'stage_seconds')
-        return {k: v for k, v in json.loads((run / 'attack' / 'units' / name).read_text()).items() if k not in timed}
+        return {k: v for k, v in read_units(run / 'attack')[key].items() if k not in timed}
     plain = [unit(runs[False], name) for name in units]
     assert plain == [unit(runs[True], name) for name in units]
     held = [r for u in plain for r, c in zip(u['realised'], u['clean']) if c]  # of the clean-correct images

@@ -13,7 +13,10 @@ from timm_hpm.attacks import apgd
 from timm_hpm.eval import MSAConfig, ModelView, attack_batch, evaluate, format_table, hpm_mode, make_autoattack
 from timm_hpm.eval import run_folder as run_folder_module
 from timm_hpm.eval import runner as runner_module
+from timm_hpm.eval import unit_store
 from timm_hpm.runfiles import FolderInUse
+
+from _units import entries, units as finished_units, write_entries
 
 FAST = dict(apgd_iters=20, autoattack_iters=20, square_queries=200, n_target_classes=3)
 D, K = 12, 4
@@ -187,9 +190,7 @@ def test_each_stage_records_its_cost(tmp_path):
     from timm_hpm.eval.results import stage_breaks
     model, x, y = small_hpm(n=16)
     evaluate(model, x, y, MSAConfig(eps=0.05, **FAST), tmp_path, protocol='msa', batch_size=8, progress=False)
-    units = sorted((tmp_path / 'units').glob('default_*.json'))
-    for path in units:
-        unit = json.loads(path.read_text())
+    for unit in finished_units(tmp_path):
         stages = unit['stage_passes']
         assert list(stages)[0] == 'autoattack' and list(stages)[-1] == 'combined'
         assert sum(s['backward_images'] for s in stages.values()) == unit['passes']['backward_images']
@@ -197,9 +198,9 @@ def test_each_stage_records_its_cost(tmp_path):
         assert set(unit['stage_seconds']) == set(stages) and all(t >= 0 for t in unit['stage_seconds'].values())
     parts = stage_breaks(tmp_path)
     assert sum(parts['stage_backward_images'].values()) == parts['backward_images']
-    unit = json.loads(units[0].read_text())
-    del unit['stage_passes']
-    units[0].write_text(json.dumps(unit))
+    lines = entries(tmp_path)
+    del lines[0]['stage_passes']
+    write_entries(tmp_path, lines)
     assert stage_breaks(tmp_path)['stage_backward_images'] is None
 
 
@@ -223,7 +224,7 @@ def test_resume_after_failure_gives_the_same_result(tmp_path, monkeypatch):
     monkeypatch.setattr(runner_module, 'attack_batch', failing)
     with pytest.raises(KeyboardInterrupt):
         evaluate(model, x, y, cfg, tmp_path / 'run', batch_size=16, progress=False)
-    assert len(list((tmp_path / 'run' / 'units').glob('*.json'))) == 1
+    assert len(finished_units(tmp_path / 'run')) == 1
     monkeypatch.setattr(runner_module, 'attack_batch', real)
     resumed = evaluate(model, x, y, cfg, tmp_path / 'run', batch_size=16, progress=False)
     assert json.dumps(_strip(resumed), sort_keys=True) == json.dumps(_strip(reference), sort_keys=True)
@@ -233,36 +234,35 @@ def test_a_batch_stopped_between_stages_resumes_at_its_next_stage(tmp_path, monk
     """A batch stopped in its third stage (static, after AutoAttack and fc) restarts from its stage checkpoint:
     the earlier stages are not run again, and the unit (every candidate, the realised batch, the union, the
     passes of each stage and in all) is the uninterrupted run's. A checkpoint of other images is ignored."""
-    import importlib
+    from timm_hpm.eval.msa_stages import SurrogateStage
     from timm_hpm.eval.run_folder import StageCheckpoint
-    msa_module = importlib.import_module('timm_hpm.eval.msa')  # the module (timm_hpm.eval.msa is also a function)
     model, x, y = small_hpm(n=16)
     cfg = MSAConfig(eps=0.05, **FAST)
     run = dict(protocol='msa', batch_size=16, batchings=('default',), progress=False)
     evaluate(model, x, y, cfg, tmp_path / 'ref', **run)
-    real, ran, stop = msa_module._surrogate_stage, [], ['static']
+    real, ran, stop = SurrogateStage.run, [], ['static']
 
-    def stopped_in_static(batch, name, *args, **kwargs):
-        ran.append(name)
-        if name in stop:
+    def stopped_in_static(stage, ctx):
+        ran.append(stage.name)
+        if stage.name in stop:
             stop.clear()
             raise KeyboardInterrupt('killed')
-        return real(batch, name, *args, **kwargs)
-    monkeypatch.setattr(msa_module, '_surrogate_stage', stopped_in_static)
+        return real(stage, ctx)
+    monkeypatch.setattr(SurrogateStage, 'run', stopped_in_static)
     with pytest.raises(KeyboardInterrupt):
         evaluate(model, x, y, cfg, tmp_path / 'run', **run)
-    unit = tmp_path / 'run' / 'units' / 'default_000000.json'
+    unit = unit_store.adversarial_path(tmp_path / 'run', 'default', 0)
     checkpoint = StageCheckpoint(unit, run_folder_module.data_fingerprint(x, y))
-    assert not unit.exists() and checkpoint.load()[1]['done'] == ['autoattack', 'fc']
+    assert finished_units(tmp_path / 'run') == [] and checkpoint.load()[1]['done'] == ['autoattack', 'fc']
     assert StageCheckpoint(unit, 'other images').load() is None
     ran.clear()
     evaluate(model, x, y, cfg, tmp_path / 'run', **run)
     assert ran == ['static', 'soft', 'dynamic'] and not checkpoint.path.exists()
 
-    def stable(path):
-        return {k: v for k, v in json.loads(path.read_text()).items() if k not in ('seconds', 'stage_seconds')}
-    reference = stable(tmp_path / 'ref' / 'units' / 'default_000000.json')
-    assert stable(unit) == reference and reference['passes']['backward_images'] > 0
+    def stable(run):
+        return {k: v for k, v in finished_units(run)[0].items() if k not in ('seconds', 'stage_seconds')}
+    reference = stable(tmp_path / 'ref')
+    assert stable(tmp_path / 'run') == reference and reference['passes']['backward_images'] > 0
 
 
 def test_resume_refuses_other_settings(tmp_path):
@@ -404,45 +404,43 @@ def test_a_second_run_into_a_busy_folder_fails_at_once_naming_the_holder(tmp_pat
     assert 0 <= result['msa_acc'] <= result['clean_acc']
 
 
-def test_an_unreadable_unit_is_recomputed_with_a_warning(tmp_path, monkeypatch, caplog):
+def test_a_torn_last_unit_is_recomputed_with_a_warning(tmp_path, monkeypatch, caplog):
+    """The units file's last line cut short (what a kill while writing it leaves) is ignored with a warning and its
+    batch recomputed; the other unit is kept."""
     model, x, y = small_hpm(n=32)
     cfg = MSAConfig(eps=0.05, **FAST)
     reference = evaluate(model, x, y, cfg, tmp_path, batch_size=16, progress=False)
-    first, second = sorted((tmp_path / 'units').glob('*.json'))
-    first.write_text(first.read_text()[:40])  # a torn write (or a damaged disk)
-    second.write_text(json.dumps({'indices': [0]}))  # valid JSON, not a unit of this batch
+    path = tmp_path / unit_store.UNITS_FILE
+    first, second = path.read_text().splitlines()
+    path.write_text(first + '\n' + second[:40])
     real, calls = runner_module.attack_batch, []
     monkeypatch.setattr(runner_module, 'attack_batch', lambda *a, **k: calls.append(1) or real(*a, **k))
-    with caplog.at_level('WARNING', logger=run_folder_module.__name__):
+    with caplog.at_level('WARNING', logger=unit_store.__name__):
         resumed = evaluate(model, x, y, cfg, tmp_path, batch_size=16, progress=False)
-    assert len(calls) == 2
-    for path in (first, second):
-        assert any(str(path) in r.getMessage() and 'recomputing' in r.getMessage() for r in caplog.records)
+    assert len(calls) == 1
+    assert any(f'{path}:2' in r.getMessage() and 'recomputed' in r.getMessage() for r in caplog.records)
+    assert path.read_text().splitlines()[0] == first and len(path.read_text().splitlines()) == 2
     assert json.dumps(_strip(resumed), sort_keys=True) == json.dumps(_strip(reference), sort_keys=True)
 
 
-def test_a_unit_file_is_never_seen_half_written(tmp_path, monkeypatch):
-    """A unit's JSON appears whole or not at all (write, then rename): a run killed while writing leaves no unit
-    that counts as done."""
+def test_a_unit_is_never_seen_half_written(tmp_path, monkeypatch):
+    """A unit's line counts only once written whole: a run killed while writing it leaves no unit that counts as
+    done, and the resume cuts the partial line off before appending."""
     model, x, y = small_hpm(n=16)
     cfg = MSAConfig(eps=0.05, **FAST)
+    real_write = unit_store.os.write
 
-    import timm_hpm.runfiles
-    real_replace = timm_hpm.runfiles.os.replace
-    written = []
+    def killed(fd, data):
+        real_write(fd, bytes(data)[:len(data) // 2])
+        raise KeyboardInterrupt('killed while writing')
 
-    def killed(src, dst):
-        if Path(dst).parent.name == 'units' and Path(dst).suffix == '.json':  # not the stage checkpoints
-            written.append(Path(src).read_text())  # the whole unit was written, under a temporary name
-            raise KeyboardInterrupt('killed before the rename')
-        real_replace(src, dst)
-
-    monkeypatch.setattr(timm_hpm.runfiles.os, 'replace', killed)
+    monkeypatch.setattr(unit_store.os, 'write', killed)
     with pytest.raises(KeyboardInterrupt):
         evaluate(model, x, y, cfg, tmp_path, batch_size=16, progress=False)
     monkeypatch.undo()
-    assert list((tmp_path / 'units').glob('*.json')) == [] and json.loads(written[0])['indices']
+    assert (tmp_path / unit_store.UNITS_FILE).stat().st_size > 0 and finished_units(tmp_path) == []
     assert evaluate(model, x, y, cfg, tmp_path, batch_size=16, progress=False)['batchings']['default']['batches'] == 1
+    assert len(entries(tmp_path)) == 1
 
 
 def test_autoattack_on_a_batch_dependent_head_warns(tmp_path, caplog):
@@ -494,15 +492,13 @@ def test_stage_breaks_credit_each_stage_with_what_it_added(tmp_path):
     import json
 
     from timm_hpm.eval.results import stage_breaks
-    units = tmp_path / 'units'
-    units.mkdir()
     unit = {'indices': [0, 1, 2, 3], 'clean': [True, True, True, False], 'union': [False, False, True, False],
             'realised': [False, True, True, False], 'stages': ['autoattack', 'fc/apgd-ce', 'dynamic/apgd-ce'],
             'candidates': {'autoattack': [False, True, True, False], 'fc/apgd-ce': [False, True, True, False],
                            'dynamic/apgd-ce': [True, False, True, False]},  # breaks 1 but loses 0: not taken
             'passes': {'forward_images': 10, 'backward_images': 4}, 'seconds': 1.5}
-    (units / 'default_000000.json').write_text(json.dumps(unit))
-    (units / 'default_000001.json').write_text(json.dumps(dict(unit, indices=[4, 5, 6, 7])))
+    unit_store.write_unit(tmp_path, 'default', 0, unit)
+    unit_store.write_unit(tmp_path, 'default', 1, dict(unit, indices=[4, 5, 6, 7]))
     parts = stage_breaks(tmp_path)
     assert parts['gain'] == {'autoattack': 2, 'fc': 0, 'dynamic': 0} and parts['new']['dynamic'] == 2
     assert sum(parts['gain'].values()) == parts['clean'] - parts['realised'] == 6 - 4
@@ -521,6 +517,7 @@ def test_a_run_of_the_earlier_msa_defaults_resumes_with_equivalent_options(tmp_p
     stored = json.loads((tmp_path / 'settings.json').read_text())
     for key in ('target_n_target_classes', 'combine_rounds', 'surrogate_models', 'score_iterates'):
         del stored['msa'][key]
+    del stored['schema_version']  # a settings file of those versions: schema 1
     (tmp_path / 'settings.json').write_text(json.dumps(stored))
     evaluate(model, x[:16], y[:16], old, tmp_path, batch_size=16, progress=False)  # resumes: nothing recomputed
     for newer in (dict(target_n_target_classes=9), dict(score_iterates=True)):

@@ -243,8 +243,8 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkey
     monkeypatch.setattr(poison_module, 'poison_batch', dies_in_the_second_batch)
     with pytest.raises(KeyboardInterrupt):
         run_poisoning(target, views, x, y, 8, 0.05, tmp_path / 'cut', steps=4, progress=False)
-    assert sorted(p.name for p in (tmp_path / 'cut').glob('batch_*.json')) == ['batch_00000.json']
+    from timm_hpm.eval.unit_store import POISON_FILE, read_poison_batches
+    assert sorted(read_poison_batches(tmp_path / 'cut')) == [0]
     monkeypatch.setattr(poison_module, 'poison_batch', real)
     assert run_poisoning(target, views, x, y, 8, 0.05, tmp_path / 'cut', steps=4, progress=False) == whole
-    for name in ('batch_00000.json', 'batch_00001.json'):
-        assert (tmp_path / 'cut' / name).read_text() == (tmp_path / 'whole' / name).read_text()
+    assert (tmp_path / 'cut' / POISON_FILE).read_text() == (tmp_path / 'whole' / POISON_FILE).read_text()

@@ -10,7 +10,9 @@ from _recipes import load_recipe
 from conftest import needs_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDY = ROOT / 'studies' / 'fashion_mnist' / 'README.md'
+STUDY_DIR = ROOT / 'studies' / 'fashion_mnist'
+STUDY = STUDY_DIR / 'README.md'
+STUDY_TABLE = STUDY_DIR / 'study_table.py'  # the study's own table script (loaded as a module)
 
 
 def test_model_table_matches_registry():
@@ -58,13 +60,15 @@ def test_study_tables_match_the_committed_results():
     the command on its last line generates."""
     readme = STUDY.read_text()
     section = re.search(r'<!-- fmnist-study:start -->\n(.*?)\n<!-- fmnist-study:end -->', readme, re.S).group(1)
-    command = re.search(r'Generated from the committed results by `python recipes/study_table\.py ([^`]*)`',
+    command = re.search(r'Generated from the committed results by `python studies/fashion_mnist/study_table\.py '
+                        r'([^`]*)`',
                         section.splitlines()[-1])
     assert command, 'the section must end with the command that generated it'
     argv = shlex.split(command.group(1))
-    tables, update = load_recipe('study_table').tables_from_args(argv)
+    tables, update = load_recipe(STUDY_TABLE).tables_from_args(argv)
     assert update is None
-    assert section == tables, f'run: python recipes/study_table.py {command.group(1)} --update studies/fashion_mnist/README.md'
+    assert section == tables, (f'run: python studies/fashion_mnist/study_table.py {command.group(1)} '
+                               '--update studies/fashion_mnist/README.md')
     n_test = int(argv[argv.index('--n-test') + 1])
     n_sens = int(argv[argv.index('--n-sensitivity') + 1])
     for name in ('eval_base', 'eval_static', 'eval_control'):
@@ -120,13 +124,24 @@ def test_the_msa_snippet_runs_as_written():
 def test_the_heldout_study_table_is_the_committed_study():
     readme = STUDY.read_text()
     section = re.search(r'<!-- heldout-study:start -->\n(.*?)\n<!-- heldout-study:end -->', readme, re.S).group(1)
-    study = ROOT / 'results' / 'fashion_mnist' / 'study'
+    study = STUDY_DIR / 'results' / 'study'
     assert section == (study / 'study.md').read_text().strip()
     rows = json.loads((study / 'study.json').read_text())['rows']
     table = [line for line in section.splitlines() if line.startswith('|')]
     assert [line.split(' | ')[0].lstrip('| ') for line in table[2:]] == [r['name'] for r in rows]
-    assert '![held-out study](../../results/fashion_mnist/study/study.png)' in readme
+    assert '![held-out study](results/study/study.png)' in readme
     assert (study / 'study.png').stat().st_size > 0
+
+
+def test_the_benchmark_table_is_the_committed_benchmarks():
+    """The README's benchmark table is what its own command (written above it) makes of the committed runs."""
+    from timm_hpm.cli.benchmark_table import table
+    readme = (ROOT / 'README.md').read_text()
+    command = re.search(r'`(python recipes/benchmark_table.py [^`]*) --update README.md`', readme, re.S).group(1)
+    folders = shlex.split(command)[2:]
+    assert len(folders) >= 3 and all((ROOT / f / 'benchmark.json').is_file() for f in folders)
+    section = re.search(r'<!-- benchmark-table:start -->\n(.*?)\n<!-- benchmark-table:end -->', readme, re.S).group(1)
+    assert section == table([ROOT / f for f in folders]), f'run: {command} --update README.md'
 
 
 def test_zoo_table_matches_the_manifest():
@@ -152,7 +167,7 @@ def test_a_candidates_batchings_are_read_image_by_image(tmp_path):
     cand = run('big', {'default': [1, 0, 1, 1, 1, 1]}, 6)
     run('eval_hpm_batchings_4', {'default': [1, 1, 1, 1], 'single': [0, 1, 1, 1]}, 1)
     (tmp_path / 'big' / 'eval.json').write_text(json.dumps(cand))
-    table = load_recipe('study_table')
+    table = load_recipe(STUDY_TABLE)
     runs = table.load_candidate_runs(tmp_path, {'b6': 'big'})
     lines = table._candidate_batchings(tmp_path, runs, hpm, 'main', 4)
     assert len(lines) == 2 and lines[0] == ''
@@ -182,7 +197,7 @@ def test_a_candidate_is_read_against_its_own_control(tmp_path):
     run('eval_control_4', [1, 1, 1, 1], autoattack_acc=1.0, name='control', **aa)
     run('cand', [1, 1, 1, 0], msa_acc=0.75, name='hpm_m.long', worst_batching='default', **aa)
     run('cand_control', [0, 1, 1, 0], autoattack_acc=0.5, name='m.long_control', **aa)
-    table = load_recipe('study_table')
+    table = load_recipe(STUDY_TABLE)
     text = table.study_tables(tmp_path, 4, candidate_runs={'long': 'cand'}, candidate_controls={'long': 'cand_control'})
     assert ("held-out study candidate `long`: `" + str(tmp_path) + "/cand/eval.json` (its budget-matched control: `"
             + str(tmp_path) + "/cand_control/eval.json`)") in text
@@ -220,7 +235,7 @@ def test_a_candidates_own_batchings_are_read_image_by_image(tmp_path):
     run('sorted', {'class_sorted': [1, 1, 0, 0]}, 2)
     run('other_model', {'single': [1, 1, 1, 1]}, 4, model='weights-b')
     run('weaker', {'single': [1, 1, 1, 1]}, 4, apgd_iters=10)
-    table = load_recipe('study_table')
+    table = load_recipe(STUDY_TABLE)
     runs = table.load_candidate_runs(tmp_path, {'long': 'cand'})
     lines = table._candidate_batchings(tmp_path, runs, None, 'main', 4, {'long': ['single', 'sorted']})
     # first 4 images: candidate 3/4, single 3/4, class-sorted 2/4; robust in all three: image 0 only
@@ -242,11 +257,11 @@ def test_a_candidates_own_batchings_are_read_image_by_image(tmp_path):
 
 def test_the_study_table_command_line_round_trips():
     """The command a section names parses back (tables_from_args) to the arguments that made it."""
-    table = load_recipe('study_table')
+    table = load_recipe(STUDY_TABLE)
     cmd = table.command_line(1000, 500, 250, 'eval_hpm_msa4_1000', {'a': 'run a'}, {'a': 'ctl'},
                              {'a': ['s1', 's2']})
-    assert cmd == ("python recipes/study_table.py --n-test 1000 --n-sensitivity 500 --n-batchings 250 --hpm-run "
-                   "eval_hpm_msa4_1000 --candidate-run 'a=run a' --candidate-control a=ctl --candidate-batchings "
-                   "a=s1 --candidate-batchings a=s2")
+    assert cmd == ("python studies/fashion_mnist/study_table.py --n-test 1000 --n-sensitivity 500 "
+                   "--n-batchings 250 --hpm-run eval_hpm_msa4_1000 --candidate-run 'a=run a' --candidate-control "
+                   "a=ctl --candidate-batchings a=s1 --candidate-batchings a=s2")
     args = table.build_parser().parse_args(shlex.split(cmd)[2:])
     assert (args.candidate_run, args.candidate_batchings) == (['a=run a'], ['a=s1', 'a=s2'])

@@ -20,7 +20,9 @@ import timm_hpm
 from timm_hpm.eval import (MSAConfig, PoisonConfig, aggregate, evaluate, msa, poison_batch, robust_flags,
                             run_poisoning)
 from timm_hpm.eval.results import stage_breaks
-from timm_hpm.eval.run_folder import UnitFileError, load_unit
+from timm_hpm.eval.run_folder import UnitFileError
+from timm_hpm.eval.unit_store import read_units
+from _units import entries, write_entries
 from timm_hpm.hub import save_for_hub
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,8 +235,23 @@ def _copy(finished_run, tmp_path):
     model, x, y, run, result = finished_run
     dest = tmp_path / 'run' / 'attack'
     shutil.copytree(run, dest)
-    unit = dest / 'units' / 'default_000000.json'
-    return dest, unit, json.loads(unit.read_text())
+    return dest, Unit(dest), entries(dest)[0]
+
+
+class Unit:
+    """The first unit of a run's units file (line 1): ``write_text`` replaces that line, the others are kept."""
+
+    def __init__(self, run):
+        self.run, self.path = run, run / 'units.jsonl'
+
+    def __str__(self):
+        return f'{self.path}:1'
+
+    def write_text(self, text):
+        write_entries(self.run, [text] + entries(self.run)[1:])
+
+    def read_text(self):
+        return self.path.read_text().splitlines()[0]
 
 
 @pytest.mark.parametrize('field, value, message', [
@@ -251,11 +268,11 @@ def test_a_unit_with_wrong_types_is_refused_naming_the_file(finished_run, tmp_pa
     """Before: aggregate crashed with a TypeError that did not name the file."""
     run, unit, data = _copy(finished_run, tmp_path)
     unit.write_text(json.dumps(dict(data, **{field: value})))
-    pattern = rf"unit file {re.escape(str(unit))} is malformed: {message}.*delete that file"
+    pattern = rf"unit file {re.escape(str(unit))} is malformed: {message}.*delete that line"
     with pytest.raises(UnitFileError, match=pattern):
         aggregate(run)
     with pytest.raises(ValueError, match=pattern):
-        load_unit(unit)
+        read_units(run)
 
 
 @pytest.mark.parametrize('field', ['clean', 'realised', 'union', 'candidates', 'autoattack_own'])
@@ -272,7 +289,7 @@ def test_a_unit_whose_flag_lists_are_shorter_than_its_indices_is_refused(finishe
     unit.write_text(json.dumps(data))
     pattern = rf"unit file {re.escape(str(unit))} is malformed: {re.escape(what)} holds 3 flags for the unit's 4 "
     pattern += 'indices'
-    with pytest.raises(UnitFileError, match=pattern + '.*delete that file'):
+    with pytest.raises(UnitFileError, match=pattern + '.*delete that line'):
         aggregate(run)
     with pytest.raises(UnitFileError, match=re.escape(str(unit))):
         stage_breaks(run)
@@ -289,8 +306,8 @@ def test_robust_flags_refuse_a_short_or_mistyped_unit_naming_the_file(finished_r
     unit.write_text(json.dumps(dict(data, realised='1111')))
     with pytest.raises(ValueError, match=rf"unit file {name} is malformed: 'realised' must be a list"):
         robust_flags(folder)
-    unit.write_text('{"indices": [0, 1')
-    with pytest.raises(ValueError, match=rf'unit file {name} cannot be read'):
+    unit.write_text('{"indices": [0, 1')  # a damaged line that is not the last one
+    with pytest.raises(ValueError, match=rf'{name} is not a JSON object: the file is damaged in the middle'):
         robust_flags(folder)
 
 
@@ -302,6 +319,6 @@ def test_resuming_over_a_malformed_unit_stops_naming_it_and_leaves_it(finished_r
     with pytest.raises(UnitFileError, match=rf"unit file {re.escape(str(unit))} is malformed"):
         evaluate(model, x, y, MSAConfig(eps=0.05, **FAST), run, batch_size=4, progress=False)
     assert unit.read_text() == bad  # evidence kept: the user deletes it to recompute
-    unit.unlink()
+    write_entries(run, entries(run)[1:])
     resumed = evaluate(model, x, y, MSAConfig(eps=0.05, **FAST), run, batch_size=4, progress=False)
     assert resumed['msa_acc'] == result['msa_acc'] and resumed['clean_acc'] == result['clean_acc']

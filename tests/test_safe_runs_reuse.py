@@ -27,6 +27,7 @@ from _recipes import load_recipe
 
 import timm_hpm
 from timm_hpm.attacks import normalized_view
+from timm_hpm.study import read_scores
 from timm_hpm.train import ConfigError, RunFolderError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,15 +156,15 @@ def test_a_changed_candidate_is_refused_not_scored_on_the_old_model(study_recipe
     hpm_run, old_weights = folder / 'runs' / 'hpm' / 'seed0', (folder / 'runs' / 'hpm' / 'seed0' / 'final' /
                                                                'model.safetensors').read_bytes()
     _write_study(folder, {'hpm': {'model.hpm.alpha': 0.25}})
-    with pytest.raises(SystemExit, match='rename the candidate or delete that file'):
+    with pytest.raises(SystemExit, match='rename the candidate, or remove its line'):
         study_recipe.main(_study_args(folder))
-    (folder / 'out' / 'scores' / 'hpm__seed0.json').unlink()  # as that message advises
+    _forget(folder / 'out', 'hpm/seed0')  # as that message advises
     runs_before = _digest(folder / 'runs')
     with pytest.raises(SystemExit) as refused:
         study_recipe.main(_study_args(folder))
     message = str(refused.value)
     assert str(hpm_run) in message and 'model.hpm.alpha 0.5 -> 0.25' in message and '--runs' in message
-    assert not (folder / 'out' / 'scores' / 'hpm__seed0.json').exists()  # nothing scored on the old model
+    assert 'hpm/seed0' not in read_scores(folder / 'out' / 'scores.jsonl')  # nothing scored on the old model
     assert _digest(folder / 'runs') == runs_before  # nothing rewritten, nothing deleted
     shutil.rmtree(hpm_run)  # deliberately, as the refusal says
     rows = study_recipe.main(_study_args(folder))
@@ -172,11 +173,18 @@ def test_a_changed_candidate_is_refused_not_scored_on_the_old_model(study_recipe
     assert (hpm_run / 'final' / 'model.safetensors').read_bytes() != old_weights  # fine-tuned again
     model = timm.create_model(f"local-dir:{hpm_run / 'final'}", pretrained=True).eval()
     assert timm_hpm.get_hpm_head(model).alpha == 0.25
-    score = json.loads((folder / 'out' / 'scores' / 'hpm__seed0.json').read_text())
+    score = read_scores(folder / 'out' / 'scores.jsonl')['hpm/seed0']
     assert score['definition']['overrides']['model.hpm.alpha'] == 0.25
     x, y = study_recipe_held_out(folder, model)
     with torch.no_grad():  # the per-image clean results are the new model's
         assert score['clean'] == (normalized_view(model)(x).argmax(1) == y).tolist()
+
+
+def _forget(out: Path, name: str) -> None:
+    """Remove ``name``'s line from the study's scores.jsonl (what the refusal tells the user to do)."""
+    path = out / 'scores.jsonl'
+    path.write_text(''.join(line + '\n' for line in path.read_text().splitlines()
+                            if json.loads(line)['name'] != name))
 
 
 def study_recipe_held_out(folder: Path, model):
@@ -194,7 +202,7 @@ def test_a_second_study_giving_a_name_to_other_settings_is_refused(study_recipe,
         study_recipe.main(_study_args(folder, out='second', study='second.yaml'))
     message = str(refused.value)
     assert str(folder / 'runs' / 'control_1' / 'seed0') in message and 'train.lr 0.01 -> 0.05' in message
-    assert not (folder / 'second' / 'scores').exists()
+    assert not (folder / 'second' / 'scores.jsonl').exists()
     assert _digest(folder / 'runs') == runs_before
 
 
@@ -203,14 +211,14 @@ def test_an_unchanged_study_reuses_its_runs_and_records_a_shell_quoted_command(s
     """Rerun as it was (matplotlib missing, --no-figure): every run and score is reused, no false mismatch; the
     recorded command, paths with spaces, splits back into the arguments."""
     folder = shutil.copytree(finished_study, tmp_path / 'a study')
-    before = {'runs': _digest(folder / 'runs'), 'scores': _digest(folder / 'out' / 'scores'),
+    before = {'runs': _digest(folder / 'runs'), 'scores': (folder / 'out' / 'scores.jsonl').read_bytes(),
               'png': (folder / 'out' / 'study.png').read_bytes()}
     monkeypatch.setitem(sys.modules, 'matplotlib', None)  # `import matplotlib` raises ImportError
     monkeypatch.setitem(sys.modules, 'matplotlib.pyplot', None)
     argv = _study_args(folder) + ['--no-figure']
     rows = study_recipe.main(argv)
     assert [r['name'] for r in rows] == ['control_1/seed0', 'hpm/seed0']
-    assert {'runs': _digest(folder / 'runs'), 'scores': _digest(folder / 'out' / 'scores'),
+    assert {'runs': _digest(folder / 'runs'), 'scores': (folder / 'out' / 'scores.jsonl').read_bytes(),
             'png': (folder / 'out' / 'study.png').read_bytes()} == before
     command = json.loads((folder / 'out' / 'study.json').read_text())['command']
     assert ' ' in str(folder) and shlex.split(command) == ['python', 'recipes/study.py', *argv]

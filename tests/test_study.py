@@ -1,4 +1,5 @@
-"""The budget-matched study: candidates and their controls, the paired statistics against closed forms, and
+"""The budget-matched study: candidates and their controls, the paired statistics against closed forms, the
+single-file score store (round trip, resume after a truncated line, the earlier per-model layout brought in), and
 recipes/study.py end to end on a tiny budget."""
 import json
 import math
@@ -14,7 +15,8 @@ import yaml
 import timm_hpm
 from timm_hpm.attacks import normalized_view
 from timm_hpm.report import mean_difference, paired, paired_difference
-from timm_hpm.study import expand_study, held_out, ranking_text, seed_summary, study_rows, study_table
+from timm_hpm.study import (ScoreStore, expand_study, held_out, ranking_text, read_scores, seed_summary, study_rows,
+                            study_table)
 from timm_hpm.train import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,6 +123,93 @@ def test_seed_summary_averages_each_image_over_the_seeds_against_closed_forms():
         seed_summary(cands, {**scores, 'hpm/seed1': score([1, 1, 0])})
 
 
+def _score(i):
+    return {'clean': [True, False, True], 'robust': [bool(i % 2), False, True], 'clean_acc': 2 / 3,
+            'robust_acc': (1 + i % 2) / 3, 'candidate': f'c{i}/seed0', 'definition': {'kind': 'hpm', 'i': i}}
+
+
+def test_the_score_store_round_trips_one_line_per_model(tmp_path):
+    store = ScoreStore(tmp_path / 'out')
+    assert store.scores == {} and not store.path.exists()
+    for i in range(3):
+        store.add(f'c{i}/seed0', _score(i))
+    store.add('base', {'clean_acc': 0.5, 'robust_acc': 0.25, 'robust': [1, 0]})
+    lines = store.path.read_text().splitlines()
+    assert len(lines) == 4 and json.loads(lines[0]) == {'name': 'c0/seed0', 'score': _score(0)}
+    again = ScoreStore(tmp_path / 'out')
+    assert list(again.scores) == ['c0/seed0', 'c1/seed0', 'c2/seed0', 'base'] and again.get('c2/seed0') == _score(2)
+    assert 'base' in again and 'c3/seed0' not in again
+    with pytest.raises(ValueError, match='already scored'):
+        again.add('c1/seed0', _score(1))
+
+
+def test_a_killed_write_is_ignored_with_a_warning_and_rescored(tmp_path, caplog):
+    """A partial last line (the study was killed writing it, or before its newline): read without it, with a
+    warning; the next score appended cuts it off first, so the file stays whole."""
+    store = ScoreStore(tmp_path)
+    for i in range(2):
+        store.add(f'c{i}/seed0', _score(i))
+    whole = store.path.read_bytes()
+    line = (json.dumps({'name': 'c2/seed0', 'score': _score(2)}) + '\n').encode()
+    for partial in (line[:len(line) // 2], line[:-1]):  # cut mid-line; cut before its newline (never committed)
+        store.path.write_bytes(whole + partial)
+        caplog.clear()
+        with caplog.at_level('WARNING'):
+            resumed = ScoreStore(tmp_path)
+        assert any(f'{store.path}:3: a partial last line' in r.getMessage() for r in caplog.records)
+        assert list(resumed.scores) == ['c0/seed0', 'c1/seed0']  # c2 is scored again
+        resumed.add('c2/seed0', _score(2))
+        assert store.path.read_bytes() == whole + line
+        caplog.clear()
+        assert ScoreStore(tmp_path).scores == {f'c{i}/seed0': _score(i) for i in range(3)}
+        assert not caplog.records
+
+
+def test_a_damaged_or_doubled_score_file_is_an_error(tmp_path):
+    store = ScoreStore(tmp_path)
+    for i in range(2):
+        store.add(f'c{i}/seed0', _score(i))
+    whole = store.path.read_text()
+    store.path.write_text(whole.replace('}}\n', '}\n', 1))  # the first line cut, not the last
+    with pytest.raises(ValueError, match='scores.jsonl:1 is not a JSON object: the file is damaged in the middle'):
+        ScoreStore(tmp_path)
+    store.path.write_text('{"name": "c0/seed0"}\n' + whole)  # a JSON object, but no score entry
+    with pytest.raises(ValueError, match='scores.jsonl:1 is not a score entry'):
+        ScoreStore(tmp_path)
+    first = whole.splitlines()[0]
+    store.path.write_text(whole + first + '\n')  # c0 on lines 1 and 3
+    with pytest.raises(ValueError, match=r'c0/seed0 is scored twice \(.*scores.jsonl:1 and .*scores.jsonl:3\)'):
+        read_scores(store.path)
+
+
+def test_the_earlier_per_model_layout_is_brought_into_the_file(tmp_path):
+    """scores/<candidate>__seed<k>.json and scores/base.json (earlier versions, or a study still running one):
+    brought into scores.jsonl, the files removed; a model already in the file must have the same score there."""
+    old = tmp_path / 'scores'
+    old.mkdir()
+    for i in range(3):
+        (old / f'c{i}__seed0.json').write_text(json.dumps(_score(i)))
+    (old / 'base.json').write_text(json.dumps({'clean_acc': 0.5, 'robust_acc': 0.25, 'robust': [1, 0]}))
+    store = ScoreStore(tmp_path)
+    store.add('c0/seed0', _score(0))  # already brought over (the same score): not added twice
+    assert ScoreStore(tmp_path).convert_old_layout() == 3
+    assert not old.exists()
+    scores = read_scores(tmp_path / 'scores.jsonl')
+    assert scores == {**{f'c{i}/seed0': _score(i) for i in range(3)},
+                      'base': {'clean_acc': 0.5, 'robust_acc': 0.25, 'robust': [1, 0]}}
+    assert ScoreStore(tmp_path).convert_old_layout() == 0  # nothing left to bring
+    old.mkdir()
+    (old / 'c1__seed0.json').write_text(json.dumps(dict(_score(1), robust_acc=0.0)))  # another score of c1
+    (old / 'c9__seed0.json').write_text(json.dumps(_score(9)))
+    with pytest.raises(ValueError, match='hold different scores of c1/seed0'):
+        ScoreStore(tmp_path).convert_old_layout()
+    assert sorted(p.name for p in old.iterdir()) == ['c1__seed0.json', 'c9__seed0.json']  # nothing removed
+    assert read_scores(tmp_path / 'scores.jsonl') == scores  # nor added
+    (old / 'c1__seed0.json').write_text(json.dumps(_score(7)))  # a file whose name is not its candidate's
+    with pytest.raises(ValueError, match='holds the score of c7/seed0, not of c1/seed0'):
+        ScoreStore(tmp_path).convert_old_layout()
+
+
 @pytest.fixture()
 def tiny_study(tmp_path):
     base = yaml.safe_load((ROOT / 'recipes' / 'configs' / 'test_synthetic.yaml').read_text())
@@ -161,19 +250,35 @@ def test_the_study_recipe_end_to_end_and_resumes(tiny_study):
     assert '\n\nTop 3 by held-out robust accuracy, mean over seeds' in (tiny_study / 'out' / 'study.md').read_text()
     for name in ('hpm_b8', 'hpm_static'):  # scored on hpm's model, not fine-tuned again
         assert not (tiny_study / 'runs' / name).exists()
-    scores = sorted(p.name for p in (tiny_study / 'out' / 'scores').iterdir())
-    assert scores == ['control_1__seed0.json', 'hpm__seed0.json', 'hpm_b8__seed0.json', 'hpm_static__seed0.json']
+    store = tiny_study / 'out' / 'scores.jsonl'  # one file, one line per scored model
+    assert list(read_scores(store)) == ['control_1/seed0', 'hpm/seed0', 'hpm_b8/seed0', 'hpm_static/seed0']
+    assert not (tiny_study / 'out' / 'scores').exists() and len(store.read_text().splitlines()) == 4
     # alpha 1 is the static head: no batch prototype, so the clean predictions are the static mode's
     model = timm.create_model(f"local-dir:{tiny_study / 'runs' / 'hpm' / 'seed0' / 'final'}", pretrained=True).eval()
     cfg = load_config(tiny_study / 'hpm.yaml')
     x, y = held_out(cfg, 8, model)
     with torch.no_grad(), timm_hpm.get_hpm_head(model).using_mode('static'):
         static = (normalized_view(model)(x).argmax(1) == y).tolist()
-    assert json.loads((tiny_study / 'out' / 'scores' / 'hpm_static__seed0.json').read_text())['clean'] == static
-    before = {p.name: p.read_text() for p in (tiny_study / 'out' / 'scores').iterdir()}
+    assert read_scores(store)['hpm_static/seed0']['clean'] == static
+    before = store.read_text()
+    report = {name: (tiny_study / 'out' / name).read_bytes() for name in ('study.json', 'study.md')}
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert {p.name: p.read_text() for p in (tiny_study / 'out' / 'scores').iterdir()} == before
+    assert store.read_text() == before
+    # an earlier version's per-model files (scores/<candidate>__seed<k>.json): brought into scores.jsonl by the
+    # study command, then removed; the report is the same, byte for byte
+    old = tiny_study / 'out' / 'scores'
+    old.mkdir()
+    for name, score in read_scores(store).items():
+        (old / f"{name.replace('/', '__')}.json").write_text(json.dumps(score))
+    store.unlink()
+    converted = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    assert '4 scores of the earlier per-model layout brought into' in converted.stderr
+    assert not old.exists() and read_scores(store) == json.loads(json.dumps(read_scores(store)))
+    assert {name: (tiny_study / 'out' / name).read_bytes() for name in report} == report
+    assert sorted(store.read_text().splitlines()) == sorted(before.splitlines())
+    before = store.read_text()
     readme = tiny_study / 'README.md'
     readme.write_text('# x\n\n<!-- heldout-study:start -->\nold\n<!-- heldout-study:end -->\ntail\n')
     again = subprocess.run(cmd + ['--only', 'hpm', '--update', str(readme)], capture_output=True, text=True,
@@ -188,12 +293,13 @@ def test_the_study_recipe_end_to_end_and_resumes(tiny_study):
     assert no_section.returncode != 0 and 'no <!-- heldout-study:start -->' in no_section.stderr
     unknown = subprocess.run(cmd + ['--only', 'hmp'], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert unknown.returncode != 0 and "--only ['hmp']: not candidates" in unknown.stderr
-    stale = json.loads(before['hpm__seed0.json'])  # scored by an earlier attack (MSA v2 scored no iterate)
-    stale['definition']['attack']['score_iterates'] = False
-    (tiny_study / 'out' / 'scores' / 'hpm__seed0.json').write_text(json.dumps(stale))
+    lines = [json.loads(line) for line in before.splitlines()]
+    stale = next(e for e in lines if e['name'] == 'hpm/seed0')  # scored by an earlier attack (MSA v2: no iterate)
+    stale['score']['definition']['attack']['score_iterates'] = False
+    store.write_text(''.join(json.dumps(e) + '\n' for e in lines))
     refused = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert refused.returncode != 0 and 'delete that file to rescore' in refused.stderr
-    (tiny_study / 'out' / 'scores' / 'hpm__seed0.json').write_text(before['hpm__seed0.json'])
+    assert refused.returncode != 0 and 'remove its line ("name": "hpm/seed0")' in refused.stderr
+    store.write_text(before)
     changed = yaml.safe_load((tiny_study / 'study.yaml').read_text())
     changed['candidates']['hpm'] = {'model.hpm.alpha': 0.25}  # same name, another model: its score is refused
     (tiny_study / 'study.yaml').write_text(yaml.safe_dump(changed))

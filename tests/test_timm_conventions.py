@@ -34,7 +34,7 @@ def _tiny_kwargs(name: str) -> dict:
         return dict(depth=16, width=1)
     if 'preact_resnet' in base:
         return dict(num_blocks=(2, 1, 1, 1), img_size=16)
-    assert base == 'small_cnn', f'{name}: a new family needs its tiny size here'
+    assert base in ('small_cnn', 'tbn_small_cnn'), f'{name}: a new family needs its tiny size here'
     return {}
 
 

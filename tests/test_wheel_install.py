@@ -2,8 +2,8 @@
 run from a folder outside the repository. The package reads nothing outside itself (the shipped weights, the
 model-card template, the fine-tuning configs and the zoo manifest are package data) and its command-line tools are
 its own modules: a 2-step fine-tune (``accelerate launch -m timm_hpm.cli.finetune`` with a packaged config, by name),
-an 8-image MSA evaluation of the fine-tuned model (``timm-hpm-evaluate``), the zoo table (``timm-hpm-zoo --table``)
-and a card export (``timm-hpm-push --dry-run``).
+an 8-image MSA evaluation of the fine-tuned model (``timm-hpm-evaluate``), the zoo table (``timm-hpm-zoo --table``),
+a benchmark (``timm-hpm-benchmark``) and a card export (``timm-hpm-push --dry-run``).
 
 The fresh environment gets torch, timm and the other dependencies from this one's site-packages through a ``.pth``
 path line (nothing is downloaded or reinstalled). A path line does not run the ``.pth`` files of the folder it adds,
@@ -113,7 +113,8 @@ def test_the_wheel_is_what_runs_and_ships_its_data(installed):
                   'small_cnn.fmnist_pgdat.safetensors', SHIPPED_RESULTS, work / 'export')
     assert 'library_name: timm' in result.stdout and '69.00%' in result.stdout  # the shipped model's MSA figure
     assert {p.name for p in (venv / 'bin').glob('timm-hpm-*')} == {'timm-hpm-finetune', 'timm-hpm-evaluate',
-                                                                  'timm-hpm-push', 'timm-hpm-zoo'}
+                                                                  'timm-hpm-push', 'timm-hpm-zoo',
+                                                                  'timm-hpm-benchmark'}
 
 
 def test_finetune_evaluate_zoo_table_and_card_export_from_an_install(installed):
@@ -133,6 +134,13 @@ def test_finetune_evaluate_zoo_table_and_card_export_from_an_install(installed):
     result = json.loads((work / 'eval' / 'eval.json').read_text())
     assert result['n_examples'] == 8 and result['msa_acc'] is not None
     assert shlex.split(result['command']) == ['python', '-m', 'timm_hpm.cli.evaluate', *map(str, argv)]
+
+    # a benchmark of a plain timm model (found batch-independent: standard AutoAttack), by the console script
+    _run(installed, 'timm-hpm-benchmark', '--model', 'small_cnn', '--no-pretrained', '--dataset', 'synthetic',
+         '--eps', '0.05', '--n-examples', '6', '--batch-size', '3', '--detection-examples', '6',
+         '--autoattack-iters', '2', '--square-queries', '5', '--device', 'cpu', '--out', work / 'bench')
+    report = json.loads((work / 'bench' / 'benchmark.json').read_text())
+    assert report['protocol'] == 'autoattack' and report['command'].startswith('python -m timm_hpm.cli.benchmark')
 
     # the zoo table from the packaged manifest
     table = _run(installed, 'timm-hpm-zoo', '--table').stdout

@@ -30,6 +30,7 @@ finished benchmark is never overwritten.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import tempfile
@@ -42,6 +43,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .attacks import normalized_view, parse_eps
+from .eval.msa_config import MSAConfig
+from .eval.poison import PoisonConfig
 from .layers.batch_stats_norm import NormStatsView, batch_stats_layers, norm_stats
 from .models import get_hpm_head, is_hpm_model
 from .report import markdown_table
@@ -58,10 +61,13 @@ BATCHINGS = ('default', 'single', 'shuffled', 'class_sorted')
 #: RobustBench's standard radii where ``eps`` is not given (Fashion-MNIST has none: give ``eps``).
 DEFAULT_EPS = {('cifar10', 'Linf'): 8 / 255, ('cifar100', 'Linf'): 8 / 255, ('imagenet', 'Linf'): 4 / 255,
                ('cifar10', 'L2'): 0.5, ('cifar100', 'L2'): 0.5}
-#: Full strength: AutoAttack's own budget (None), MSA's defaults (MSAConfig) and 100 poisoning steps. A ``budget``
-#: entry below these makes the run a reduced-budget one (``unreliable`` in model_info.json).
-FULL_BUDGET = {'autoattack_iters': None, 'square_queries': None, 'apgd_iters': 100, 'n_target_classes': 3,
-               'target_n_target_classes': 9, 'combine_rounds': 3, 'poison_steps': 100}
+#: The attack budget a benchmark takes: these MSAConfig fields, and PoisonConfig's ``steps`` as ``poison_steps``.
+MSA_BUDGET_FIELDS = ('autoattack_iters', 'square_queries', 'apgd_iters', 'n_target_classes', 'target_n_target_classes',
+                     'combine_rounds')
+#: Full strength: their defaults (AutoAttack's own budget where None). A ``budget`` entry below these makes the run a
+#: reduced-budget one (``unreliable`` in model_info.json).
+FULL_BUDGET = {**{f.name: f.default for f in dataclasses.fields(MSAConfig) if f.name in MSA_BUDGET_FIELDS},
+               'poison_steps': PoisonConfig.steps}
 
 
 class BenchmarkResult(tuple):
@@ -263,7 +269,7 @@ def _hpm_dynamic(target: nn.Module) -> bool:
 def _run(target, model, x, y, name, dataset_name, threat_model, eps, batch_size, surrogates, budget, batchings,
          detection_examples, seed, progress, folder: Path, device, metadata) -> dict:
     import timm_hpm
-    from .eval import MSAConfig, autoattack_backend, hpm_mode
+    from .eval import autoattack_backend, hpm_mode
     from .eval.batch_dependence import batch_dependence
     m = min(detection_examples, len(y))
     detection = batch_dependence(target, x[:m], y[:m], batch_size=batch_size, seed=seed)
@@ -276,10 +282,7 @@ def _run(target, model, x, y, name, dataset_name, threat_model, eps, batch_size,
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     meta = dict(name=name, dataset=dataset_name, hpm_mode=hpm_mode(target), architecture=cfg.get('architecture'),
                 autoattack_backend=autoattack_backend(), timm_hpm_version=timm_hpm.__version__, **metadata)
-    msa_cfg = dict(eps=eps, norm=threat_model, apgd_iters=budget['apgd_iters'],
-                   n_target_classes=budget['n_target_classes'],
-                   target_n_target_classes=budget['target_n_target_classes'], combine_rounds=budget['combine_rounds'],
-                   autoattack_iters=budget['autoattack_iters'], square_queries=budget['square_queries'], seed=seed)
+    msa_cfg = dict(eps=eps, norm=threat_model, seed=seed, **{k: budget[k] for k in MSA_BUDGET_FIELDS})
     report = dict(meta, model=name, threat_model=threat_model, eps=eps, n_examples=len(y), batch_size=batch_size,
                   batch_dependence=detection, budget=budget)
     if not detection['batch_dependent']:
@@ -369,18 +372,17 @@ def _msa_any_model(model, views, flags, x, y, cfg, run_dir: Path, batch_size, ba
     """MSA on any batch-dependent model (no HPM head): :func:`timm_hpm.eval.attack_batch` on every fixed batch of
     every batching, through ``views`` then the target itself, each unit written as the runner writes it (resumable,
     the folder's settings and fingerprints checked), then :func:`timm_hpm.eval.aggregate`."""
-    from .eval import BATCHINGS as ALL_BATCHINGS
-    from .eval import ModelView, PassCounter, aggregate, attack_batch, make_batchings
-    from .eval.run_folder import (StageCheckpoint, check_fingerprint, check_settings, data_fingerprint, load_unit,
-                                  unit_path, write_json_atomic)
+    from .eval import ModelView, PassCounter, aggregate, make_batchings
+    from .eval.run_folder import check_fingerprint, check_settings
+    from .eval.runner import run_unit
+    from .eval.unit_store import missing_units
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / 'units').mkdir(exist_ok=True)
     with run_lock(run_dir, 'out'):
         check_settings(run_dir, 'msa', batch_size, batchings, len(y), False, cfg, 0)
         check_fingerprint(run_dir, model, x, y, write=True)
         plan = make_batchings(len(y), batch_size, batchings, cfg.seed, labels=y)
         units = [(b, i, idx) for b in batchings for i, idx in enumerate(plan[b])]
-        todo = [u for u in units if load_unit(unit_path(run_dir, u[0], u[1]), u[2]) is None]
+        todo = missing_units(run_dir, units)
         if len(todo) < len(units):
             _logger.info('resuming: %d of %d batches already done', len(units) - len(todo), len(units))
         counter = PassCounter()
@@ -389,26 +391,8 @@ def _msa_any_model(model, views, flags, x, y, cfg, run_dir: Path, batch_size, ba
         surrogates['target'] = target  # attacked through itself last, with AutoAttack's 9 target classes
         with torch.no_grad():
             num_classes = int(target(x[:1]).shape[1])
-        for batching, index, idx in tqdm(todo, desc='msa units', disable=not progress):
-            before = counter.as_dict()
-            xb, yb = x[idx], y[idx]
-            seed = cfg.seed * 1_000_003 + index * 101 + ALL_BATCHINGS.index(batching)  # as the runner seeds a unit
-            path, data_sha256 = unit_path(run_dir, batching, index), data_fingerprint(xb, yb)
-            checkpoint = StageCheckpoint(path, data_sha256)
-            result = attack_batch(target, surrogates, xb, yb, cfg, seed=seed, num_classes=num_classes,
-                                  checkpoint=checkpoint)
-            x_adv = result.pop('x_adv')
-            delta = (x_adv - xb).flatten(1)
-            norm = delta.abs().amax(1) if cfg.norm == 'Linf' else delta.norm(dim=1)
-            if float(norm.max()) > cfg.eps * (1 + 1e-4) + 1e-6 or x_adv.min() < 0 or x_adv.max() > 1:
-                raise RuntimeError(f'an adversarial image left the threat model (max {cfg.norm} {float(norm.max())}); '
-                                   'this is a bug, please report it.')
-            after, earlier = counter.as_dict(), result.pop('passes_before')
-            result['passes'] = {k: after[k] - before[k] + earlier[k] for k in after}
-            result['indices'] = idx
-            result['data_sha256'] = data_sha256
-            write_json_atomic(path, result)
-            checkpoint.remove()
+        for unit in tqdm(todo, desc='msa units', disable=not progress):
+            run_unit(target, surrogates, x, y, cfg, run_dir, unit, counter, num_classes)  # as the runner does
         return aggregate(run_dir, metadata)
 
 
@@ -487,10 +471,12 @@ def _model_info(result: dict, report: dict, model: nn.Module) -> dict:
     from .robustbench import model_info
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     hpm = is_hpm_model(getattr(model, 'module', model))
-    info = model_info(result, report['model'], paper=cfg.get('paper_ids') or 'arXiv:2606.01746' if hpm else
-                      cfg.get('paper_ids') or cfg.get('origin_url') or 'unknown')
-    if not hpm:
-        info.update(authors='unknown (evaluated with timm-hpm)', venue='unknown')
+    if hpm:
+        credit = dict(paper=cfg.get('paper_ids') or 'arXiv:2606.01746')
+    else:
+        credit = dict(paper=cfg.get('paper_ids') or cfg.get('origin_url') or 'unknown',
+                      authors='unknown (evaluated with timm-hpm)', venue='unknown')
+    info = model_info(result, report['model'], **credit)
     n, b = report['n_examples'], report['batch_size']
     if report['protocol'] == 'autoattack':
         footnote = (f"Protocol: standard AutoAttack on fixed batches of {b}, the first {n} test examples "

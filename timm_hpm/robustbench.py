@@ -155,7 +155,12 @@ def load_with_robustbench(name: str, dataset: str, threat_model: str, model_dir:
     return load_model(model_name=name, model_dir=str(model_dir), dataset=dataset, threat_model=threat_model)
 
 
-def model_info(result: dict, name: str, paper: str = 'arXiv:2606.01746', base: Optional[str] = None) -> dict:
+#: Who a model_info entry credits by default: this package's HPM models (a reconstruction of the paper's method).
+HPM_AUTHORS, HPM_VENUE = 'timm-hpm (reconstruction of Wang, 2026)', 'arXiv, 2026'
+
+
+def model_info(result: dict, name: str, paper: str = 'arXiv:2606.01746', base: Optional[str] = None,
+               authors: str = HPM_AUTHORS, venue: str = HPM_VENUE) -> dict:
     """A RobustBench ``model_info`` JSON entry for an evaluated model (from recipes/evaluate.py's result).
 
     RobustBench ranks by ``autoattack_acc``, so that field holds the worst case the evaluation measured: for a
@@ -163,7 +168,8 @@ def model_info(result: dict, name: str, paper: str = 'arXiv:2606.01746', base: O
     is at most AutoAttack's on the same fixed batches; AutoAttack on the target alone goes into
     ``autoattack_target_acc`` and the per-sample union bound into ``msa_union_acc``. ``unreliable`` is true when any
     attack ran below full strength (:func:`reduced_budget`), and the footnote names what ran, on which batchings,
-    and what was reduced."""
+    and what was reduced. ``paper``, ``authors`` and ``venue`` credit the model (default: this package's HPM
+    models; ``timm_hpm.benchmark`` passes 'unknown' for a model that is not one)."""
     def pct(v):
         return f'{100 * v:.2f}' if v is not None else None
 
@@ -192,11 +198,11 @@ def model_info(result: dict, name: str, paper: str = 'arXiv:2606.01746', base: O
     return {
         'link': f'https://arxiv.org/abs/{paper.split(":", 1)[-1]}' if paper.startswith('arXiv:') else paper,
         'name': name,
-        'authors': 'timm-hpm (reconstruction of Wang, 2026)',
+        'authors': authors,
         'additional_data': False,
         'number_forward_passes': 1,
         'dataset': result.get('dataset'),
-        'venue': 'arXiv, 2026',
+        'venue': venue,
         'architecture': result.get('architecture'),
         'eps': str(result.get('eps')),
         'clean_acc': pct(result['clean_acc']),

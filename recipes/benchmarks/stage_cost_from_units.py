@@ -10,7 +10,6 @@ order they ran); one APGD run's backward images per image are counted with a Pas
 not depend on the model). Prints the stage's share of the run's backward images and the run's total without it.
 """
 import argparse
-import glob
 import json
 from pathlib import Path
 
@@ -36,6 +35,7 @@ def main(argv=None):
     p.add_argument('--stage', required=True, help='the surrogate stage, e.g. small_cnn.fmnist_pgdat')
     p.add_argument('--n', type=int, nargs='+', required=True, help='the first N examples (whole units)')
     args = p.parse_args(argv)
+    from timm_hpm.eval.unit_store import read_units
     settings = json.loads((args.run / 'attack' / 'settings.json').read_text())['msa']
     if not settings.get('cascade', True):
         raise SystemExit('the run did not use the cascade: every stage attacked every clean-correct image')
@@ -45,9 +45,8 @@ def main(argv=None):
           f'{runs} runs (APGD-CE and {runs - 1} APGD-T targets)')
     for n in args.n:
         active = total = 0
-        for f in sorted(glob.glob(str(args.run / 'attack' / 'units' / 'default_*.json'))):
-            unit = json.loads(Path(f).read_text())
-            if max(unit['indices']) >= n:
+        for (batching, _), unit in sorted(read_units(args.run / 'attack').items()):
+            if batching != 'default' or max(unit['indices']) >= n:
                 continue
             total += unit['passes']['backward_images']
             realised = list(unit['clean'])

@@ -5,7 +5,8 @@ of them):
     timm-hpm-evaluate  / python -m timm_hpm.cli.evaluate     (accelerate launch -m timm_hpm.cli.evaluate ...)
     timm-hpm-push      / python -m timm_hpm.cli.push_to_hub
     timm-hpm-zoo       / python -m timm_hpm.cli.build_zoo
-    python -m timm_hpm.cli.model_info, python -m timm_hpm.cli.model_table
+    timm-hpm-benchmark / python -m timm_hpm.cli.benchmark
+    python -m timm_hpm.cli.model_info, python -m timm_hpm.cli.model_table, python -m timm_hpm.cli.benchmark_table
 
 Each module has ``main(argv=None)``. The fine-tuning configs ship with the package (``timm_hpm/configs/*.yaml``,
 :func:`packaged_configs`); ``--config`` takes a file or one of their names (:func:`config_file`). Nothing here

@@ -41,7 +41,7 @@ import contextlib
 import json
 import math
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -53,6 +53,8 @@ from ..attacks._ball import NORMS
 from ..report import markdown_table
 from ..runfiles import write_text_atomic
 from .run_folder import data_fingerprint, model_fingerprint
+from .settings_schema import comparable, read_settings, stamp
+from .unit_store import read_poison_batches, write_poison_batch
 
 __all__ = ['POISON_FRACTIONS', 'POISON_OBJECTIVES', 'PoisonConfig', 'poison_counts', 'poison_batch', 'run_poisoning',
            'poisoning_table']
@@ -94,18 +96,32 @@ class PoisonConfig:
     - ``temperature`` > 0 (finite): the logit scale of ``soft_count``'s sigmoid;
     - ``feature_bound``: also optimise k free feature vectors (HPM heads with per-sample features).
     """
-    eps: float
-    norm: str = 'Linf'
-    steps: int = 100
-    seed: int = 0
-    unbounded_steps: Optional[int] = None
-    restarts: int = 1
-    objectives: Tuple[str, ...] = ('soft_count',)
-    target_classes: int = 3
-    anneal: bool = True
-    top_m: int = 5
-    temperature: float = 0.02
-    feature_bound: bool = True
+    # metadata: each setting's recipes/evaluate.py flag and help (timm_hpm.cli.config_args generates the options)
+    eps: float = field(metadata={'flag': '--eps', 'help': "'8/255', 0.031, ...", 'required': True, 'type': None})
+    norm: str = field(default='Linf', metadata={'flag': '--norm', 'help': 'threat model', 'choices': list(NORMS)})
+    steps: int = field(default=100, metadata={
+        'flag': '--poison-steps', 'help': 'with --protocol poison: PGD steps of each poisoning run within eps'})
+    seed: int = field(default=0, metadata={'flag': '--seed', 'help': 'attack seeds (each batch derives its own)'})
+    unbounded_steps: Optional[int] = field(default=None, metadata={
+        'flag': '--poison-unbounded-steps',
+        'help': 'steps of each unbounded poisoning run (default: 6 x --poison-steps)'})
+    restarts: int = field(default=1, metadata={
+        'flag': '--poison-restarts', 'help': 'runs per objective and gradient view'})
+    objectives: Tuple[str, ...] = field(default=('soft_count',), metadata={
+        'flag': '--poison-objectives',
+        'help': 'soft_count (victims closest to flipping weigh most), top_m, margin_sum'})
+    target_classes: int = field(default=3, metadata={
+        'flag': '--poison-target-classes', 'help': 'class-directed runs (victims pushed toward one class), 0: none'})
+    anneal: bool = field(default=True, metadata={
+        'flag': '--poison-anneal', 'help': 'a run through the soft head annealed toward the hard assignment',
+        'action': 'boolean_optional'})
+    top_m: int = field(default=5, metadata={
+        'flag': '--poison-top-m', 'help': 'victims the top_m objective concentrates on'})
+    temperature: float = field(default=0.02, metadata={
+        'flag': '--poison-temperature', 'help': "soft_count's sigmoid temperature (logits)"})
+    feature_bound: bool = field(default=True, metadata={
+        'flag': '--poison-feature-bound', 'action': 'boolean_optional',
+        'help': 'also the feature-space bound: k free feature vectors with no image behind them'})
 
     def __post_init__(self):
         if self.norm not in NORMS:
@@ -481,9 +497,10 @@ def run_poisoning(target: Callable, gradient_views: Dict[str, Callable], x: torc
                   batch_size: int, eps: float, out: Path, norm: str = 'Linf', steps: int = 100, seed: int = 0,
                   progress: bool = True, **options) -> List[dict]:
     """The protocol on the fixed batches of ``batch_size`` (in order) of ``x``, for every k of
-    :func:`poison_counts` and for ``eps`` and unbounded perturbations. One JSON file per batch under ``out``
-    (written atomically): a killed run resumes, skipping finished batches; settings that differ from the
-    folder's (every attack setting, model weights or images) are refused. Returns the aggregated records ``{k, eps,
+    :func:`poison_counts` and for ``eps`` and unbounded perturbations. One line per finished batch in
+    ``out/batches.jsonl`` (:mod:`timm_hpm.eval.unit_store`: whole, fsync-ed): a killed run resumes, skipping
+    finished batches; settings that differ from the folder's (every attack setting, model weights or images) are
+    refused. Returns the aggregated records ``{k, eps,
     bounded, flipped_fraction, flipped, victims, batches}``, with ``feature_bound`` (the sum over the batches) where
     every batch computed it.
 
@@ -507,11 +524,10 @@ def run_poisoning(target: Callable, gradient_views: Dict[str, Callable], x: torc
     strength = {k: v for k, v in cfg.to_dict().items() if k not in ('eps', 'norm', 'steps', 'seed')}
     radii = [(eps, True), (_unbounded_eps(x, norm), False)]
     batches = list(zip(x.split(batch_size), y.split(batch_size)))
-    units = []
+    units, done = [], read_poison_batches(out)
     for index, (xb, yb) in enumerate(tqdm(batches, desc='poisoning batches', disable=not progress)):
-        path = out / f'batch_{index:05d}.json'
-        if path.exists():
-            units.append(json.loads(path.read_text()))
+        if index in done:
+            units.append(done[index])
             continue
         if xb.shape[0] < 2:
             continue  # a last batch of one image has nobody to poison
@@ -520,14 +536,16 @@ def run_poisoning(target: Callable, gradient_views: Dict[str, Callable], x: torc
                         bounded=bounded)
                    for radius, bounded in radii for k in poison_counts(xb.shape[0])]
         unit = {'index': index, 'size': xb.shape[0], 'records': records}
-        write_text_atomic(path, json.dumps(unit))
+        write_poison_batch(out, unit)
         units.append(unit)
     return _aggregate(units, batch_size)
 
 
 def _check_settings(path: Path, settings: dict) -> None:
+    """Refuse a folder of a poisoning run with other settings (any schema version this code reads); a new run
+    writes its settings with the current schema version."""
     if path.exists():
-        found = json.loads(path.read_text())
+        found = comparable(read_settings(path))
         if found != settings:
             changed = sorted(k for k in set(found) | set(settings) if found.get(k) != settings.get(k))
             if 'attack' in changed and isinstance(found.get('attack'), dict):
@@ -536,7 +554,7 @@ def _check_settings(path: Path, settings: dict) -> None:
             raise ValueError(f'{path.parent} holds a poisoning run with other settings ({", ".join(changed)}); use '
                              'another --out folder (its results are never overwritten).')
     else:
-        write_text_atomic(path, json.dumps(settings, indent=2))
+        write_text_atomic(path, json.dumps(stamp(settings), indent=2))
 
 
 def _aggregate(units: Iterable[dict], batch_size: int) -> List[dict]:

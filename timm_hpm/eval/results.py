@@ -1,7 +1,6 @@
-"""A run's result, aggregated from its unit files alone, and its human-readable table (eval.md)."""
+"""A run's result, aggregated from its finished units alone, and its human-readable table (eval.md)."""
 from __future__ import annotations
 
-import json
 import platform
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -9,7 +8,8 @@ from typing import Dict, List, Optional
 import torch
 
 from ..report import markdown_table
-from .run_folder import load_unit, read_unit_fields
+from .settings_schema import as_recorded, read_settings
+from .unit_store import read_units
 from .stages import AUTOATTACK, candidate_stage, is_per_sample_union, stage_order
 
 __all__ = ['aggregate', 'format_table', 'stage_breaks', 'robust_flags']
@@ -17,26 +17,22 @@ __all__ = ['aggregate', 'format_table', 'stage_breaks', 'robust_flags']
 
 def robust_flags(run_folder: Path, batching: str = 'default') -> Optional[Dict[int, bool]]:
     """Per-image robustness of an evaluation run folder (``recipes/evaluate.py --out``): image index -> robust in
-    its realised batch of ``batching``, from the unit files under ``attack/units``; None when there are none. A unit
-    file that cannot be read, or whose ``indices``/``realised`` are malformed (wrong types, another number of
-    flags than indices), is a ValueError naming it."""
-    files = sorted((Path(run_folder) / 'attack' / 'units').glob(f'{batching}_*.json'))
-    if not files:
+    its realised batch of ``batching``, from the finished units under ``attack``; None when there are none. A unit
+    that cannot be read, or whose ``indices``/``realised`` are malformed (wrong types, another number of flags than
+    indices), is a ValueError naming its file (and line)."""
+    units = [u for (b, _), u in sorted(read_units(Path(run_folder) / 'attack', ('indices', 'realised')).items())
+             if b == batching]
+    if not units:
         return None
     flags = {}
-    for f in files:
-        unit = read_unit_fields(f, ('indices', 'realised'))
+    for unit in units:
         flags.update(zip(unit['indices'], map(bool, unit['realised'])))
     return flags
 
 
 def _batching_units(run_dir: Path, batching: str, n: int) -> List[dict]:
     """The units of one batching; refused (an error) when one is unreadable or they do not cover the run."""
-    files = sorted((run_dir / 'units').glob(f'{batching}_*.json'))
-    units = [load_unit(f) for f in files]
-    unreadable = [str(f) for f, u in zip(files, units) if u is None]
-    if unreadable:
-        raise ValueError(f'{run_dir}: unreadable unit files {unreadable}; resume the run to recompute them.')
+    units = [u for (b, _), u in sorted(read_units(run_dir).items()) if b == batching]
     covered = sorted(i for u in units for i in u['indices'])
     if covered != list(range(n)):
         raise ValueError(f'{run_dir}: batching {batching!r} is incomplete ({len(covered)} of {n} examples); '
@@ -88,7 +84,7 @@ def _aggregate_batching(units: List[dict], settings: dict, sample_robust: torch.
 def aggregate(run_dir: Path, metadata: Optional[dict] = None) -> dict:
     """The result of a run, from its unit files (identical whatever the number of processes or restarts)."""
     run_dir = Path(run_dir)
-    settings = json.loads((run_dir / 'settings.json').read_text())
+    settings = as_recorded(read_settings(run_dir / 'settings.json'))  # as the run recorded them
     n = settings['n_examples']
     sample_robust_any_batching = torch.ones(n, dtype=torch.bool)
     totals = {'forward_images': 0, 'backward_images': 0, 'seconds': 0.0}
@@ -196,8 +192,8 @@ def stage_breaks(run_dir: Path, batching: str = 'default', n: Optional[int] = No
     realised result (``robust``), the clean, realised and union counts, and the cost (forward/backward images,
     attack seconds; ``stage_backward_images``: each stage's backward images, None when a unit did not record them,
     as runs before stage costs were recorded)."""
-    units = [u for u in (load_unit(f) for f in sorted((Path(run_dir) / 'units').glob(f'{batching}_*.json')))
-             if u and (n is None or max(u['indices']) < n)]
+    units = [u for (b, _), u in sorted(read_units(run_dir).items())
+             if b == batching and (n is None or max(u['indices']) < n)]
     new: Dict[str, int] = {}
     gain: Dict[str, int] = {}
     out = {'n': 0, 'clean': 0, 'realised': 0, 'union': 0, 'forward_images': 0, 'backward_images': 0, 'seconds': 0.0,

@@ -1,177 +1,46 @@
-"""An evaluation's run folder: its settings, its fingerprints, and one JSON file per unit (one fixed batch of one
-batching) in ``<run_dir>/units/``; the finished units of other runs that a run may reuse (``extend_from``)."""
+"""An evaluation's run folder: its settings (with their schema version), its fingerprints, its finished units
+(one append-only JSON Lines file, :mod:`timm_hpm.eval.unit_store`), and the finished units of other runs that a run
+may reuse (``extend_from``)."""
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import math
 import shutil
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 import torch.nn as nn
 
 from ..runfiles import write_atomic, write_text_atomic
 from .msa import MSAConfig
+from .settings_schema import comparable, read_settings, settings_as_run, stamp
+from .unit_checks import CHECKED_FIELDS, UNIT_KEYS, UnitFileError, check_unit, load_unit, read_unit_fields
+from .unit_store import adversarial_path, read_units, write_unit
 
-__all__ = ['unit_path', 'write_json_atomic', 'load_unit', 'read_unit_fields', 'check_unit', 'UnitFileError',
-           'model_fingerprint', 'data_fingerprint',
+__all__ = ['write_json_atomic', 'load_unit', 'read_unit_fields', 'check_unit', 'UnitFileError',
+           'model_fingerprint', 'data_fingerprint', 'adversarial_path', 'read_units', 'write_unit',
            'check_settings', 'check_fingerprint', 'reusable_units', 'copy_reusable', 'settings_as_run',
-           'StageCheckpoint']
+           'StageCheckpoint', 'UNIT_KEYS', 'CHECKED_FIELDS']
 
 _logger = logging.getLogger(__name__)
-
-#: What every unit file holds (the aggregate reads all of it).
-UNIT_KEYS = ('clean', 'realised', 'union', 'candidates', 'passes', 'seconds', 'indices')
-
-
-def unit_path(run_dir: Path, batching: str, index: int) -> Path:
-    return run_dir / 'units' / f'{batching}_{index:06d}.json'
 
 
 def write_json_atomic(path: Path, data) -> None:
     write_text_atomic(path, json.dumps(data))
 
 
-class UnitFileError(ValueError):
-    """A unit file that parses but does not hold what a unit holds (a field of the wrong type, a flag list of
-    another length than the unit's indices): its figures cannot be trusted, and it is not silently redone."""
-
-
-def _is_count(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _is_seconds(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-
-
-def _flags_problem(value, n: int, what: str) -> Optional[str]:
-    """Why ``value`` is not a list of ``n`` per-image flags (bools; 0/1 are read as bools), or None."""
-    if not isinstance(value, list):
-        return f'{what} must be a list of {n} true/false flags (one per index), got {type(value).__name__}'
-    if len(value) != n:
-        return f"{what} holds {len(value)} flags for the unit's {n} indices"
-    bad = [v for v in value if not (isinstance(v, bool) or (isinstance(v, int) and v in (0, 1)))]
-    return f'{what} must hold true/false flags, found {bad[0]!r}' if bad else None
-
-
-def _passes_problem(value, what: str) -> Optional[str]:
-    if not isinstance(value, dict) or not all(_is_count(value.get(k)) for k in ('forward_images', 'backward_images')):
-        return f'{what} must map forward_images and backward_images to counts >= 0, got {value!r}'
-    return None
-
-
-def _mapping_problem(value, what: str, item) -> Optional[str]:
-    """Why ``value`` is not a dict from names to items ``item(v, f'{what}[name]')`` accepts, or None."""
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        return f'{what} must map names to values, got {type(value).__name__}'
-    return next((p for p in (item(v, f'{what}[{k!r}]') for k, v in value.items()) if p is not None), None)
-
-
-def _stages_problem(unit: dict) -> Optional[str]:
-    value = unit['stages']
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        return f"'stages' must be a list of candidate names, got {value!r}"
-    missing = [v for v in value if v not in (unit.get('candidates') or {})]
-    return f"'stages' names candidates the unit does not hold: {missing}" if missing else None
-
-
-def _unit_problem(unit: dict, fields: Sequence[str]) -> Optional[str]:
-    """What is wrong with the ``fields`` of a parsed unit (each present one is checked; ``indices`` always), or
-    None."""
-    idx = unit.get('indices')
-    if not isinstance(idx, list) or not idx or not all(_is_count(i) for i in idx):
-        return f"'indices' must be a non-empty list of image indices (integers >= 0), got {idx!r}"
-    if len(set(idx)) != len(idx):
-        return "'indices' names an image twice"
-    n = len(idx)
-    checks = {
-        'clean': lambda v: _flags_problem(v, n, "'clean'"),
-        'realised': lambda v: _flags_problem(v, n, "'realised'"),
-        'union': lambda v: _flags_problem(v, n, "'union'"),
-        'autoattack_own': lambda v: None if v is None else _flags_problem(v, n, "'autoattack_own'"),
-        'candidates': lambda v: _mapping_problem(v, "'candidates'", lambda f, what: _flags_problem(f, n, what)),
-        'stages': lambda v: _stages_problem(unit),
-        'passes': lambda v: _passes_problem(v, "'passes'"),
-        'stage_passes': lambda v: _mapping_problem(v, "'stage_passes'", _passes_problem),
-        'seconds': lambda v: None if _is_seconds(v) else f"'seconds' must be a number >= 0, got {v!r}",
-        'stage_seconds': lambda v: _mapping_problem(
-            v, "'stage_seconds'", lambda t, what: None if _is_seconds(t) else f'{what} must be a number >= 0'),
-        'data_sha256': lambda v: None if isinstance(v, str) else f"'data_sha256' must be a string, got {v!r}",
-    }
-    for field in fields:
-        if field in unit and field in checks:
-            problem = checks[field](unit[field])
-            if problem is not None:
-                return problem
-    return None
-
-
-#: Every field of a unit that is read (those not in UNIT_KEYS are optional: older units lack them).
-CHECKED_FIELDS = UNIT_KEYS + ('autoattack_own', 'stages', 'stage_passes', 'stage_seconds', 'data_sha256')
-
-
-def check_unit(unit: dict, path: Path, fields: Iterable[str] = CHECKED_FIELDS) -> dict:
-    """``unit`` (parsed from ``path``) if its ``fields`` hold what they should (types; flag lists as long as its
-    ``indices``), else a :class:`UnitFileError` naming the file, what is wrong and what to do."""
-    problem = _unit_problem(unit, tuple(fields))
-    if problem is not None:
-        raise UnitFileError(f'unit file {path} is malformed: {problem}. Its figures cannot be used; delete that file '
-                            'and resume the run (or rerun the evaluation into the same --out folder) to recompute '
-                            'its batch.')
-    return unit
-
-
-def read_unit_fields(path: Path, fields: Sequence[str]) -> dict:
-    """The unit at ``path`` for a reader that cannot recompute it (tables, cards): parsed, ``fields`` present and
-    checked (:func:`check_unit`); any problem is a ValueError naming the file."""
-    try:
-        unit = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise UnitFileError(f'unit file {path} cannot be read ({type(error).__name__}: {error}); delete it and '
-                            'resume the run to recompute its batch.') from None
-    missing = [f for f in fields if not isinstance(unit, dict) or f not in unit]
-    if missing:
-        raise UnitFileError(f'unit file {path} lacks {missing}; delete it and resume the run to recompute its '
-                            'batch.')
-    return check_unit(unit, path, fields)
-
-
-def load_unit(path: Path, indices: Optional[Sequence[int]] = None) -> Optional[dict]:
-    """A finished unit's result; ``None`` when there is none, or (with a warning) when its file cannot be read,
-    lacks fields or does not hold the batch ``indices`` it should: such a unit is recomputed. A unit whose fields
-    are there but hold the wrong types, or flag lists of another length than its indices (no write of this package
-    makes one: an edited, foreign or damaged file), is a :class:`UnitFileError` (a ValueError) naming the file,
-    never read as figures nor silently replaced."""
-    if not path.exists():
-        return None
-    try:
-        unit = json.loads(path.read_text())
-        problem = None if isinstance(unit, dict) and all(k in unit for k in UNIT_KEYS) else 'fields missing'
-    except (OSError, UnicodeDecodeError, ValueError) as error:  # json.JSONDecodeError is a ValueError
-        problem = f'{type(error).__name__}: {error}'
-    if problem is None:
-        check_unit(unit, path)
-        if indices is not None and list(unit['indices']) != list(indices):
-            problem = 'it holds another batch'
-    if problem is not None:
-        _logger.warning('unit file %s is unreadable (%s); recomputing that batch', path, problem)
-        return None
-    return unit
-
-
 class StageCheckpoint:
     """A unit's progress after each finished stage of MSA (:func:`timm_hpm.eval.attack_batch`), so a batch that
     was stopped resumes at its next stage instead of from the start: one safetensors file next to the unit's
-    (``<batching>_<index>.stages.safetensors``: the realised batch's tensors and the random generator's state, the
+    adversarial images (:func:`adversarial_path`: ``unit_data/<batching>_<index>.stages.safetensors``; the realised
+    batch's tensors and the random generator's state, the
     bookkeeping as JSON in the file's metadata; nothing unpickled), written atomically after each stage and removed
     once the unit's result is written. A file that cannot be read or holds other images is ignored, with a warning
     (the batch starts over)."""
 
-    def __init__(self, unit: Path, data_sha256: str):
+    def __init__(self, unit: Path, data_sha256: str):  # unit: the unit's adversarial_path
         self.path = Path(unit).with_suffix('.stages.safetensors')
         self.data_sha256 = data_sha256
 
@@ -195,10 +64,15 @@ class StageCheckpoint:
     def save(self, tensors: Dict[str, torch.Tensor], meta: dict) -> None:
         from safetensors.torch import save_file
         metadata = {'msa_progress': json.dumps(dict(meta, data_sha256=self.data_sha256))}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+        try:
+            self.path.parent.rmdir()  # no empty folder left in a run that saves no adversarial images
+        except OSError:
+            pass
 
 
 def _hash_tensor(h, t: torch.Tensor) -> None:
@@ -228,20 +102,6 @@ def data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def settings_as_run(previous: dict) -> dict:
-    """Stored settings with what a run of an earlier version actually did filled in for the options added since
-    (before MSA v2: APGD-T through the target had the surrogates' target count, no transfer models, no combination
-    round; before v3: no iterate was scored, the whole-batch APGD always ran), so such a run resumes or is extended
-    with equivalent options."""
-    msa = previous.get('msa')
-    if isinstance(msa, dict) and 'target_n_target_classes' not in msa:
-        msa = dict(msa, target_n_target_classes=msa.get('n_target_classes'), combine_rounds=0,
-                   surrogate_models=msa.get('surrogate_models', []))
-    if isinstance(msa, dict):
-        msa = {'score_iterates': False, 'surrogate_apgd': True, **msa}
-    return dict(previous, msa=msa) if isinstance(msa, dict) else previous
-
-
 def check_settings(run_dir: Path, protocol: str, batch_size: int, batchings: Sequence[str], n: int, amp: bool,
                    cfg: MSAConfig, process_index: int) -> dict:
     """The run's settings; a folder that holds a run with other settings is refused, never overwritten. The
@@ -253,12 +113,12 @@ def check_settings(run_dir: Path, protocol: str, batch_size: int, batchings: Seq
                     msa=cfg.to_dict())
     settings_path = run_dir / 'settings.json'
     if settings_path.exists():
-        previous = settings_as_run(json.loads(settings_path.read_text()))
+        previous = comparable(read_settings(settings_path))
         if previous != settings:
             raise ValueError(f'{run_dir} holds a run with other settings ({previous}); use a new --out folder or '
                              'the same settings to resume.')
     elif process_index == 0:
-        write_json_atomic(settings_path, settings)
+        write_json_atomic(settings_path, stamp(settings))
     return settings
 
 
@@ -284,7 +144,7 @@ def _extendable(source: Path, settings: dict, model_fp: str) -> tuple:
     if not (source / 'settings.json').exists():
         raise FileNotFoundError(f'{source} is not an evaluation run folder (no settings.json); pass the --out '
                                 'folder of an earlier run.')
-    previous = settings_as_run(json.loads((source / 'settings.json').read_text()))
+    previous = comparable(read_settings(source / 'settings.json'))
     differences = sorted(k for k in set(previous) | set(settings)
                          if k not in ('n_examples', 'batchings') and previous.get(k) != settings.get(k))
     if differences:
@@ -300,44 +160,46 @@ def _extendable(source: Path, settings: dict, model_fp: str) -> tuple:
 
 
 def reusable_units(sources: Sequence[Path], settings: dict, model_fp: str, x: torch.Tensor,
-                   y: torch.Tensor) -> Dict[tuple, Path]:
-    """``(batching, index, tuple(indices)) -> unit file`` of the finished units of other runs that may be reused:
-    same settings but for ``n_examples`` and ``batchings``, the same model, and the same images (a smaller run's
-    images must equal the first ones of this run; a larger run's units are checked one by one against the
-    image hash each unit carries)."""
-    found: Dict[tuple, Path] = {}
+                   y: torch.Tensor) -> Dict[tuple, tuple]:
+    """``(batching, index, tuple(indices)) -> (run folder, unit)`` of the finished units of other runs that may be
+    reused: same settings but for ``n_examples`` and ``batchings``, the same model, and the same images (a smaller
+    run's images must equal the first ones of this run; a larger run's units are checked one by one against the
+    image hash each unit carries). Folders of either layout (:mod:`timm_hpm.eval.unit_store`) are read."""
+    found: Dict[tuple, tuple] = {}
     for source in sources:
         source, previous, previous_fp = _extendable(Path(source), settings, model_fp)
         n = previous['n_examples']
         prefix_checked = n <= len(y)
         if prefix_checked and previous_fp.get('data') != data_fingerprint(x[:n], y[:n]):
             raise ValueError(f'cannot extend {source}: its first {n} images differ from these.')
-        for f in sorted((source / 'units').glob('*.json')):
-            batching, index = f.stem.rsplit('_', 1)
-            unit = load_unit(f)
-            if unit is None:
-                continue  # computed here instead
+        for (batching, index), unit in sorted(read_units(source).items()):
             idx = unit['indices']
             if not prefix_checked and (max(idx) >= len(y) or unit.get('data_sha256') !=
                                        data_fingerprint(x[idx], y[idx])):
                 continue  # not among these examples, or not provably the same images
-            found.setdefault((batching, int(index), tuple(idx)), f)
+            found.setdefault((batching, index, tuple(idx)), (source, unit))
     return found
 
 
-def copy_reusable(todo: list, reusable: Dict[tuple, Path], run_dir: Path, save_adversarial: bool,
+def _copy_unit(source: Path, unit: dict, run_dir: Path, batching: str, index: int, save_adversarial: bool) -> None:
+    if save_adversarial:
+        adv, dest = adversarial_path(source, batching, index), adversarial_path(run_dir, batching, index)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(dest, lambda tmp: shutil.copyfile(adv, tmp))
+    fields = {k: v for k, v in unit.items() if k not in ('batching', 'index')}
+    write_unit(run_dir, batching, index, fields)  # the unit last: its line marks it done
+
+
+def copy_reusable(todo: list, reusable: Dict[tuple, tuple], run_dir: Path, save_adversarial: bool,
                   extend_from: Sequence[Path]) -> list:
     """Copy the finished units of other runs that cover the same batches; returns the units still to compute."""
     left = []
     for batching, index, idx in todo:
-        source, dest = reusable.get((batching, index, tuple(idx))), unit_path(run_dir, batching, index)
-        if source is None or (save_adversarial and not source.with_suffix('.safetensors').exists()):
+        source, unit = reusable.get((batching, index, tuple(idx)), (None, None))
+        if source is None or (save_adversarial and not adversarial_path(source, batching, index).exists()):
             left.append((batching, index, idx))  # not there, or this run keeps adversarial images and that one did not
             continue
-        if save_adversarial:
-            adv = source.with_suffix('.safetensors')
-            write_atomic(dest.with_suffix('.safetensors'), lambda tmp: shutil.copyfile(adv, tmp))
-        write_atomic(dest, lambda tmp: shutil.copyfile(source, tmp))  # the JSON last: its presence marks the unit done
+        _copy_unit(source, unit, run_dir, batching, index, save_adversarial)
     if len(left) < len(todo):
         _logger.info('reused %d finished units of %s', len(todo) - len(left), ', '.join(str(s) for s in extend_from))
     return left

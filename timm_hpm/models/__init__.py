@@ -6,6 +6,7 @@ from ._hpm import HPMModelMixin, convert_to_hpm, get_hpm_head, is_hpm_model
 from .dm_preact_resnet import DMPreActResNet
 from .preact_resnet import PreActResNet
 from .small_cnn import SmallCNN
+from .tbn_small_cnn import TBNSmallCNN
 from .timm_families import HPM_TIMM_FAMILIES
 from .trades_wide_resnet import TradesWideResNet
 from .wide_resnet import DMWideResNet

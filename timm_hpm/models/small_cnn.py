@@ -158,7 +158,7 @@ default_cfgs = family_cfgs({
     # (recipes/configs/fashion_mnist_control.yaml); every HPM figure is read against it
     'small_cnn.fmnist_control': _shipped('small_cnn.fmnist_control', **dict(
         _FMNIST, origin_url='recipes/configs/fashion_mnist_control.yaml')),
-    # HPM fine-tuned from it: the best candidate of recipes/configs/fashion_mnist_hpm_sweep.yaml
+    # HPM fine-tuned from it: the best candidate of studies/fashion_mnist/configs/hpm_sweep.yaml
     'hpm_small_cnn.fmnist_hpm': _shipped('hpm_small_cnn.fmnist_hpm', **_FMNIST_HPM),
     # the HPM model with the base's weights (prototypes still to be initialised from data: the fine-tuning start)
     'hpm_small_cnn.fmnist_pgdat': _shipped('hpm_small_cnn.fmnist_pgdat', 'small_cnn.fmnist_pgdat', **_FMNIST_HPM),

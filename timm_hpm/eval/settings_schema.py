@@ -1,0 +1,87 @@
+"""The schema version of a run folder's settings file (``attack/settings.json``, ``poison/settings.json``).
+
+Runs write ``"schema_version": SCHEMA_VERSION`` in their settings, so a reader knows what a file means instead of
+guessing it from which keys are there. A file without it is version 1 (written before versions were recorded) and
+is upgraded on reading by :func:`_upgrade_v1`, the one place that knows what those runs did; a file of a newer
+version than this code knows is refused. ``python -m timm_hpm.eval.migrate_runs`` writes the upgrade to disk, with
+the keys it filled in (``filled_by_upgrade``) so the run's settings as it recorded them are still known
+(:func:`as_recorded`: what eval.json embeds, identical before and after the upgrade).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Tuple
+
+__all__ = ['SCHEMA_VERSION', 'upgrade_settings', 'read_settings', 'comparable', 'as_recorded', 'stamp',
+           'settings_as_run']
+
+#: 1: no version recorded (MSA v1 to v3 runs); 2: the version is recorded and every MSA option is explicit.
+SCHEMA_VERSION = 2
+_META = ('schema_version', 'filled_by_upgrade')
+
+
+def _upgrade_v1(settings: dict) -> Tuple[dict, List[str]]:
+    """Version 1 -> 2: what a run of an earlier version actually did, filled in for the MSA options added since
+    (before MSA v2: APGD-T through the target had the surrogates' target count, no transfer models, no combination
+    round; before v3: no iterate was scored, the whole-batch APGD always ran), so such a run resumes or is extended
+    with equivalent options. Returns the upgraded settings and the keys filled in (``msa.<option>``)."""
+    msa = settings.get('msa')
+    if not isinstance(msa, dict):
+        return dict(settings), []  # a poisoning run's settings: nothing was added since
+    upgraded = dict(msa)
+    if 'target_n_target_classes' not in msa:
+        upgraded.update(target_n_target_classes=msa.get('n_target_classes'), combine_rounds=0,
+                        surrogate_models=msa.get('surrogate_models', []))
+    upgraded.setdefault('score_iterates', False)
+    upgraded.setdefault('surrogate_apgd', True)
+    return dict(settings, msa=upgraded), [f'msa.{k}' for k in upgraded if k not in msa]
+
+
+def upgrade_settings(stored: dict) -> dict:
+    """``stored`` (a settings file's content) in the current schema; a newer schema is a ValueError."""
+    version = stored.get('schema_version', 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f'settings schema_version {version!r} is not a version (an integer >= 1)')
+    if version > SCHEMA_VERSION:
+        raise ValueError(f'these settings were written by a newer timm-hpm (settings schema_version {version}; this '
+                         f'one reads up to {SCHEMA_VERSION}); upgrade timm-hpm to read this run folder.')
+    if version == 1:
+        settings, filled = _upgrade_v1(stored)
+        return dict(settings, schema_version=SCHEMA_VERSION, **({'filled_by_upgrade': filled} if filled else {}))
+    return dict(stored)
+
+
+def read_settings(path: Path) -> dict:
+    """The settings file at ``path`` in the current schema (a newer one: a ValueError naming the file)."""
+    try:
+        return upgrade_settings(json.loads(Path(path).read_text()))
+    except ValueError as error:
+        raise ValueError(f'{path}: {error}') from None
+
+
+def comparable(settings: dict) -> dict:
+    """The evaluation's settings alone (not the file's schema bookkeeping): what two runs must share."""
+    return {k: v for k, v in settings.items() if k not in _META}
+
+
+def as_recorded(settings: dict) -> dict:
+    """Current-schema ``settings`` as the run's own settings file recorded them (the upgrade's fillings removed):
+    what eval.json embeds, so re-aggregating an upgraded run gives the same eval.json."""
+    filled = settings.get('filled_by_upgrade', [])
+    out = comparable(settings)
+    for key in filled:
+        section, name = key.split('.', 1)
+        out[section] = {k: v for k, v in out[section].items() if k != name}
+    return out
+
+
+def stamp(settings: dict) -> dict:
+    """``settings`` as a new run writes them: with the current schema version."""
+    return dict(settings, schema_version=SCHEMA_VERSION)
+
+
+def settings_as_run(previous: dict) -> dict:
+    """Stored settings (a settings file's or eval.json's) with what the run actually did filled in for the options
+    added since it ran: the current schema's content, without its bookkeeping."""
+    return comparable(upgrade_settings(previous))

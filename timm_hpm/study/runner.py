@@ -1,0 +1,187 @@
+"""Running a study (what ``recipes/study.py`` does): check what is reused, fine-tune and score what is missing, write
+the tables and the figure. Finished fine-tunes and scores are kept, so the same command resumes."""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from .candidates import Candidate, expand_study
+from .report import plot_study, ranking_text, seed_summary, study_rows, study_table
+from .runs import check_run, finetune
+from .scoring import held_out, score_model, scoring_config
+from .store import ScoreStore
+
+__all__ = ['Study', 'run_study', 'select', 'stored_score']
+
+
+def stored_score(store: ScoreStore, name: str, definition: dict, who: str = '') -> Optional[dict]:
+    """``name``'s finished score (None when there is none), refused when it was made with another definition (the
+    candidate, the scoring options or the attack itself changed since: a score from before definitions recorded
+    the attack is stale too)."""
+    record = store.get(name)
+    if record is not None and record.get('definition') != definition:
+        raise SystemExit(f'{store.path} scored {who or name} as {record.get("definition")}, the study now defines it '
+                         f'as {definition}: rename the candidate, or remove its line ("name": "{name}") from that '
+                         'file, to rescore it.')
+    return record
+
+
+def select(candidates: Sequence[Candidate], only: Optional[Sequence[str]], study_path) -> set:
+    """The names to fine-tune and score: every candidate, or those of ``only`` (names without /seed) and their
+    controls."""
+    if not only:
+        return {c.name for c in candidates}
+    unknown = set(only) - {c.name.split('/')[0] for c in candidates}
+    if unknown:
+        raise SystemExit(f'--only {sorted(unknown)}: not candidates of {study_path}')
+    keep = {c.name for c in candidates if c.name.split('/')[0] in set(only)}
+    return keep | {c.control for c in candidates if c.name in keep and c.control}
+
+
+@dataclass
+class Study:
+    """One study as the command sees it: its YAML, where it runs (``runs``), writes (``out``) and its settings."""
+    spec: dict
+    out: Path
+    runs: Path
+    repo: Path
+    device: str = 'cpu'
+
+    def __post_init__(self):
+        from ..train import load_config
+        self.candidates = expand_study(self.spec)
+        self.config = self.repo / self.spec['config']
+        self.control_config = self.repo / self.spec['control_config']
+        self.scoring = self.spec.get('scoring', {})
+        self.base_cfg = load_config(self.config)
+        self.eps, self.norm = self.base_cfg.eps, self.base_cfg.attack.norm
+        # in every score's definition: a changed attack makes a score stale
+        self.attack = scoring_config(self.eps, self.norm, self.scoring).to_dict()
+        self.batch_size = self.scoring.get('batch_size', 250)
+        self._images = None
+
+    def definition_of(self, c: Candidate) -> dict:
+        return dict(kind=c.kind, overrides=c.overrides, model=c.model, hpm=c.hpm, run=c.run,
+                    eval_batch_size=c.eval_batch_size or self.batch_size, scoring=self.scoring, attack=self.attack)
+
+    def base_definition(self) -> dict:
+        return dict(kind='base', model=self.spec['base_model'], eval_batch_size=self.batch_size,
+                    scoring=self.scoring, attack=self.attack)
+
+    @staticmethod
+    def fine_tuned(c: Candidate) -> bool:
+        """Fine-tuned here (or before, by this candidate or the one its model_of names), not a registered model."""
+        return not (c.kind == 'inference' and c.run is None)
+
+    def run_of(self, c: Candidate):
+        return self.runs / (c.run or c.name), self.control_config if c.kind == 'control' else self.config
+
+    def check_runs(self, store: ScoreStore, keep: set) -> None:
+        """Before any work: every finished score, and every run folder the study would reuse (for a score to make,
+        or the run a finished score came from), is what the study defines now."""
+        from ..train import ConfigError, RunFolderError
+        for c in self.candidates:
+            stored_score(store, c.name, self.definition_of(c))
+            if self.fine_tuned(c) and (c.name in keep or c.name in store):
+                run_dir, train_config = self.run_of(c)
+                try:
+                    check_run(train_config, run_dir, c.overrides, c.name)
+                except (RunFolderError, ConfigError) as error:
+                    raise SystemExit(f'error: {error}') from None
+
+    def model_of(self, c: Candidate):
+        """The candidate's model, fine-tuned first when it is not yet (or resumed), its inference options applied,
+        and the seconds its fine-tune took (None: none ran)."""
+        import timm
+
+        import timm_hpm
+        from ..train import ConfigError, RunFolderError
+        seconds = None
+        if not self.fine_tuned(c):
+            model = timm.create_model(c.model, pretrained=True).eval()
+        else:
+            run_dir, train_config = self.run_of(c)
+            try:  # checked again: another process may have written the run since
+                seconds = finetune(train_config, run_dir, c.overrides, self.device, c.name)
+            except (RunFolderError, ConfigError) as error:
+                raise SystemExit(f'error: {error}') from None
+            model = timm.create_model(f"local-dir:{run_dir / 'final'}", pretrained=True).eval()
+        for key, value in c.hpm.items():  # inference-time head options; the others stay as trained
+            setattr(timm_hpm.get_hpm_head(model), key, value)
+        return model, seconds
+
+    def score(self, model, batch_size: int) -> dict:
+        if self._images is None:
+            self._images = held_out(self.base_cfg, self.scoring.get('n_val', 2000), model)
+        x, y = self._images
+        return score_model(model, x, y, self.eps, self.norm, self.scoring, batch_size)
+
+    def score_candidates(self, store: ScoreStore, keep: set) -> dict:
+        """name -> score of every candidate scored (before, or now when it is in ``keep``)."""
+        from tqdm import tqdm
+        scores = {}
+        for c in tqdm(self.candidates, desc='study candidates'):
+            definition = self.definition_of(c)
+            record = stored_score(store, c.name, definition)
+            if record is None and c.name in keep:
+                model, seconds = self.model_of(c)
+                record = self.score(model, c.eval_batch_size or self.batch_size)
+                record.update(train_seconds=seconds, candidate=c.name, definition=definition)
+                store.add(c.name, record)
+            if record is not None:
+                scores[c.name] = record
+        return scores
+
+    def score_base(self, store: ScoreStore) -> Optional[dict]:
+        """The base's score (the reference of inference-time candidates without a control), made when missing."""
+        if not self.spec.get('base_model'):
+            return None
+        definition = self.base_definition()
+        if stored_score(store, 'base', definition, 'the base') is None:
+            import timm
+            model = timm.create_model(self.spec['base_model'], pretrained=True).eval()
+            store.add('base', dict(self.score(model, self.batch_size), definition=definition))
+        return store.get('base')
+
+
+def write_report(study: Study, scores: dict, base: Optional[dict], study_path, command: str,
+                 figure: bool = True) -> tuple:
+    """``study.json``, ``study.md`` and (``figure``) ``study.png`` in the study's ``out`` from ``scores``; the rows
+    and the Markdown written."""
+    import timm_hpm
+    from ..runfiles import write_text_atomic
+    rows = study_rows(study.candidates, scores, base)
+    summary = seed_summary(study.candidates, scores)
+    table = (study_table(rows) + '\n\n' + ranking_text(summary)) if summary else study_table(rows)
+    write_text_atomic(study.out / 'study.json', json.dumps(
+        {'study': str(study_path), 'scoring': study.scoring, 'eps': study.eps, 'norm': study.norm, 'rows': rows,
+         'ranking': summary, 'base': {k: base[k] for k in ('clean_acc', 'robust_acc')} if base else None,
+         'timm_hpm_version': timm_hpm.__version__, 'command': command}, indent=2))
+    write_text_atomic(study.out / 'study.md', table + '\n')
+    if figure:
+        plot_study(summary, rows, study.out / 'study.png',
+                   f'every HPM candidate against its budget-matched control ({len(summary)} candidates)')
+    elif (study.out / 'study.png').exists():
+        print(f'--no-figure: {study.out / "study.png"} is an earlier run\'s figure, not redrawn from this table',
+              file=sys.stderr)
+    return rows, table
+
+
+def run_study(study: Study, study_path, only: Optional[List[str]], command: str, figure: bool = True) -> tuple:
+    """The whole study under ``out``'s lock: an earlier version's per-model score files brought into
+    ``scores.jsonl``, every reuse checked, what is missing fine-tuned and scored, the report written; the rows and
+    the Markdown table."""
+    from ..runfiles import run_lock
+    keep = select(study.candidates, only, study_path)
+    with run_lock(study.out, '--out'):
+        store = ScoreStore(study.out)
+        converted = store.convert_old_layout()
+        if converted:
+            print(f'{converted} scores of the earlier per-model layout brought into {store.path}', file=sys.stderr)
+        study.check_runs(store, keep)
+        scores = study.score_candidates(store, keep)  # --only limits what is made; the table has every score
+        base = study.score_base(store)
+        return write_report(study, scores, base, study_path, command, figure)
