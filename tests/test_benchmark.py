@@ -229,10 +229,12 @@ def test_a_killed_benchmark_resumes_to_the_same_result(tmp_path):
     # as after a kill: the final files never written, some batches (MSA units, poisoning batches) not finished
     for name in ('benchmark.json', 'benchmark.md', 'model_info.json'):
         (tmp_path / 'run' / name).unlink()
-    units = tmp_path / 'run' / 'attack' / 'units.jsonl'  # the first and last units' lines removed
-    units.write_text(''.join(units.read_text().splitlines(keepends=True)[1:-1]))
+    units = tmp_path / 'run' / 'attack' / 'units.jsonl'  # the first and last units' lines removed (not the header)
+    lines = units.read_text().splitlines(keepends=True)
+    units.write_text(''.join(lines[:1] + lines[2:-1]))
     batches = tmp_path / 'run' / 'poison' / 'batches.jsonl'  # the first poisoning batch's line removed
-    batches.write_text(''.join(batches.read_text().splitlines(keepends=True)[1:]))
+    lines = batches.read_text().splitlines(keepends=True)
+    batches.write_text(''.join(lines[:1] + lines[2:]))
     again = timm_hpm.benchmark(_model(BatchStats), n_examples=12, dataset=(x, y), eps=0.05, batch_size=6,
                                budget=TINY, out=tmp_path / 'run', progress=False)
     assert tuple(again) == tuple(first)
@@ -265,7 +267,8 @@ def test_the_hpm_model_gets_msa_through_its_head_views(tmp_path):
                                 batchings=['default', 'single'], out=tmp_path / 'run', progress=False)
     report = result.report
     assert report['batch_dependence']['verdict'] == 'batch-dependent' and report['protocol'] == 'msa+poisoning'
-    settings = json.loads((tmp_path / 'run' / 'attack' / 'settings.json').read_text())  # the runner's own protocol
+    from timm_hpm.eval.run_header import read_run_settings
+    settings = read_run_settings(tmp_path / 'run' / 'attack')  # the runner's own protocol
     assert settings['protocol'] == 'msa' and settings['msa']['surrogates'] == ['fc', 'static', 'soft', 'dynamic']
     stages = set(report['evaluation']['batchings']['default']['per_surrogate_acc'])
     assert 'autoattack' in stages and stages <= {'autoattack', 'fc', 'static', 'soft', 'dynamic', 'combined'}

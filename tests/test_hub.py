@@ -38,12 +38,15 @@ def _result(protocol='msa', **extra):
 
 
 def _fingerprint_as_evaluate_does(folder: Path, run: Path) -> None:
-    """The fingerprint.json that recipes/evaluate.py --model local-dir:<folder> --out <run> writes."""
+    """The header of attack/units.jsonl that recipes/evaluate.py --model local-dir:<folder> --out <run> writes (its
+    settings and fingerprints)."""
     from timm_hpm.attacks import normalized_view
     from timm_hpm.eval import model_fingerprint
     model = normalized_view(timm.create_model(f'local-dir:{folder}', pretrained=True)).eval()
     (run / 'attack').mkdir(parents=True)
-    (run / 'attack' / 'fingerprint.json').write_text(json.dumps({'model': model_fingerprint(model), 'data': '0'}))
+    header = {'schema_version': 3, 'settings': {'protocol': 'msa'},
+              'fingerprint': {'model': model_fingerprint(model), 'data': '0'}}
+    (run / 'attack' / 'units.jsonl').write_text(json.dumps({'header': header}) + '\n')
 
 
 @pytest.fixture()
@@ -226,7 +229,7 @@ def test_results_without_their_run_folder_are_refused(run_folder, tmp_path):
     copied = tmp_path / 'elsewhere' / 'eval.json'
     copied.parent.mkdir()
     copied.write_text((tmp_path / 'eval.json').read_text())
-    with pytest.raises(SystemExit, match=r'cannot be matched.*fingerprint\.json.*missing'):
+    with pytest.raises(SystemExit, match=r'cannot be matched.*fingerprint.*missing'):
         _assemble(run_folder, tmp_path, results=copied)
 
 

@@ -383,7 +383,7 @@ def test_a_second_run_into_a_busy_folder_fails_at_once_naming_the_holder(tmp_pat
                               stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
-        while not (run / 'settings.json').exists():  # written under the lock
+        while not (run / 'units.jsonl').exists():  # its header, written under the lock
             assert holder.poll() is None and time.time() < deadline, holder.stderr.read() if holder.poll() else ''
             time.sleep(0.1)
         model, x, y = small_hpm()
@@ -411,15 +411,15 @@ def test_a_torn_last_unit_is_recomputed_with_a_warning(tmp_path, monkeypatch, ca
     cfg = MSAConfig(eps=0.05, **FAST)
     reference = evaluate(model, x, y, cfg, tmp_path, batch_size=16, progress=False)
     path = tmp_path / unit_store.UNITS_FILE
-    first, second = path.read_text().splitlines()
-    path.write_text(first + '\n' + second[:40])
+    head, first, second = path.read_text().splitlines()
+    path.write_text(f'{head}\n{first}\n{second[:40]}')
     real, calls = runner_module.attack_batch, []
     monkeypatch.setattr(runner_module, 'attack_batch', lambda *a, **k: calls.append(1) or real(*a, **k))
     with caplog.at_level('WARNING', logger=unit_store.__name__):
         resumed = evaluate(model, x, y, cfg, tmp_path, batch_size=16, progress=False)
     assert len(calls) == 1
-    assert any(f'{path}:2' in r.getMessage() and 'recomputed' in r.getMessage() for r in caplog.records)
-    assert path.read_text().splitlines()[0] == first and len(path.read_text().splitlines()) == 2
+    assert any(f'{path}:3' in r.getMessage() and 'computed again' in r.getMessage() for r in caplog.records)
+    assert path.read_text().splitlines()[:2] == [head, first] and len(path.read_text().splitlines()) == 3
     assert json.dumps(_strip(resumed), sort_keys=True) == json.dumps(_strip(reference), sort_keys=True)
 
 
@@ -428,13 +428,16 @@ def test_a_unit_is_never_seen_half_written(tmp_path, monkeypatch):
     done, and the resume cuts the partial line off before appending."""
     model, x, y = small_hpm(n=16)
     cfg = MSAConfig(eps=0.05, **FAST)
-    real_write = unit_store.os.write
+    from timm_hpm import runfiles
+    real_write = runfiles.os.write
 
     def killed(fd, data):
+        if b'"batching"' not in bytes(data):  # the header: written whole
+            return real_write(fd, data)
         real_write(fd, bytes(data)[:len(data) // 2])
         raise KeyboardInterrupt('killed while writing')
 
-    monkeypatch.setattr(unit_store.os, 'write', killed)
+    monkeypatch.setattr(runfiles.os, 'write', killed)
     with pytest.raises(KeyboardInterrupt):
         evaluate(model, x, y, cfg, tmp_path, batch_size=16, progress=False)
     monkeypatch.undo()
@@ -497,6 +500,7 @@ def test_stage_breaks_credit_each_stage_with_what_it_added(tmp_path):
             'candidates': {'autoattack': [False, True, True, False], 'fc/apgd-ce': [False, True, True, False],
                            'dynamic/apgd-ce': [True, False, True, False]},  # breaks 1 but loses 0: not taken
             'passes': {'forward_images': 10, 'backward_images': 4}, 'seconds': 1.5}
+    unit_store.write_header(tmp_path / unit_store.UNITS_FILE, {'header': {'schema_version': 3, 'settings': {}}})
     unit_store.write_unit(tmp_path, 'default', 0, unit)
     unit_store.write_unit(tmp_path, 'default', 1, dict(unit, indices=[4, 5, 6, 7]))
     parts = stage_breaks(tmp_path)
@@ -511,10 +515,12 @@ def test_a_run_of_the_earlier_msa_defaults_resumes_with_equivalent_options(tmp_p
     score_iterates): resumed with the options that run used it is accepted, with the newer defaults refused."""
     import json
     from dataclasses import replace
+
+    from _units import to_v2
     model, x, y = small_hpm()
     old = MSAConfig(eps=0.05, **FAST, target_n_target_classes=3, combine_rounds=0, score_iterates=False)
     evaluate(model, x[:16], y[:16], old, tmp_path, batch_size=16, progress=False)
-    stored = json.loads((tmp_path / 'settings.json').read_text())
+    stored = json.loads((to_v2(tmp_path) / 'settings.json').read_text())
     for key in ('target_n_target_classes', 'combine_rounds', 'surrogate_models', 'score_iterates'):
         del stored['msa'][key]
     del stored['schema_version']  # a settings file of those versions: schema 1

@@ -220,7 +220,8 @@ def test_the_defaults_are_full_strength_and_recorded_so_a_resume_refuses_other_s
     assert cfg.target_classes >= 1 and cfg.feature_bound
     model, x, y, target, views = _dependent_batch(n=8)
     rows = run_poisoning(target, views, x, y, 4, 0.05, tmp_path, steps=2, progress=False)
-    settings = json.loads((tmp_path / 'settings.json').read_text())
+    from timm_hpm.eval.run_header import read_run_settings
+    settings = read_run_settings(tmp_path)  # the header of batches.jsonl
     assert settings['attack_version'] == 2 and settings['attack'] == cfg.strength() | {'steps': 2}
     assert all('feature_bound' in r and r['feature_bound'] >= r['flipped'] for r in rows)
     assert 'feature-space bound' in poisoning_table(rows)

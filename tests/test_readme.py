@@ -249,7 +249,7 @@ def test_a_candidates_own_batchings_are_read_image_by_image(tmp_path):
     with pytest.raises(ValueError, match='other settings'):
         table._candidate_batchings(tmp_path, runs, None, 'main', 4, {'long': ['weaker']})
     (tmp_path / 'single' / 'attack' / 'fingerprint.json').unlink()  # which model it evaluated cannot be told
-    with pytest.raises(ValueError, match='no attack/fingerprint.json'):
+    with pytest.raises(ValueError, match='no model fingerprint'):
         table._candidate_batchings(tmp_path, runs, None, 'main', 4, {'long': ['single']})
     with pytest.raises(ValueError, match='not candidates'):
         table.study_tables(tmp_path, 4, candidate_runs={'long': 'cand'}, candidate_batchings={'short': ['single']})

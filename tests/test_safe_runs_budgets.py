@@ -74,7 +74,7 @@ def test_the_recipe_refuses_budgets_of_zero_or_below_and_writes_no_result(model_
     with pytest.raises(SystemExit, match=message):  # before the folder, the model or the images are touched
         evaluate_recipe.main(['--model', f'local-dir:{model_dir}', *CLI, *args, '--out', str(out)])
     assert not out.exists()
-    assert not (out / 'poison' / 'settings.json').exists() and not (out / 'attack' / 'settings.json').exists()
+    assert not (out / 'poison' / 'batches.jsonl').exists() and not (out / 'attack' / 'units.jsonl').exists()
 
 
 def test_the_recipe_fails_with_the_option_named_on_the_command_line(model_dir, tmp_path):
@@ -239,19 +239,20 @@ def _copy(finished_run, tmp_path):
 
 
 class Unit:
-    """The first unit of a run's units file (line 1): ``write_text`` replaces that line, the others are kept."""
+    """The first unit of a run's units file (line 2, after the header): ``write_text`` replaces that line, the others
+    are kept."""
 
     def __init__(self, run):
         self.run, self.path = run, run / 'units.jsonl'
 
     def __str__(self):
-        return f'{self.path}:1'
+        return f'{self.path}:2'
 
     def write_text(self, text):
         write_entries(self.run, [text] + entries(self.run)[1:])
 
     def read_text(self):
-        return self.path.read_text().splitlines()[0]
+        return self.path.read_text().splitlines()[1]
 
 
 @pytest.mark.parametrize('field, value, message', [

@@ -194,8 +194,9 @@ def test_a_finished_evaluation_with_a_lost_batch_is_refused_not_recomputed(tiny_
     out = tmp_path / 'eval'
     argv = ['--model', f'local-dir:{tiny_dir}', *TINY_MSA, '--out', str(out)]
     assert _evaluate(*argv).returncode == 0
-    units = out / 'attack' / 'units.jsonl'  # its first unit's line removed
-    units.write_text(''.join(units.read_text().splitlines(keepends=True)[1:]))
+    units = out / 'attack' / 'units.jsonl'  # its first unit's line removed (line 2: line 1 is the header)
+    lines = units.read_text().splitlines(keepends=True)
+    units.write_text(''.join(lines[:1] + lines[2:]))
     before = _snapshot(out)
     refused = _evaluate(*argv)
     assert refused.returncode != 0 and 'finished results are never recomputed in place' in refused.stderr, \

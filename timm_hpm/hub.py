@@ -67,24 +67,27 @@ def unverified_results(results: Union[str, Path], model: nn.Module) -> Optional[
     """None when ``results`` (the eval.json of a recipes/evaluate.py run) were measured on ``model``, else why they
     cannot be said to be.
 
-    evaluate.py records the SHA-256 of the model it evaluated (weights, buffers and head options) in
-    ``<run>/attack/fingerprint.json`` (``<run>/poison/settings.json`` for ``--protocol poison``) next to
-    ``<run>/eval.json``; it is compared with the same fingerprint of ``model``, taken as evaluate.py takes it (on its
-    [0, 1]-input view).
+    evaluate.py records the SHA-256 of the model it evaluated (weights, buffers and head options) in the header of
+    ``<run>/attack/units.jsonl`` (of ``<run>/poison/batches.jsonl`` for ``--protocol poison``; the
+    ``fingerprint.json`` or ``poison/settings.json`` of earlier versions) next to ``<run>/eval.json``; it is compared
+    with the same fingerprint of ``model``, taken as evaluate.py takes it (on its [0, 1]-input view).
     """
     from .attacks import normalized_view
     from .eval import model_fingerprint
+    from .eval.run_header import read_run_fingerprint, read_run_settings
     results = Path(results)
-    path, key = results.parent / 'attack' / 'fingerprint.json', 'model'
-    if not path.is_file() and (results.parent / 'poison' / 'settings.json').is_file():
-        path, key = results.parent / 'poison' / 'settings.json', 'model_sha256'
-    if not path.is_file():
-        return (f'{results} cannot be matched to these weights: {path}, which recipes/evaluate.py writes with '
-                'eval.json, is missing.')
+    attack, poison = results.parent / 'attack', results.parent / 'poison'
+    path = attack
     try:
-        recorded = json.loads(path.read_text())[key]
-    except (ValueError, KeyError, TypeError) as error:
+        if read_run_settings(attack) is None and read_run_settings(poison) is not None:
+            path, recorded = poison, read_run_settings(poison).get('model_sha256')
+        else:
+            recorded = (read_run_fingerprint(attack) or {}).get('model')
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         return f'{results} cannot be matched to these weights: {path} is unreadable ({type(error).__name__}: {error}).'
+    if recorded is None:
+        return (f'{results} cannot be matched to these weights: the fingerprint of the model in {path}, which '
+                'recipes/evaluate.py writes with eval.json, is missing.')
     actual = model_fingerprint(normalized_view(model).eval())
     if recorded != actual:
         return (f'{results} were measured on another model: its fingerprint in {path} is {recorded[:16]}..., that of '

@@ -10,7 +10,6 @@ order they ran); one APGD run's backward images per image are counted with a Pas
 not depend on the model). Prints the stage's share of the run's backward images and the run's total without it.
 """
 import argparse
-import json
 from pathlib import Path
 
 
@@ -35,8 +34,9 @@ def main(argv=None):
     p.add_argument('--stage', required=True, help='the surrogate stage, e.g. small_cnn.fmnist_pgdat')
     p.add_argument('--n', type=int, nargs='+', required=True, help='the first N examples (whole units)')
     args = p.parse_args(argv)
+    from timm_hpm.eval.run_header import read_run_settings
     from timm_hpm.eval.unit_store import read_units
-    settings = json.loads((args.run / 'attack' / 'settings.json').read_text())['msa']
+    settings = read_run_settings(args.run / 'attack')['msa']  # the header of its units file (or a settings.json)
     if not settings.get('cascade', True):
         raise SystemExit('the run did not use the cascade: every stage attacked every clean-correct image')
     per_run = backward_images_per_apgd_run(settings['apgd_iters'])

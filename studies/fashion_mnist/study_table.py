@@ -20,6 +20,7 @@ from typing import Dict, NamedTuple, Optional
 from timm_hpm.analysis import format_summary
 from timm_hpm.cards import paired_comparison
 from timm_hpm.eval import robust_flags, stage_label, stage_order
+from timm_hpm.eval.run_header import read_run_fingerprint
 from timm_hpm.report import markdown_table, print_or_update, tuning_table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -176,7 +177,7 @@ def _paired_lines(results: Path, rel, n_test: int, base, static, hpm, control, h
 
 def _model_fingerprint(results: Path, folder: str) -> Optional[str]:
     """The evaluated model's fingerprint (weights and head options) of a run folder under ``results``."""
-    fp = _load(results / folder / 'attack' / 'fingerprint.json')
+    fp = read_run_fingerprint(results / folder / 'attack')  # its units file's header (or an older fingerprint.json)
     return fp and fp.get('model')
 
 
@@ -188,8 +189,8 @@ def _batchings_of(results: Path, folder: str, candidate: CandidateRun) -> list:
         raise FileNotFoundError(f'no {results / folder / "eval.json"} (finish that run first)')
     fingerprints = _model_fingerprint(results, folder), _model_fingerprint(results, candidate.folder)
     if None in fingerprints:
-        raise ValueError(f'{folder} or {candidate.folder} has no attack/fingerprint.json: which model each evaluated '
-                         'cannot be told (resume the run once with this version to write one)')
+        raise ValueError(f'{folder} or {candidate.folder} has no model fingerprint in its attack run: which model '
+                         'each evaluated cannot be told')
     if fingerprints[0] != fingerprints[1]:
         raise ValueError(f'{folder} evaluated another model than {candidate.folder} (other weights or head options)')
     differences = _msa_differences(run, candidate.result)

@@ -28,10 +28,12 @@ def check_out_folder(out: Path, protocol: str) -> None:
     """Refuse a folder whose results this run could not have made: results without this protocol's work files (a
     copied results folder, one whose work folder was deleted, or another protocol's run) would be overwritten. A
     folder with work files is checked against them (same settings, model and images, or refused)."""
+    from timm_hpm.eval.run_header import read_run_settings
     work = out / ('poison' if protocol == 'poison' else 'attack')
-    if (out / 'eval.json').exists() and not (work / 'settings.json').exists():
+    if (out / 'eval.json').exists() and read_run_settings(work) is None:
         raise ValueError(f"{out} holds results (eval.json) without the run that made them (the {protocol} run's "
-                         f"{work}/settings.json is missing); they would be overwritten. Use a new --out folder.")
+                         f"settings, the header of its store in {work}, are missing); they would be overwritten. "
+                         "Use a new --out folder.")
 
 
 def lock_out_folder(out: Path, accelerator, protocol: str) -> contextlib.ExitStack:

@@ -1,17 +1,20 @@
-"""Convert run folders of earlier versions to the current layout, in place::
+"""Convert run folders of earlier versions to the current layout (version 3), in place::
 
     python -m timm_hpm.eval.migrate_runs results/fashion_mnist/eval_hpm_250 [more folders ...]
 
-Each folder is searched for work folders (a ``settings.json``: ``<out>/attack``, ``<out>/poison``, sanity runs):
-an evaluation's ``units/<batching>_<index>.json`` files become ``units.jsonl`` (adversarial images and stage
-checkpoints move to ``unit_data/``), a poisoning run's ``batch_<index>.json`` files become ``batches.jsonl``, and a
-settings file without a schema version is written in the current schema (:mod:`timm_hpm.eval.settings_schema`,
-with the keys it filled recorded so eval.json re-aggregates the same). Nothing is recomputed, and what the old files
-held is what the new one holds (entries in index order, the same figures).
+Each folder is searched for work folders of earlier versions (a ``settings.json``: ``<out>/attack``,
+``<out>/poison``, sanity runs). Each becomes one file, its store (``units.jsonl``, a poisoning run's
+``batches.jsonl``): a header line with the settings (in the current schema, :mod:`timm_hpm.eval.settings_schema`,
+the keys an upgrade from version 1 filled recorded so eval.json re-aggregates the same) and the fingerprints of
+``fingerprint.json`` (:mod:`timm_hpm.eval.run_header`), then the units: those of a version 2 store as they are, or
+the one-file-per-unit ``units/<batching>_<index>.json`` and ``batch_<index>.json`` files of version 1 in index order
+(adversarial images and stage checkpoints move to ``unit_data/``). Then ``fingerprint.json`` and ``settings.json``
+are removed. Nothing is recomputed, and what the old files held is what the new one holds.
 
 Safe to rerun: a converted folder is left as it is. The new file is written whole before any old file is removed; a
 folder holding both layouts is only accepted when the new file holds exactly what the old files that are left hold
 (a migration that was interrupted while removing them: it is finished), and refused otherwise, changing nothing.
+The folder is locked (``run.lock``) while it is converted: never under a run that is writing it.
 """
 from __future__ import annotations
 
@@ -21,8 +24,10 @@ import os
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
-from ..runfiles import run_lock, write_atomic, write_text_atomic
-from .settings_schema import upgrade_settings
+from ..runfiles import run_lock, write_atomic
+from .run_header import (FINGERPRINT_FILE, HEADER, SETTINGS_FILE, STORES, is_header, make_header, old_files,
+                         read_run_settings)
+from .settings_schema import read_settings
 from .unit_checks import UNIT_KEYS, UnitFileError, check_unit
 from .unit_store import LEGACY_UNITS_DIR, POISON_FILE, UNIT_DATA_DIR, UNITS_FILE, read_lines
 
@@ -57,77 +62,104 @@ def _write_lines(path: Path, entries: List[dict]) -> None:
     write_atomic(path, write)
 
 
-def _convert(work: Path, store: Path, legacy: List[Path], read: Callable[[Path], dict], key: Callable) -> List[str]:
-    """Write ``store`` from the ``legacy`` files (in ``key`` order) and remove them; see the module's docstring for
-    a folder that holds both."""
+def _same_header(stored: dict, header: dict) -> bool:
+    """Whether a store's header holds what the old files hold (a fingerprint file already removed: not compared)."""
+    stored, header = stored[HEADER], header[HEADER]
+    return all(stored.get(k) == header.get(k) for k in header) and \
+        all(k in header for k in stored if k != 'fingerprint')
+
+
+def _check_held(work: Path, entries: List[dict], pairs: list, key: Callable) -> None:
+    """Refuse a store whose entries differ from the old layout's files left beside it."""
+    held: Dict = {key(e): e for e in entries}
+    differing = [f.name for f, e in pairs if held.get(key(e)) != e]
+    if differing:
+        raise UnitFileError(f'{work} holds both a store and files of the earlier layout that differ from it '
+                            f'({differing[:3]}{"..." if len(differing) > 3 else ""}); nothing was changed. Keep '
+                            'one of the two (move the other away) and migrate again.')
+
+
+def _convert(work: Path, store: Path, header: dict, legacy: List[Path], read: Callable[[Path], dict],
+             key: Callable) -> List[str]:
+    """Write ``store`` (``header``, then its units: those of a store without a header, or of the ``legacy`` files in
+    ``key`` order) and remove the ``legacy`` files; see the module's docstring for a folder that holds both."""
     pairs = sorted(((f, read(f)) for f in legacy), key=lambda pair: key(pair[1]))
-    if store.exists():
-        held: Dict = {key(e): e for _, e in read_lines(store)}
-        differing = [f.name for f, e in pairs if held.get(key(e)) != e]
-        if differing:
-            raise UnitFileError(f'{work} holds both {store.name} and files of the earlier layout that differ from it '
-                                f'({differing[:3]}{"..." if len(differing) > 3 else ""}); nothing was changed. Keep '
-                                'one of the two (move the other away) and migrate again.')
-        done = [f'{work}: finished an interrupted migration ({len(legacy)} old files left)']
+    lines = [e for _, e in read_lines(store)] if store.exists() else []
+    stored_header = lines.pop(0) if lines and is_header(lines[0]) else None
+    if stored_header is not None and not _same_header(stored_header, header):
+        raise UnitFileError(f'{store}:1 is a header that differs from {work}/{SETTINGS_FILE} and '
+                            f'{FINGERPRINT_FILE}; nothing was changed. Keep one of the two and migrate again.')
+    if lines or stored_header is not None:
+        _check_held(work, lines, pairs, key)
     else:
-        _write_lines(store, [e for _, e in pairs])
-        done = [f'{work}: {len(pairs)} file{"s" * (len(pairs) != 1)} -> {store.name}']
+        lines = [e for _, e in pairs]
+    if stored_header is None:
+        _write_lines(store, [header] + lines)
     for f in legacy:
         f.unlink()
-    return done
+    n = len(pairs) or len(lines)
+    what = f'{n} {"file" if pairs else "unit"}{"s" * (n != 1)}{" of one per unit" if pairs else ""}'
+    return [f'{work}: {what} and {SETTINGS_FILE} -> {store.name} (version 3: settings and fingerprints in its header)'
+            if stored_header is None else f'{work}: finished an interrupted migration']
 
 
-def _migrate_units(work: Path) -> List[str]:
+def _legacy_units(work: Path) -> List[Path]:
+    """The unit files of a ``units/`` folder (refused when it holds files that are no units)."""
     units = work / LEGACY_UNITS_DIR
     if not units.is_dir():
         return []
-    files = sorted(p for p in units.iterdir())
-    binary = [p for p in files if p.suffix == '.safetensors']
-    other = [p for p in files if p.suffix != '.json' and p not in binary and '.tmp' not in p.name]
+    files = sorted(units.iterdir())
+    other = [p for p in files if p.suffix not in ('.json', '.safetensors') and '.tmp' not in p.name]
     if other:
         raise UnitFileError(f'{units} holds files that are no units ({[p.name for p in other][:3]}); move them away '
                             'and migrate again (nothing was changed).')
-    done = _convert(work, work / UNITS_FILE, [p for p in files if p.suffix == '.json'], _legacy_unit,
-                    lambda e: (e['batching'], e['index']))
-    for p in binary:  # adversarial images and stage checkpoints
-        (work / UNIT_DATA_DIR).mkdir(exist_ok=True)
-        os.replace(p, work / UNIT_DATA_DIR / p.name)
-    for p in units.iterdir():  # the leftovers of atomic writes a kill interrupted: never results
-        p.unlink()
+    return [p for p in files if p.suffix == '.json']
+
+
+def _remove_units_dir(work: Path) -> None:
+    """Move adversarial images and stage checkpoints to ``unit_data/``, drop the leftovers of interrupted atomic
+    writes (never results), and remove the ``units/`` folder."""
+    units = work / LEGACY_UNITS_DIR
+    if not units.is_dir():
+        return
+    for p in sorted(units.iterdir()):
+        if p.suffix == '.safetensors':
+            (work / UNIT_DATA_DIR).mkdir(exist_ok=True)
+            os.replace(p, work / UNIT_DATA_DIR / p.name)
+        else:
+            p.unlink()
     units.rmdir()
-    return done
-
-
-def _migrate_poison(work: Path) -> List[str]:
-    legacy = sorted(work.glob('batch_*.json'))
-    if not legacy:
-        return []
-    return _convert(work, work / POISON_FILE, legacy, _legacy_poison_batch, lambda e: e['index'])
-
-
-def _migrate_settings(work: Path) -> List[str]:
-    path = work / 'settings.json'
-    text = path.read_text()
-    stored = json.loads(text)
-    upgraded = upgrade_settings(stored)  # a newer schema: refused
-    if upgraded == stored:
-        return []
-    write_text_atomic(path, json.dumps(upgraded, indent=2 if '\n' in text.strip() else None))
-    return [f'{path}: settings schema {stored.get("schema_version", 1)} -> {upgraded["schema_version"]}']
 
 
 def migrate_work_folder(work: Path) -> List[str]:
-    """Convert one work folder (it holds a ``settings.json``); returns what was done (empty: already current)."""
+    """Convert one work folder (it holds a ``settings.json``: versions 1 and 2) to version 3; returns what was done
+    (empty: already current)."""
     work = Path(work)
+    if not (work / SETTINGS_FILE).exists():
+        read_run_settings(work)  # version 3 already (a newer schema: refused)
+        return []
     with run_lock(work, 'folder'):  # never under a run that is writing it
-        upgrade_settings(json.loads((work / 'settings.json').read_text()))  # a newer schema: refused before anything
-        return _migrate_units(work) + _migrate_poison(work) + _migrate_settings(work)
+        if not (work / SETTINGS_FILE).exists():
+            return []
+        settings = read_settings(work / SETTINGS_FILE)  # a newer schema: refused before anything
+        fp = work / FINGERPRINT_FILE
+        header = make_header(settings, json.loads(fp.read_text()) if fp.exists() else None)
+        batches = sorted(work.glob('batch_*.json'))
+        if batches or (work / POISON_FILE).exists():
+            done = _convert(work, work / POISON_FILE, header, batches, _legacy_poison_batch, lambda e: e['index'])
+        else:
+            done = _convert(work, work / UNITS_FILE, header, _legacy_units(work), _legacy_unit,
+                            lambda e: (e['batching'], e['index']))
+            _remove_units_dir(work)
+        for f in old_files(work):  # settings.json last: it marks a folder still to convert
+            f.unlink()
+        return done
 
 
 def _is_work_folder(folder: Path) -> bool:
     """A run's work folder: its settings and its units (either layout) or fingerprints."""
-    names = (LEGACY_UNITS_DIR, UNITS_FILE, POISON_FILE, 'fingerprint.json')
-    return (folder / 'settings.json').is_file() and (any((folder / name).exists() for name in names)
+    names = (LEGACY_UNITS_DIR, UNITS_FILE, POISON_FILE, FINGERPRINT_FILE)
+    return (folder / SETTINGS_FILE).is_file() and (any((folder / name).exists() for name in names)
                                                      or any(folder.glob('batch_*.json')))
 
 
@@ -136,7 +168,8 @@ def migrate_folder(folder: Path) -> List[str]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f'{folder} is not a folder')
-    works = sorted(p.parent for p in folder.rglob('settings.json') if _is_work_folder(p.parent))
+    works = sorted({p.parent for p in folder.rglob(SETTINGS_FILE) if _is_work_folder(p.parent)}
+                   | {p.parent for name in STORES for p in folder.rglob(name)})
     done = []
     for work in works:
         done += migrate_work_folder(work)

@@ -38,7 +38,6 @@ only up to the optimiser finding the relaxed optimum, reported beside the realis
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import numbers
 from dataclasses import asdict, dataclass, field
@@ -51,10 +50,10 @@ from tqdm import tqdm
 from ..attacks import check_count, check_eps, check_flag, check_images, option_label, project, random_init
 from ..attacks._ball import NORMS
 from ..report import markdown_table
-from ..runfiles import write_text_atomic
 from .run_folder import data_fingerprint, model_fingerprint
-from .settings_schema import comparable, read_settings, stamp
-from .unit_store import read_poison_batches, write_poison_batch
+from .run_header import make_header, read_run_settings
+from .settings_schema import comparable
+from .unit_store import POISON_FILE, read_poison_batches, write_header, write_poison_batch
 
 __all__ = ['POISON_FRACTIONS', 'POISON_OBJECTIVES', 'PoisonConfig', 'poison_counts', 'poison_batch', 'run_poisoning',
            'poisoning_table']
@@ -520,7 +519,7 @@ def run_poisoning(target: Callable, gradient_views: Dict[str, Callable], x: torc
                 'attack': cfg.strength(),
                 'model_sha256': model_fingerprint(getattr(target, 'model', target)),
                 'data_sha256': data_fingerprint(x, y)}
-    _check_settings(out / 'settings.json', settings)
+    _check_settings(out, settings)
     strength = {k: v for k, v in cfg.to_dict().items() if k not in ('eps', 'norm', 'steps', 'seed')}
     radii = [(eps, True), (_unbounded_eps(x, norm), False)]
     batches = list(zip(x.split(batch_size), y.split(batch_size)))
@@ -541,20 +540,22 @@ def run_poisoning(target: Callable, gradient_views: Dict[str, Callable], x: torc
     return _aggregate(units, batch_size)
 
 
-def _check_settings(path: Path, settings: dict) -> None:
+def _check_settings(out: Path, settings: dict) -> None:
     """Refuse a folder of a poisoning run with other settings (any schema version this code reads); a new run
-    writes its settings with the current schema version."""
-    if path.exists():
-        found = comparable(read_settings(path))
+    writes its settings in the header of its batches file (:mod:`timm_hpm.eval.run_header`; they hold the model's
+    and the images' fingerprints)."""
+    stored = read_run_settings(out)
+    if stored is not None:
+        found = comparable(stored)
         if found != settings:
             changed = sorted(k for k in set(found) | set(settings) if found.get(k) != settings.get(k))
             if 'attack' in changed and isinstance(found.get('attack'), dict):
                 changed += sorted(f'attack.{k}' for k in set(found['attack']) | set(settings['attack'])
                                   if found['attack'].get(k) != settings['attack'].get(k))
-            raise ValueError(f'{path.parent} holds a poisoning run with other settings ({", ".join(changed)}); use '
+            raise ValueError(f'{out} holds a poisoning run with other settings ({", ".join(changed)}); use '
                              'another --out folder (its results are never overwritten).')
     else:
-        write_text_atomic(path, json.dumps(stamp(settings), indent=2))
+        write_header(out / POISON_FILE, make_header(settings))
 
 
 def _aggregate(units: Iterable[dict], batch_size: int) -> List[dict]:

@@ -8,7 +8,8 @@ from typing import Dict, List, Optional
 import torch
 
 from ..report import markdown_table
-from .settings_schema import as_recorded, read_settings
+from .run_header import read_run_settings
+from .settings_schema import as_recorded
 from .unit_store import read_units
 from .stages import AUTOATTACK, candidate_stage, is_per_sample_union, stage_order
 
@@ -84,7 +85,10 @@ def _aggregate_batching(units: List[dict], settings: dict, sample_robust: torch.
 def aggregate(run_dir: Path, metadata: Optional[dict] = None) -> dict:
     """The result of a run, from its unit files (identical whatever the number of processes or restarts)."""
     run_dir = Path(run_dir)
-    settings = as_recorded(read_settings(run_dir / 'settings.json'))  # as the run recorded them
+    stored = read_run_settings(run_dir)
+    if stored is None:
+        raise FileNotFoundError(f'{run_dir} holds no evaluation run (no header in its units file, no settings.json)')
+    settings = as_recorded(stored)  # as the run recorded them
     n = settings['n_examples']
     sample_robust_any_batching = torch.ones(n, dtype=torch.bool)
     totals = {'forward_images': 0, 'backward_images': 0, 'seconds': 0.0}

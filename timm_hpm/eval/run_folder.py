@@ -1,6 +1,6 @@
-"""An evaluation's run folder: its settings (with their schema version), its fingerprints, its finished units
-(one append-only JSON Lines file, :mod:`timm_hpm.eval.unit_store`), and the finished units of other runs that a run
-may reuse (``extend_from``)."""
+"""An evaluation's run folder: one append-only JSON Lines file (:mod:`timm_hpm.eval.unit_store`) that starts with
+the run's settings (with their schema version) and fingerprints (its header: :mod:`timm_hpm.eval.run_header`),
+then its finished units; and the finished units of other runs that a run may reuse (``extend_from``)."""
 from __future__ import annotations
 
 import hashlib
@@ -8,16 +8,17 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from ..runfiles import write_atomic, write_text_atomic
 from .msa import MSAConfig
-from .settings_schema import comparable, read_settings, settings_as_run, stamp
+from .run_header import make_header, read_run_fingerprint, read_run_settings
+from .settings_schema import comparable, settings_as_run
 from .unit_checks import CHECKED_FIELDS, UNIT_KEYS, UnitFileError, check_unit, load_unit, read_unit_fields
-from .unit_store import adversarial_path, read_units, write_unit
+from .unit_store import UNITS_FILE, adversarial_path, read_units, write_header, write_unit
 
 __all__ = ['write_json_atomic', 'load_unit', 'read_unit_fields', 'check_unit', 'UnitFileError',
            'model_fingerprint', 'data_fingerprint', 'adversarial_path', 'read_units', 'write_unit',
@@ -105,55 +106,60 @@ def data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
 def check_settings(run_dir: Path, protocol: str, batch_size: int, batchings: Sequence[str], n: int, amp: bool,
                    cfg: MSAConfig, process_index: int) -> dict:
     """The run's settings; a folder that holds a run with other settings is refused, never overwritten. The
-    options are checked (:meth:`MSAConfig.validate`) before anything is written."""
+    options are checked (:meth:`MSAConfig.validate`) before anything is written. A new run's settings are written
+    by :func:`check_fingerprint` (given them), in the header of its units file with the fingerprints."""
     if not isinstance(cfg, MSAConfig):
         raise ValueError(f'cfg must be an MSAConfig, got {type(cfg).__name__}')
     cfg.validate()
     settings = dict(protocol=protocol, batch_size=batch_size, batchings=list(batchings), n_examples=n, amp=amp,
                     msa=cfg.to_dict())
-    settings_path = run_dir / 'settings.json'
-    if settings_path.exists():
-        previous = comparable(read_settings(settings_path))
+    stored = read_run_settings(run_dir)
+    if stored is not None:
+        previous = comparable(stored)
         if previous != settings:
             raise ValueError(f'{run_dir} holds a run with other settings ({previous}); use a new --out folder or '
                              'the same settings to resume.')
-    elif process_index == 0:
-        write_json_atomic(settings_path, stamp(settings))
     return settings
 
 
-def check_fingerprint(run_dir: Path, model: nn.Module, x: torch.Tensor, y: torch.Tensor, write: bool) -> dict:
-    """The fingerprints of the model and the images; a folder that holds a run of others is refused."""
+def check_fingerprint(run_dir: Path, model: nn.Module, x: torch.Tensor, y: torch.Tensor, write: bool,
+                      settings: Optional[dict] = None) -> dict:
+    """The fingerprints of the model and the images; a folder that holds a run of others is refused. ``write``
+    (the main process of a run that computes): a new run's header is written with ``settings`` (what
+    :func:`check_settings` returned)."""
     fingerprint = dict(model=model_fingerprint(model), data=data_fingerprint(x, y))
-    path = run_dir / 'fingerprint.json'
-    if path.exists():
-        previous = json.loads(path.read_text())
+    previous = read_run_fingerprint(run_dir)
+    if previous is not None:
         for key, what in (('model', 'another model (other weights or head options)'), ('data', 'other images')):
             if previous.get(key) != fingerprint[key]:
                 raise ValueError(f'{run_dir} holds a run of {what}; use a new folder (--out) to evaluate this one.')
-    elif write:
-        write_json_atomic(path, fingerprint)
+    elif write and read_run_settings(run_dir) is None:  # a new run (a run of an earlier version: never rewritten)
+        if settings is None:
+            raise ValueError(f'{run_dir}: a new run needs its settings (check_settings) to write its header.')
+        write_header(Path(run_dir) / UNITS_FILE, make_header(settings, fingerprint))
     return fingerprint
 
 
 def _extendable(source: Path, settings: dict, model_fp: str) -> tuple:
     """``(run folder, its settings, its fingerprints)`` of a run this one may extend; refused (an error) when it
-    is no run folder, has other settings (but for ``n_examples`` and ``batchings``) or evaluated another model."""
-    if not (source / 'settings.json').exists() and (source / 'attack' / 'settings.json').exists():
+    is no run folder, has other settings (but for ``n_examples`` and ``batchings``) or evaluated another model.
+    Folders of every version are read (:mod:`timm_hpm.eval.run_header`)."""
+    if read_run_settings(source) is None and read_run_settings(source / 'attack') is not None:
         source = source / 'attack'  # the recipe's run folder
-    if not (source / 'settings.json').exists():
-        raise FileNotFoundError(f'{source} is not an evaluation run folder (no settings.json); pass the --out '
+    stored = read_run_settings(source)
+    if stored is None:
+        raise FileNotFoundError(f'{source} is not an evaluation run folder (no settings); pass the --out '
                                 'folder of an earlier run.')
-    previous = comparable(read_settings(source / 'settings.json'))
+    previous = comparable(stored)
     differences = sorted(k for k in set(previous) | set(settings)
                          if k not in ('n_examples', 'batchings') and previous.get(k) != settings.get(k))
     if differences:
         raise ValueError(f'cannot extend {source}: its settings differ in {differences}; only n_examples and '
                          'batchings may differ.')
-    if not (source / 'fingerprint.json').exists():
-        raise ValueError(f'cannot extend {source}: it has no fingerprint.json (it was made by an older version); '
-                         'resume it once with this version to write one, or start from scratch.')
-    previous_fp = json.loads((source / 'fingerprint.json').read_text())
+    previous_fp = read_run_fingerprint(source)
+    if previous_fp is None:
+        raise ValueError(f'cannot extend {source}: it has no fingerprints (it was made by an older version); '
+                         'start from scratch.')
     if previous_fp.get('model') != model_fp:
         raise ValueError(f'cannot extend {source}: it evaluated another model (other weights or head options).')
     return source, previous, previous_fp

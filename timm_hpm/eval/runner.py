@@ -9,7 +9,7 @@ run: a second, independent run into the folder fails at once, naming the holder.
 
 A run on more examples or batchings can start from the finished units of other runs (``extend_from``): a unit is
 reused when it covers exactly the same examples in the same batching with the same settings, model and images (both
-fingerprinted in ``<run_dir>/fingerprint.json``), which makes the result identical to a run from scratch.
+fingerprinted in the header of ``<run_dir>/units.jsonl``), which makes the result identical to a run from scratch.
 
 A run whose results are already written (``finished``: the recipe's eval.json) is only checked: the same settings,
 model and images, every unit there; nothing is computed or written, and a missing unit is an error (finished
@@ -72,7 +72,7 @@ def evaluate(
     model was fine-tuned from), attacked after the head's modes; their names are ``cfg.surrogate_models``.
     ``finished``: the run's results are already written (the recipe's eval.json): the folder is checked against this
     call (settings, model, images: an error when they differ, as for any run) and must hold every unit (an error
-    otherwise); nothing is computed, copied or written, not even a missing fingerprint.json."""
+    otherwise); nothing is computed, copied or written, not even a missing header."""
     num_classes = _check_inputs(model, x, y, cfg, protocol, batch_size, surrogate_models)
     surrogate_models = dict(surrogate_models or {})
     for warning in protocol_warnings(model, protocol):
@@ -83,7 +83,8 @@ def evaluate(
     # The other processes of this run share it (the caller starts them together; the recipe checks the lock first).
     with run_lock(run_dir, '--out') if process_index == 0 else contextlib.nullcontext():
         settings = check_settings(run_dir, protocol, batch_size, batchings, len(y), amp, cfg, process_index)
-        fingerprint = check_fingerprint(run_dir, model, x, y, write=process_index == 0 and not finished)
+        fingerprint = check_fingerprint(run_dir, model, x, y, write=process_index == 0 and not finished,
+                                        settings=settings)
         reusable = reusable_units(extend_from, settings, fingerprint['model'], x, y) \
             if extend_from and not finished else {}
         plan = make_batchings(len(y), batch_size, batchings, cfg.seed, labels=y)

@@ -1,8 +1,10 @@
-"""The schema version of a run folder's settings file (``attack/settings.json``, ``poison/settings.json``).
+"""The schema version of a run's settings (the header of its store, :mod:`timm_hpm.eval.run_header`; the
+``settings.json`` of earlier versions).
 
-Runs write ``"schema_version": SCHEMA_VERSION`` in their settings, so a reader knows what a file means instead of
-guessing it from which keys are there. A file without it is version 1 (written before versions were recorded) and
-is upgraded on reading by :func:`_upgrade_v1`, the one place that knows what those runs did; a file of a newer
+Runs record ``"schema_version": SCHEMA_VERSION`` with their settings, so a reader knows what they mean instead of
+guessing it from which keys are there. Settings without it are version 1 (written before versions were recorded)
+and are upgraded on reading by :func:`_upgrade_v1`, the one place that knows what those runs did; version 2 is the
+same settings in a ``settings.json`` file; version 3 keeps them in the header line of the run's store. A newer
 version than this code knows is refused. ``python -m timm_hpm.eval.migrate_runs`` writes the upgrade to disk, with
 the keys it filled in (``filled_by_upgrade``) so the run's settings as it recorded them are still known
 (:func:`as_recorded`: what eval.json embeds, identical before and after the upgrade).
@@ -13,11 +15,12 @@ import json
 from pathlib import Path
 from typing import List, Tuple
 
-__all__ = ['SCHEMA_VERSION', 'upgrade_settings', 'read_settings', 'comparable', 'as_recorded', 'stamp',
+__all__ = ['SCHEMA_VERSION', 'upgrade_settings', 'read_settings', 'comparable', 'as_recorded',
            'settings_as_run']
 
-#: 1: no version recorded (MSA v1 to v3 runs); 2: the version is recorded and every MSA option is explicit.
-SCHEMA_VERSION = 2
+#: 1: no version recorded (MSA v1 to v3 runs); 2: the version is recorded and every MSA option is explicit;
+#: 3: the same settings in the header line of the run's store instead of settings.json (and fingerprint.json).
+SCHEMA_VERSION = 3
 _META = ('schema_version', 'filled_by_upgrade')
 
 
@@ -49,7 +52,7 @@ def upgrade_settings(stored: dict) -> dict:
     if version == 1:
         settings, filled = _upgrade_v1(stored)
         return dict(settings, schema_version=SCHEMA_VERSION, **({'filled_by_upgrade': filled} if filled else {}))
-    return dict(stored)
+    return dict(stored, schema_version=SCHEMA_VERSION)  # 2 -> 3: where they are stored, not what they hold
 
 
 def read_settings(path: Path) -> dict:
@@ -74,11 +77,6 @@ def as_recorded(settings: dict) -> dict:
         section, name = key.split('.', 1)
         out[section] = {k: v for k, v in out[section].items() if k != name}
     return out
-
-
-def stamp(settings: dict) -> dict:
-    """``settings`` as a new run writes them: with the current schema version."""
-    return dict(settings, schema_version=SCHEMA_VERSION)
 
 
 def settings_as_run(previous: dict) -> dict:

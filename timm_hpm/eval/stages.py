@@ -41,7 +41,7 @@ def is_per_sample_union(name: str) -> bool:
 
 def stage_order(settings: dict, stages: Iterable[str]) -> List[str]:
     """MSA's stages (those in ``stages``) in the order they run: AutoAttack on the target, the surrogates as
-    configured (``settings``: a run's settings.json), then the combinations; any other stage after them, sorted."""
+    configured (``settings``: a run's settings), then the combinations; any other stage after them, sorted."""
     stages = list(stages)
     msa = settings.get('msa', {})
     ran = [AUTOATTACK] + list(msa.get('surrogates', [])) + list(msa.get('surrogate_models', [])) + [COMBINED]

@@ -1,32 +1,36 @@
 """A run's finished units in one append-only JSON Lines file, so that a run folder holds a handful of files however
 many batches it has (one file per unit made results outnumber the code).
 
-``<run_dir>/units.jsonl`` (evaluation) and ``<out>/batches.jsonl`` (poisoning) hold one JSON object per line, one
-line per finished unit, in the order they finished. A line is written whole by one ``write`` under an exclusive
+``<run_dir>/units.jsonl`` (evaluation) and ``<out>/batches.jsonl`` (poisoning) hold one JSON object per line: the
+run's header first (its settings and fingerprints, written once when the run starts: :mod:`timm_hpm.eval.run_header`),
+then one line per finished unit, in the order they finished. A line is written whole by one ``write`` under an exclusive
 ``flock`` on the file (the processes of a sharded run append to the same file) and ``fsync``-ed before the next
 unit starts, so a kill loses at most the unit in flight. What a kill can leave is a partial last line: readers
 ignore it with a warning (that unit is recomputed) and the next append cuts it off. Any other unreadable or
 malformed line, or two lines for the same unit, is a :class:`UnitFileError` naming the file and line: such figures
 cannot be trusted and are never silently replaced.
 
-Folders of earlier versions (one JSON file per unit in ``<run_dir>/units/``, ``<out>/batch_<index>.json``) are read
-as they are (``--extend-from`` an old run, a finished old run checked); a run that would write into one is refused:
-``python -m timm_hpm.eval.migrate_runs <folder>`` converts it.
+Folders of earlier versions (one JSON file per unit in ``<run_dir>/units/``, ``<out>/batch_<index>.json``; a store
+without a header, its settings in ``settings.json``) are read as they are (``--extend-from`` an old run, a finished
+old run checked); a run that would write into one is refused: ``python -m timm_hpm.eval.migrate_runs <folder>``
+converts it.
 """
 from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 from ..runfiles import append_jsonl as append_line
 from ..runfiles import read_jsonl
+from .run_header import SETTINGS_FILE, is_header, read_header
 from .unit_checks import CHECKED_FIELDS, UNIT_KEYS, UnitFileError, UnitLine, check_unit, load_unit, read_unit_fields
 
 __all__ = ['UNITS_FILE', 'POISON_FILE', 'LEGACY_UNITS_DIR', 'UNIT_DATA_DIR', 'read_lines', 'append_line',
            'units_layout', 'read_units', 'missing_units', 'write_unit', 'adversarial_path',
-           'read_poison_batches', 'write_poison_batch', 'MIGRATE_HINT']
+           'read_poison_batches', 'write_poison_batch', 'write_header', 'MIGRATE_HINT']
 
 _logger = logging.getLogger(__name__)
 
@@ -47,7 +51,12 @@ def read_lines(path: Path) -> List[Tuple[UnitLine, dict]]:
 def _read_keyed(path: Path, key: Callable[[dict, UnitLine], Hashable]) -> Dict[Hashable, dict]:
     """The entries of ``path`` by ``key`` (which checks them); two lines for one key are a :class:`UnitFileError`."""
     found: Dict[Hashable, Tuple[UnitLine, dict]] = {}
-    for where, entry in read_lines(path):
+    for number, (where, entry) in enumerate(read_lines(path), 1):
+        if is_header(entry):
+            if number == 1:
+                continue
+            raise UnitFileError(f'{where} is a header, but a header is only ever the first line, written once when '
+                                'the run starts (the file was edited or merged); restore it.')
         k = key(entry, where)
         if k in found:
             raise UnitFileError(f'{where} and {found[k][0]} both hold unit {k}: one unit is never computed twice, '
@@ -111,15 +120,39 @@ def missing_units(run_dir: Path, units: Sequence[tuple]) -> list:
             raise UnitFileError(f'{run_dir}: the unit of {b} batch {i} holds other images than this run\'s batch; '
                                 'the units file was edited or belongs to another run.')
     missing = [u for u in units if (u[0], u[1]) not in done]
-    if missing and units_layout(run_dir) == 'legacy':
-        raise UnitFileError(f'{run_dir} is a run folder of an earlier version (one file per unit in '
-                            f'{LEGACY_UNITS_DIR}/); convert it with {MIGRATE_HINT} {run_dir}, then resume.')
+    if missing and (units_layout(run_dir) == 'legacy' or (Path(run_dir) / SETTINGS_FILE).exists()):
+        raise UnitFileError(f'{run_dir} is a run folder of an earlier version (its settings in {SETTINGS_FILE}); '
+                            f'convert it with {MIGRATE_HINT} {run_dir}, then resume.')
     return missing
+
+
+def write_header(store: Path, header: dict) -> None:
+    """Start a run's store with its header line (:func:`timm_hpm.eval.run_header.make_header`); refused when the
+    store holds entries already (a partial line a kill left is cut off)."""
+    store = Path(store)
+    if store.exists() and read_lines(store):
+        raise UnitFileError(f'{store} holds entries but no header; it is no run of this version: use a new folder.')
+    append_line(store, header)
+
+
+def _append_after_header(store: Path, entry: dict, wait_s: float = 60.0) -> None:
+    """Append ``entry`` to a store that starts with its header. The main process writes the header before any
+    work, so another process of the run waits for it (up to ``wait_s``); a store of an earlier version is refused."""
+    if (store.parent / SETTINGS_FILE).exists():
+        raise UnitFileError(f'{store.parent} is a run folder of an earlier version (its settings in {SETTINGS_FILE}); '
+                            f'convert it with {MIGRATE_HINT} {store.parent}, then resume.')
+    deadline = time.monotonic() + wait_s
+    while read_header(store) is None:
+        if time.monotonic() > deadline:
+            raise UnitFileError(f'{store} has no header (the run\'s settings and fingerprints, written first); no unit '
+                                'is written before it.')
+        time.sleep(0.2)
+    append_line(store, entry)
 
 
 def write_unit(run_dir: Path, batching: str, index: int, unit: dict) -> None:
     """Append a finished unit to the run's units file (its batching and index first, then its fields)."""
-    append_line(Path(run_dir) / UNITS_FILE, {'batching': batching, 'index': index, **unit})
+    _append_after_header(Path(run_dir) / UNITS_FILE, {'batching': batching, 'index': index, **unit})
 
 
 def adversarial_path(run_dir: Path, batching: str, index: int) -> Path:
@@ -155,4 +188,4 @@ def write_poison_batch(out: Path, batch: dict) -> None:
     if any(out.glob('batch_*.json')):
         raise UnitFileError(f'{out} is a poisoning run of an earlier version (one file per batch); convert it with '
                             f'{MIGRATE_HINT} {out.parent}, then resume.')
-    append_line(out / POISON_FILE, batch)
+    _append_after_header(out / POISON_FILE, batch)
