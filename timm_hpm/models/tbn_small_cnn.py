@@ -72,6 +72,7 @@ default_cfgs = family_cfgs({
         file=str(SHIPPED_WEIGHTS / 'tbn_small_cnn.fmnist_pgdat.safetensors'),
         hf_hub_id=hub_id('tbn_small_cnn.fmnist_pgdat'),
         license='apache-2.0', num_classes=10, origin_url='recipes/configs/fashion_mnist_tbn.yaml',
+        paper_ids='arXiv:1901.08573',  # the architecture's paper (TRADES' SmallCNN); the defence is ours to test
         paper_name='test-time batch normalisation (batch-dependent) on TRADES\' SmallCNN'),
 })
 
