@@ -2,22 +2,19 @@
 timm_hpm.eval.run_header): written once, first, read back; folders of version 2 (settings.json and fingerprint.json
 beside the units) still read and converted by timm_hpm.eval.migrate_runs."""
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 from _units import header, to_v2
-from test_msa import FAST, small_hpm
+from test_run_store import CFG, _copy, finished  # noqa: F401  (finished: the fixture, shared)
 
-from timm_hpm.eval import MSAConfig, aggregate, evaluate, format_table
+from timm_hpm.eval import aggregate, evaluate, format_table
 from timm_hpm.eval import runner as runner_module
 from timm_hpm.eval import unit_store
 from timm_hpm.eval.migrate_runs import migrate_folder
 from timm_hpm.eval.run_header import read_run_fingerprint, read_run_settings
 from timm_hpm.eval.unit_checks import UnitFileError
 from timm_hpm.eval.unit_store import UNITS_FILE, read_units
-
-CFG = MSAConfig(eps=0.05, **FAST)
 
 
 def _strip(result):
@@ -30,18 +27,6 @@ def _files(folder: Path) -> list:
 
 def _snapshot(folder: Path) -> dict:
     return {name: (folder / name).read_bytes() for name in _files(folder)}
-
-
-@pytest.fixture(scope='module')
-def finished(tmp_path_factory):
-    """A finished 32-image run in batches of 16 (two units), and its result."""
-    model, x, y = small_hpm(n=32)
-    run = tmp_path_factory.mktemp('finished') / 'attack'
-    return model, x, y, run, evaluate(model, x, y, CFG, run, batch_size=16, progress=False)
-
-
-def _copy(finished, tmp_path, name='run'):
-    return Path(shutil.copytree(finished[3], tmp_path / name))
 
 
 def _count_calls(monkeypatch) -> list:

@@ -60,27 +60,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _architecture(name: str) -> str:
-    """The architecture a model name names (a local-dir: folder's config.json says it)."""
-    import json
-    if name.startswith('local-dir:'):
-        config = Path(name[len('local-dir:'):]) / 'config.json'
-        return json.loads(config.read_text()).get('architecture', '') if config.is_file() else ''
-    return name.split('.')[0]
-
-
 def load_model(name: str, checkpoint=None, pretrained: bool = True):
-    import timm
-
-    from timm_hpm.models import check_local_dir
-    kwargs = {}
-    if checkpoint:
-        if not Path(checkpoint).is_file():
-            raise SystemExit(f'--checkpoint {checkpoint}: no such file; give a safetensors or weights-only .pt file '
-                             "of --model's architecture.")
-        kwargs['pretrained_cfg_overlay'] = dict(file=str(checkpoint), source='file')
-    check_local_dir(name)
-    return timm.create_model(name, pretrained=pretrained, **kwargs).eval()
+    """``--model`` in eval mode (timm_hpm.benchmark puts a timm model's normalisation inside itself)."""
+    from timm_hpm.cli.evaluate import create_model
+    return create_model(name, checkpoint, pretrained).eval()
 
 
 def main(argv=None):

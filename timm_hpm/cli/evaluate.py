@@ -97,9 +97,14 @@ def parse_args(argv=None):
 
 
 def load_model(name: str, checkpoint=None, pretrained: bool = True):
+    from timm_hpm.attacks import normalized_view
+    return normalized_view(create_model(name, checkpoint, pretrained)).eval()  # attacks work on [0, 1] images
+
+
+def create_model(name: str, checkpoint=None, pretrained: bool = True):
+    """The timm model ``name`` (timm name, ``local-dir:``, ``hf-hub:``), ``checkpoint``'s weights loaded into it."""
     import timm
 
-    from timm_hpm.attacks import normalized_view
     from timm_hpm.models import check_local_dir
     kwargs = {}
     if checkpoint:
@@ -110,8 +115,7 @@ def load_model(name: str, checkpoint=None, pretrained: bool = True):
         # its cfg's 'file' says (a local-dir: one failed, "not a directory"; an hf-hub: one took the Hub's weights)
         kwargs['pretrained_cfg_overlay'] = dict(file=str(checkpoint), source='file')
     check_local_dir(name)
-    model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    return normalized_view(model).eval()  # attacks work on [0, 1] images
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
 def surrogate_model_names(args) -> list:
