@@ -1,7 +1,7 @@
 """The table of finished benchmarks (``recipes/benchmark.py --out`` folders), from their benchmark.json files alone
 (``python -m timm_hpm.cli.benchmark_table``; a checkout's ``recipes/benchmark_table.py`` runs it).
 
-    python recipes/benchmark_table.py results/fashion_mnist/benchmark_tbn_250 \
+    python recipes/benchmark_table.py results/fashion_mnist/benchmark_tbn_full_250 \
         results/fashion_mnist/benchmark_tbn_running_250
 
 One row per benchmark: the batch-dependence verdict (and its largest logit change), the protocol that ran, clean
