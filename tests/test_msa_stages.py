@@ -46,6 +46,19 @@ def linear_problem(seed=0):
     return model, x, y
 
 
+def linear_hpm_problem(seed=0):
+    """The linear classifier with an HPM head (prototypes initialised from the batch, train mode), its batch and the
+    FC head's predictions as labels."""
+    torch.manual_seed(seed)
+    model = timm_hpm.convert_to_hpm(nn.Sequential(nn.Flatten(), nn.Linear(64, K)))
+    x = torch.rand(B, 1, 8, 8)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        y = model.hpm_head.fc_forward(feats).argmax(1)
+        model.hpm_head.init_prototypes_([(feats, y)])
+    return model, x, y
+
+
 def shift_only(model, counter, **cfg):
     """The target and a config under which no default stage runs (no AutoAttack, no surrogate)."""
     target = ModelView(model, None, counter, batch_dependent=False)
@@ -128,13 +141,7 @@ def test_the_default_stages_and_their_order():
     """AutoAttack on the target, then each surrogate in the configured order (the head's modes, then the other
     models); the names are those the unit files hold."""
     assert DEFAULT_STAGES == [AutoAttackStage, SurrogateStage]
-    torch.manual_seed(0)
-    model = timm_hpm.convert_to_hpm(nn.Sequential(nn.Flatten(), nn.Linear(64, K)))
-    x = torch.rand(B, 1, 8, 8)
-    with torch.no_grad():
-        feats = model.forward_features(x)
-        y = model.hpm_head.fc_forward(feats).argmax(1)
-        model.hpm_head.init_prototypes_([(feats, y)])
+    model, x, y = linear_hpm_problem()
     model.eval()
     counter = PassCounter()
     target = ModelView(model, 'dynamic', counter)
@@ -153,13 +160,7 @@ def test_the_default_stages_and_their_order():
 
 def test_an_extra_stage_reaches_the_runners_results(tmp_path, monkeypatch):
     """Through timm_hpm.eval.evaluate (the runner): the appended stage's candidates are in the run's figures."""
-    torch.manual_seed(0)
-    model = timm_hpm.convert_to_hpm(nn.Sequential(nn.Flatten(), nn.Linear(64, K)))
-    x = torch.rand(B, 1, 8, 8)
-    with torch.no_grad():
-        feats = model.forward_features(x)
-        y = model.hpm_head.fc_forward(feats).argmax(1)
-        model.hpm_head.init_prototypes_([(feats, y)])
+    model, x, y = linear_hpm_problem()
     cfg = MSAConfig(eps=0.3, autoattack=False, surrogates=('fc',), **FAST)
     DEFAULT_STAGES.append(ShiftStage)
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional, Tuple
 
 import torch
@@ -20,14 +20,6 @@ POISON_FRACTIONS = (0.01, 0.05, 0.10, 0.25)
 
 #: The objectives the attack ascends (see the module's docstring).
 POISON_OBJECTIVES = ('margin_sum', 'soft_count', 'top_m')
-
-#: The ``recipes/evaluate.py --protocol poison`` flag of each setting: a setting's error names both.
-CLI_FLAGS = {'eps': '--eps', 'norm': '--norm', 'steps': '--poison-steps', 'seed': '--seed',
-             'batch_size': '--batch-size', 'unbounded_steps': '--poison-unbounded-steps',
-             'restarts': '--poison-restarts', 'objectives': '--poison-objectives',
-             'target_classes': '--poison-target-classes', 'anneal': '--poison-anneal/--no-poison-anneal',
-             'top_m': '--poison-top-m', 'temperature': '--poison-temperature',
-             'feature_bound': '--poison-feature-bound/--no-poison-feature-bound'}
 
 
 @dataclass(frozen=True)
@@ -148,3 +140,13 @@ def poison_counts(batch_size: int) -> List[int]:
 def _unbounded_eps(x: torch.Tensor, norm: str) -> float:
     """The radius whose ball holds all of [0, 1]: 1 for Linf, the box's diagonal for L2."""
     return 1.0 if norm == 'Linf' else float(x[0].numel()) ** 0.5
+
+
+def _flag(f) -> str:
+    flag = f.metadata['flag']
+    return f"{flag}/--no-{flag[2:]}" if f.metadata.get('action') == 'boolean_optional' else flag
+
+
+#: The ``timm-hpm-evaluate --protocol poison`` flag of each setting (from the fields' metadata): a setting's error
+#: names both.
+CLI_FLAGS = {**{f.name: _flag(f) for f in fields(PoisonConfig) if 'flag' in f.metadata}, 'batch_size': '--batch-size'}

@@ -25,14 +25,17 @@ from typing import List, Optional
 from .settings_schema import SCHEMA_VERSION, comparable, read_settings, upgrade_settings
 from .unit_checks import UnitFileError
 
-__all__ = ['HEADER', 'SETTINGS_FILE', 'FINGERPRINT_FILE', 'STORES', 'is_header', 'make_header', 'read_header',
+__all__ = ['HEADER', 'SETTINGS_FILE', 'FINGERPRINT_FILE', 'UNITS_FILE', 'POISON_FILE', 'STORES',
+           'MIGRATE_HINT', 'is_header', 'make_header', 'read_header',
            'header_settings', 'store_of', 'read_run_settings', 'read_run_fingerprint', 'old_files']
 
 HEADER = 'header'
 SETTINGS_FILE = 'settings.json'
 FINGERPRINT_FILE = 'fingerprint.json'
-STORES = ('units.jsonl', 'batches.jsonl')  # an evaluation's, a poisoning run's
-_MIGRATE = 'python -m timm_hpm.eval.migrate_runs'
+UNITS_FILE, POISON_FILE = 'units.jsonl', 'batches.jsonl'  # the store of an evaluation, of a poisoning run
+STORES = (UNITS_FILE, POISON_FILE)
+#: What converts a folder of an earlier version (the errors that refuse one say it).
+MIGRATE_HINT = 'python -m timm_hpm.eval.migrate_runs'
 
 
 def is_header(entry: dict) -> bool:
@@ -98,7 +101,7 @@ def _header_of(work: Path) -> Optional[dict]:
     header = read_header(store) if store is not None else None
     if header is not None and (Path(work) / SETTINGS_FILE).exists():
         raise UnitFileError(f'{work} holds both a header in {store.name} and a {SETTINGS_FILE} of an earlier version '
-                            f'(an interrupted migration?); run {_MIGRATE} {work}.')
+                            f'(an interrupted migration?); run {MIGRATE_HINT} {work}.')
     return header
 
 

@@ -25,7 +25,7 @@ from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 from ..runfiles import append_jsonl as append_line
 from ..runfiles import read_jsonl
-from .run_header import SETTINGS_FILE, is_header, read_header
+from .run_header import MIGRATE_HINT, POISON_FILE, SETTINGS_FILE, UNITS_FILE, is_header, read_header
 from .unit_checks import CHECKED_FIELDS, UNIT_KEYS, UnitFileError, UnitLine, check_unit, load_unit, read_unit_fields
 
 __all__ = ['UNITS_FILE', 'POISON_FILE', 'LEGACY_UNITS_DIR', 'UNIT_DATA_DIR', 'read_lines', 'append_line',
@@ -34,12 +34,9 @@ __all__ = ['UNITS_FILE', 'POISON_FILE', 'LEGACY_UNITS_DIR', 'UNIT_DATA_DIR', 're
 
 _logger = logging.getLogger(__name__)
 
-UNITS_FILE = 'units.jsonl'
-POISON_FILE = 'batches.jsonl'
 LEGACY_UNITS_DIR = 'units'
 #: Binary per-unit files: adversarial images (``save_adversarial``) and the stage checkpoint of a unit in flight.
 UNIT_DATA_DIR = 'unit_data'
-MIGRATE_HINT = 'python -m timm_hpm.eval.migrate_runs'
 
 
 def read_lines(path: Path) -> List[Tuple[UnitLine, dict]]:
