@@ -36,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument('--runs', type=Path, default=Path('runs/study'), help='where the candidates are fine-tuned')
     p.add_argument('--only', nargs='*', help='candidates (names without /seed) to run; default all')
     p.add_argument('--device', default='cpu', choices=['cpu', 'auto'], help='the fine-tunes\' device')
+    p.add_argument('--jobs', type=int, default=1, metavar='N',
+                   help='fine-tunes at a time, each on cores/N threads, while the finished ones are scored')
     p.add_argument('--update', type=Path, default=None, metavar='README',
                    help="also write the table into that file's generated section 'heldout-study'")
     p.add_argument('--no-figure', action='store_true',
@@ -62,7 +64,9 @@ def main(argv=None):
             check_section(args.update, 'heldout-study')
         except ValueError as error:
             raise SystemExit(f'--update: {error}')
-    study = Study(yaml.safe_load(args.study.read_text()), args.out, args.runs, REPO, args.device)
+    if args.jobs < 1:
+        raise SystemExit(f'--jobs {args.jobs}: give 1 or more')
+    study = Study(yaml.safe_load(args.study.read_text()), args.out, args.runs, REPO, args.device, args.jobs)
     rows, table = run_study(study, args.study, args.only, 'python recipes/study.py ' + shlex.join(map(str, argv)),
                             figure=not args.no_figure)
     print(table)

@@ -3,7 +3,10 @@ the tables and the figure. Finished fine-tunes and scores are kept, so the same 
 from __future__ import annotations
 
 import json
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -43,12 +46,14 @@ def select(candidates: Sequence[Candidate], only: Optional[Sequence[str]], study
 
 @dataclass
 class Study:
-    """One study as the command sees it: its YAML, where it runs (``runs``), writes (``out``) and its settings."""
+    """One study as the command sees it: its YAML, where it runs (``runs``), writes (``out``), its settings and how
+    many fine-tunes run at a time (``jobs``)."""
     spec: dict
     out: Path
     runs: Path
     repo: Path
     device: str = 'cpu'
+    jobs: int = 1  # fine-tunes at a time (each on its share of the cores)
 
     def __post_init__(self):
         from ..train import load_config
@@ -92,9 +97,10 @@ class Study:
                 except (RunFolderError, ConfigError) as error:
                     raise SystemExit(f'error: {error}') from None
 
-    def model_of(self, c: Candidate):
-        """The candidate's model, fine-tuned first when it is not yet (or resumed), its inference options applied,
-        and the seconds its fine-tune took (None: none ran)."""
+    def model_of(self, c: Candidate, pending: Optional[dict] = None):
+        """The candidate's model, fine-tuned first when it is not yet (or resumed; or waited for, when its fine-tune
+        is one of ``pending``'s), its inference options applied, and the seconds its fine-tune took (None: none
+        ran)."""
         import timm
 
         import timm_hpm
@@ -105,7 +111,9 @@ class Study:
         else:
             run_dir, train_config = self.run_of(c)
             try:  # checked again: another process may have written the run since
-                seconds = finetune(train_config, run_dir, c.overrides, self.device, c.name)
+                started = (pending or {}).pop(run_dir, None)
+                seconds = (started.result() if started is not None
+                           else finetune(train_config, run_dir, c.overrides, self.device, c.name))
             except (RunFolderError, ConfigError) as error:
                 raise SystemExit(f'error: {error}') from None
             model = timm.create_model(f"local-dir:{run_dir / 'final'}", pretrained=True).eval()
@@ -120,20 +128,40 @@ class Study:
         return score_model(model, x, y, self.eps, self.norm, self.scoring, batch_size)
 
     def score_candidates(self, store: ScoreStore, keep: set) -> dict:
-        """name -> score of every candidate scored (before, or now when it is in ``keep``)."""
+        """name -> score of every candidate scored (before, or now when it is in ``keep``). What is made now goes
+        seed by seed (each candidate with its control), so a killed study has kept whole pairs; with ``jobs`` > 1
+        the fine-tunes run that many at a time while the finished ones are scored."""
         from tqdm import tqdm
-        scores = {}
-        for c in tqdm(self.candidates, desc='study candidates'):
-            definition = self.definition_of(c)
-            record = stored_score(store, c.name, definition)
-            if record is None and c.name in keep:
-                model, seconds = self.model_of(c)
+        todo = sorted((c for c in self.candidates if c.name in keep
+                       and stored_score(store, c.name, self.definition_of(c)) is None), key=lambda c: c.seed)
+        with self.fine_tunes(todo) as pending:
+            for c in tqdm(todo, desc='study candidates'):
+                model, seconds = self.model_of(c, pending)
                 record = self.score(model, c.eval_batch_size or self.batch_size)
-                record.update(train_seconds=seconds, candidate=c.name, definition=definition)
+                record.update(train_seconds=seconds, candidate=c.name, definition=self.definition_of(c))
                 store.add(c.name, record)
-            if record is not None:
-                scores[c.name] = record
-        return scores
+        return {c.name: store.get(c.name) for c in self.candidates if c.name in store}
+
+    @contextmanager
+    def fine_tunes(self, todo: Sequence[Candidate]):
+        """With ``jobs`` > 1: the fine-tunes ``todo`` needs, started ``jobs`` at a time in that order, each on its
+        share of the cores (run folder -> future of its seconds); else nothing is started ahead ({})."""
+        if self.jobs <= 1:
+            yield {}
+            return
+        threads = max(1, len(os.sched_getaffinity(0)) // self.jobs)
+        pending = {}
+        # threads, not processes: each fine-tune is a subprocess (timm_hpm.cli.finetune), the pool only waits on it
+        pool = ThreadPoolExecutor(max_workers=self.jobs)
+        try:
+            for c in todo:
+                run_dir, train_config = self.run_of(c)
+                if self.fine_tuned(c) and run_dir not in pending:
+                    pending[run_dir] = pool.submit(finetune, train_config, run_dir, c.overrides, self.device, c.name,
+                                                   threads)
+            yield pending
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def score_base(self, store: ScoreStore) -> Optional[dict]:
         """The base's score (the reference of inference-time candidates without a control), made when missing."""

@@ -3,6 +3,7 @@ for."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -53,12 +54,12 @@ def check_run(config: Path, run_dir: Path, overrides: Dict[str, Any], name: str 
             f'another name), or delete {run_dir} yourself (and the scores made from it) to fine-tune it again.')
 
 
-def finetune(config: Path, run_dir: Path, overrides: Dict[str, Any], device: str = 'cpu', name: str = ''
-             ) -> Optional[float]:
+def finetune(config: Path, run_dir: Path, overrides: Dict[str, Any], device: str = 'cpu', name: str = '',
+             threads: Optional[int] = None) -> Optional[float]:
     """Fine-tune with ``python -m timm_hpm.cli.finetune`` (what ``recipes/finetune.py`` runs) into ``run_dir``
     (resuming an interrupted run); seconds taken, or None when the run had finished before. A run already there is
     reused only with the configuration asked for (:func:`check_run`; ``name``, the candidate, names it in the
-    refusal)."""
+    refusal). ``threads``: the fine-tune's CPU threads (``OMP_NUM_THREADS``; None: torch's default, every core)."""
     from ..train.runs import run_finished
     check_run(config, run_dir, overrides, name)
     if run_finished(run_dir):
@@ -68,6 +69,7 @@ def finetune(config: Path, run_dir: Path, overrides: Dict[str, Any], device: str
     else:
         sets = _sets(overrides)
         cmd = ['--config', str(config), '--output-dir', str(run_dir)] + (['--set'] + sets if sets else [])
+    env = None if threads is None else {**os.environ, 'OMP_NUM_THREADS': str(threads), 'MKL_NUM_THREADS': str(threads)}
     tic = time.time()
-    subprocess.run([sys.executable, '-m', 'timm_hpm.cli.finetune', *cmd, '--device', device], check=True)
+    subprocess.run([sys.executable, '-m', 'timm_hpm.cli.finetune', *cmd, '--device', device], check=True, env=env)
     return round(time.time() - tic, 1)
