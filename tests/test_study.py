@@ -305,3 +305,37 @@ def test_the_study_recipe_end_to_end_and_resumes(tiny_study):
     (tiny_study / 'study.yaml').write_text(yaml.safe_dump(changed))
     refused = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert refused.returncode != 0 and 'rename the candidate' in refused.stderr
+
+
+def test_jobs_run_the_fine_tunes_side_by_side_and_score_seed_by_seed(tiny_study):
+    study = yaml.safe_load((tiny_study / 'study.yaml').read_text())
+    study.update(seeds=[0, 1], candidates={'hpm': {}})
+    (tiny_study / 'study.yaml').write_text(yaml.safe_dump(study))
+    cmd = [sys.executable, str(ROOT / 'recipes' / 'study.py'), '--study', str(tiny_study / 'study.yaml'),
+           '--out', str(tiny_study / 'out'), '--runs', str(tiny_study / 'runs'), '--no-figure']
+    bad = subprocess.run(cmd + ['--jobs', '0'], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert bad.returncode != 0 and '--jobs 0: give 1 or more' in bad.stderr
+    done = subprocess.run(cmd + ['--jobs', '2'], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    scores = read_scores(tiny_study / 'out' / 'scores.jsonl')
+    # made seed by seed, each candidate after its control: a kill keeps whole pairs
+    assert list(scores) == ['control_1/seed0', 'hpm/seed0', 'control_1/seed1', 'hpm/seed1']
+    assert all(s['train_seconds'] > 0 for s in scores.values())
+    runs = {name: tiny_study / 'runs' / name for name in scores}
+    # side by side: hpm/seed0's fine-tune began (its config.yaml) before its control's had finished (its weights)
+    started = (runs['hpm/seed0'] / 'config.yaml').stat().st_mtime
+    assert started < (runs['control_1/seed0'] / 'final' / 'model.safetensors').stat().st_mtime
+    again = subprocess.run(cmd + ['--jobs', '2'], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0 and read_scores(tiny_study / 'out' / 'scores.jsonl') == scores  # nothing redone
+
+
+def test_a_fine_tune_is_given_its_share_of_the_threads(tmp_path, monkeypatch):
+    from timm_hpm.study import runs
+    seen = []
+    monkeypatch.setattr(runs.subprocess, 'run', lambda cmd, check, env: seen.append((cmd, env)))
+    config = ROOT / 'recipes' / 'configs' / 'test_synthetic.yaml'
+    runs.finetune(config, tmp_path / 'a', {'train.max_steps': 1}, threads=3)
+    runs.finetune(config, tmp_path / 'b', {'train.max_steps': 1})
+    assert seen[0][1]['OMP_NUM_THREADS'] == '3' and seen[0][1]['MKL_NUM_THREADS'] == '3'
+    assert seen[1][1] is None  # torch's default: every core
+    assert seen[0][0][-6:] == ['--output-dir', str(tmp_path / 'a'), '--set', 'train.max_steps=1', '--device', 'cpu']
