@@ -3,6 +3,7 @@ single-file score store (round trip, resume after a truncated line, the earlier 
 recipes/study.py end to end on a tiny budget."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -320,7 +321,9 @@ def test_jobs_run_the_fine_tunes_side_by_side_and_score_seed_by_seed(tiny_study)
     scores = read_scores(tiny_study / 'out' / 'scores.jsonl')
     # made seed by seed, each candidate after its control: a kill keeps whole pairs
     assert list(scores) == ['control_1/seed0', 'hpm/seed0', 'control_1/seed1', 'hpm/seed1']
-    assert all(s['train_seconds'] > 0 for s in scores.values())
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert all(s['train_seconds'] > 0 and s['score_seconds'] > 0 and s['jobs'] == 2 and s['train_threads'] == threads
+               for s in scores.values())  # the cost as this machine ran it
     runs = {name: tiny_study / 'runs' / name for name in scores}
     # side by side: hpm/seed0's fine-tune began (its config.yaml) before its control's had finished (its weights)
     started = (runs['hpm/seed0'] / 'config.yaml').stat().st_mtime

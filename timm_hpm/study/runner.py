@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -67,6 +68,11 @@ class Study:
         self.attack = scoring_config(self.eps, self.norm, self.scoring).to_dict()
         self.batch_size = self.scoring.get('batch_size', 250)
         self._images = None
+
+    @property
+    def threads(self) -> Optional[int]:
+        """Each fine-tune's CPU threads with ``jobs`` > 1 (its share of the cores); None: torch's default."""
+        return max(1, len(os.sched_getaffinity(0)) // self.jobs) if self.jobs > 1 else None
 
     def definition_of(self, c: Candidate) -> dict:
         return dict(kind=c.kind, overrides=c.overrides, model=c.model, hpm=c.hpm, run=c.run,
@@ -137,8 +143,12 @@ class Study:
         with self.fine_tunes(todo) as pending:
             for c in tqdm(todo, desc='study candidates'):
                 model, seconds = self.model_of(c, pending)
+                tic = time.time()
                 record = self.score(model, c.eval_batch_size or self.batch_size)
-                record.update(train_seconds=seconds, candidate=c.name, definition=self.definition_of(c))
+                # the cost, as this machine ran it: seconds (wall) of the fine-tune (None: made before) and the
+                # scoring, and how many fine-tunes shared the cores (each on train_threads threads; None: all)
+                record.update(train_seconds=seconds, score_seconds=round(time.time() - tic, 1), jobs=self.jobs,
+                              train_threads=self.threads, candidate=c.name, definition=self.definition_of(c))
                 store.add(c.name, record)
         return {c.name: store.get(c.name) for c in self.candidates if c.name in store}
 
@@ -149,7 +159,6 @@ class Study:
         if self.jobs <= 1:
             yield {}
             return
-        threads = max(1, len(os.sched_getaffinity(0)) // self.jobs)
         pending = {}
         # threads, not processes: each fine-tune is a subprocess (timm_hpm.cli.finetune), the pool only waits on it
         pool = ThreadPoolExecutor(max_workers=self.jobs)
@@ -158,7 +167,7 @@ class Study:
                 run_dir, train_config = self.run_of(c)
                 if self.fine_tuned(c) and run_dir not in pending:
                     pending[run_dir] = pool.submit(finetune, train_config, run_dir, c.overrides, self.device, c.name,
-                                                   threads)
+                                                   self.threads)
             yield pending
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
