@@ -4,8 +4,10 @@ recipes/study.py end to end on a tiny budget."""
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -332,13 +334,37 @@ def test_jobs_run_the_fine_tunes_side_by_side_and_score_seed_by_seed(tiny_study)
     assert again.returncode == 0 and read_scores(tiny_study / 'out' / 'scores.jsonl') == scores  # nothing redone
 
 
-def test_a_fine_tune_is_given_its_share_of_the_threads(tmp_path, monkeypatch):
+def test_a_fine_tune_gets_its_share_of_the_threads_and_is_stopped_with_the_study(tmp_path, monkeypatch):
+    import threading
+    import types
+
     from timm_hpm.study import runs
-    seen = []
-    monkeypatch.setattr(runs.subprocess, 'run', lambda cmd, check, env: seen.append((cmd, env)))
+    fake = tmp_path / 'fake_python'  # stands in for the interpreter: records its environment, then runs 60 s
+    fake.write_text(f'#!/bin/sh\necho "$OMP_NUM_THREADS $MKL_NUM_THREADS $*" >> {tmp_path}/calls\nexec sleep 60\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(runs, 'sys', types.SimpleNamespace(executable=str(fake)))
     config = ROOT / 'recipes' / 'configs' / 'test_synthetic.yaml'
-    runs.finetune(config, tmp_path / 'a', {'train.max_steps': 1}, threads=3)
-    runs.finetune(config, tmp_path / 'b', {'train.max_steps': 1})
-    assert seen[0][1]['OMP_NUM_THREADS'] == '3' and seen[0][1]['MKL_NUM_THREADS'] == '3'
-    assert seen[1][1] is None  # torch's default: every core
-    assert seen[0][0][-6:] == ['--output-dir', str(tmp_path / 'a'), '--set', 'train.max_steps=1', '--device', 'cpu']
+    outcome = {}
+
+    def run(name, threads):
+        try:
+            runs.finetune(config, tmp_path / name, {'train.max_steps': 1}, threads=threads)
+        except subprocess.CalledProcessError as error:
+            outcome[name] = error.returncode
+    workers = [threading.Thread(target=run, args=('a', 3)), threading.Thread(target=run, args=('b', None))]
+    for w in workers:
+        w.start()
+    while len(runs._running) < 2 or not (tmp_path / 'calls').exists() \
+            or len((tmp_path / 'calls').read_text().splitlines()) < 2:
+        time.sleep(0.05)
+    runs.stop_finetunes()  # what a stopped study does to the fine-tunes running beside it
+    for w in workers:
+        w.join(timeout=10)
+        assert not w.is_alive()
+    assert outcome == {'a': -signal.SIGINT, 'b': -signal.SIGINT} and not runs._running
+    calls = {line.split('--output-dir ')[1].split()[0]: line
+             for line in (tmp_path / 'calls').read_text().splitlines()}
+    assert calls[str(tmp_path / 'a')] == (f"3 3 -m timm_hpm.cli.finetune --config {config} --output-dir "
+                                          f"{tmp_path / 'a'} --set train.max_steps=1 --device cpu")
+    omp, mkl = os.environ.get('OMP_NUM_THREADS', ''), os.environ.get('MKL_NUM_THREADS', '')
+    assert calls[str(tmp_path / 'b')].startswith(f'{omp} {mkl} -m ')  # None: the environment as it is

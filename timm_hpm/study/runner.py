@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 
 from .candidates import Candidate, expand_study
 from .report import plot_study, ranking_text, seed_summary, study_rows, study_table
-from .runs import check_run, finetune
+from .runs import check_run, finetune, stop_finetunes
 from .scoring import held_out, score_model, scoring_config
 from .store import ScoreStore
 
@@ -169,6 +169,10 @@ class Study:
                     pending[run_dir] = pool.submit(finetune, train_config, run_dir, c.overrides, self.device, c.name,
                                                    self.threads)
             yield pending
+        except BaseException:  # stopped (an error, Ctrl-C, SIGTERM): the fine-tunes running beside end too
+            pool.shutdown(wait=False, cancel_futures=True)
+            stop_finetunes()
+            raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-__all__ = ['run_config', 'check_run', 'finetune']
+__all__ = ['run_config', 'check_run', 'finetune', 'stop_finetunes']
+
+_running: set = set()  # the fine-tunes running now (subprocesses), for stop_finetunes
 
 
 def _sets(overrides: Dict[str, Any]) -> List[str]:
@@ -71,5 +74,22 @@ def finetune(config: Path, run_dir: Path, overrides: Dict[str, Any], device: str
         cmd = ['--config', str(config), '--output-dir', str(run_dir)] + (['--set'] + sets if sets else [])
     env = None if threads is None else {**os.environ, 'OMP_NUM_THREADS': str(threads), 'MKL_NUM_THREADS': str(threads)}
     tic = time.time()
-    subprocess.run([sys.executable, '-m', 'timm_hpm.cli.finetune', *cmd, '--device', device], check=True, env=env)
+    with subprocess.Popen([sys.executable, '-m', 'timm_hpm.cli.finetune', *cmd, '--device', device], env=env) as proc:
+        _running.add(proc)
+        try:
+            code = proc.wait()
+        finally:  # an interrupt in this thread ends the fine-tune (it resumes from its last checkpoint)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+            _running.discard(proc)
+    if code:
+        raise subprocess.CalledProcessError(code, proc.args)
     return round(time.time() - tic, 1)
+
+
+def stop_finetunes() -> None:
+    """Interrupt the fine-tunes this process runs in other threads (a study with ``--jobs``, stopped): each resumes
+    from its last checkpoint when the study is run again."""
+    for proc in list(_running):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
