@@ -35,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument('--out', type=Path, required=True, help='folder for study.json/.md/.png and the per-image scores')
     p.add_argument('--runs', type=Path, default=Path('runs/study'), help='where the candidates are fine-tuned')
     p.add_argument('--only', nargs='*', help='candidates (names without /seed) to run; default all')
+    p.add_argument('--report-only', action='store_true',
+                   help='fine-tune and score nothing: write the tables and figures from the finished scores')
     p.add_argument('--device', default='cpu', choices=['cpu', 'auto'], help='the fine-tunes\' device')
     p.add_argument('--jobs', type=int, default=1, metavar='N',
                    help='fine-tunes at a time, each on cores/N threads, while the finished ones are scored')
@@ -68,7 +70,7 @@ def main(argv=None):
         raise SystemExit(f'--jobs {args.jobs}: give 1 or more')
     study = Study(yaml.safe_load(args.study.read_text()), args.out, args.runs, REPO, args.device, args.jobs)
     rows, table = run_study(study, args.study, args.only, 'python recipes/study.py ' + shlex.join(map(str, argv)),
-                            figure=not args.no_figure)
+                            figure=not args.no_figure, report_only=args.report_only)
     print(table)
     if args.update is not None:
         update_section(args.update, 'heldout-study', table)

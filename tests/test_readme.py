@@ -126,11 +126,13 @@ def test_the_heldout_study_table_is_the_committed_study():
     section = re.search(r'<!-- heldout-study:start -->\n(.*?)\n<!-- heldout-study:end -->', readme, re.S).group(1)
     study = STUDY_DIR / 'results' / 'study'
     assert section == (study / 'study.md').read_text().strip()
-    rows = json.loads((study / 'study.json').read_text())['rows']
-    table = [line for line in section.splitlines() if line.startswith('|')]
-    assert [line.split(' | ')[0].lstrip('| ') for line in table[2:]] == [r['name'] for r in rows]
-    assert '![held-out study](results/study/study.png)' in readme
-    assert (study / 'study.png').stat().st_size > 0
+    result = json.loads((study / 'study.json').read_text())
+    table = [line for line in section.split('\n\n')[0].splitlines() if line.startswith('|')]
+    assert [line.split(' | ')[0].lstrip('| ') for line in table[2:]] == [r['name'] for r in result['rows']]
+    from timm_hpm.study.report import cost_table
+    assert section.endswith(cost_table(result['cost']))  # what the budgets cost, from the scores' records
+    for figure in ('study.png', 'study_budget.png'):
+        assert f'](results/study/{figure})' in readme and (study / figure).stat().st_size > 0
 
 
 def test_the_benchmark_table_is_the_committed_benchmarks():

@@ -20,6 +20,7 @@ from timm_hpm.attacks import normalized_view
 from timm_hpm.report import mean_difference, paired, paired_difference
 from timm_hpm.study import (ScoreStore, expand_study, held_out, ranking_text, read_scores, seed_summary, study_rows,
                             study_table)
+from timm_hpm.study.report import budget_trend, cost_rows, cost_table, plot_budget
 from timm_hpm.train import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,6 +125,40 @@ def test_seed_summary_averages_each_image_over_the_seeds_against_closed_forms():
     assert ranking_text([]) == ''
     with pytest.raises(ValueError, match='different numbers of images'):
         seed_summary(cands, {**scores, 'hpm/seed1': score([1, 1, 0])})
+
+
+
+def test_the_budget_trend_and_the_cost_read_only_budget_candidates_against_closed_forms(tmp_path):
+    cands = expand_study({**STUDY, 'candidates': {'hpm': {}, 'steps_8': {'train.max_steps': 8, 'seeds': [0]},
+                                                  'head': {'train.trainable': 'head', 'seeds': [0]},
+                                                  'hpm_b8': {'model_of': 'hpm', 'eval_batch_size': 8}}})
+
+    def score(robust, train=None, scoring=None, jobs=None):
+        s = {'robust': robust, 'robust_acc': sum(robust) / len(robust), 'clean_acc': 0.9, 'train_seconds': train}
+        return {**s, **({'score_seconds': scoring} if scoring else {}), **({'jobs': jobs} if jobs else {})}
+    scores = {'control_2/seed0': score([1, 1, 0, 0], 60, 120, 2), 'control_2/seed1': score([1, 1, 1, 0], 180),
+              'hpm/seed0': score([1, 0, 1, 1], 120, 60, 2), 'hpm/seed1': score([1, 1, 0, 0]),
+              'control_8/seed0': score([1, 1, 1, 1], 600, 30, 1), 'steps_8/seed0': score([1, 1, 1, 0], 300, 90, 1),
+              'head/seed0': score([0, 0, 0, 1], 999, 999, 1), 'control_2_trainable-head/seed0': score([0] * 4, 999),
+              'hpm_b8/seed0': score([1, 1, 1, 1], None, 999, 1)}
+    summary = seed_summary(cands, scores)
+    trend = budget_trend(cands, summary)
+    # only HPM's configuration with its budget changed: not another option (head), not another model's run (hpm_b8)
+    assert [(r['name'], r['budget']) for r in trend] == [('hpm', 2), ('steps_8', 8)]
+    assert trend[1]['difference']['difference'] == -0.25  # [0, 0, 0, -1] against control_8
+    assert trend[0]['difference'] == next(r for r in summary if r['name'] == 'hpm')['difference']
+    cost = cost_rows(cands, scores)
+    assert [(r['budget'], r['kind'], r['models']) for r in cost] == [(2, 'hpm', 2), (2, 'control', 2), (8, 'hpm', 1),
+                                                                      (8, 'control', 1)]
+    assert cost[1]['train_seconds'] == [60, 180] and cost[1]['score_seconds'] == [120] and cost[1]['jobs'] == [2]
+    table = cost_table(cost)
+    assert '| 2 | HPM | 2 | 2.0 (1) | 1.0 (1) | 2 |' in table  # minutes: the mean over the timed models
+    assert '| 2 | control | 2 | 2.0 (2) | 2.0 (1) | 2 |' in table
+    assert '| 8 | control | 1 | 10.0 (1) | 0.5 (1) | 1 |' in table
+    assert cost_table(cost_rows(cands, {'hpm/seed1': score([1])})).endswith('| 2 | HPM | 1 | unknown | unknown | unknown |')
+    rows = study_rows(cands, scores)
+    plot_budget(trend, rows, tmp_path / 'budget.png')
+    assert (tmp_path / 'budget.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
 def _score(i):
@@ -248,6 +283,8 @@ def test_the_study_recipe_end_to_end_and_resumes(tiny_study):
     assert all(r['vs'] == 'control_1/seed0' for r in result['rows'][1:])
     assert result['rows'][-1]['kind'] == 'inference' and result['rows'][-1]['inference'] == {'alpha': 1.0}
     assert (tiny_study / 'out' / 'study.png').stat().st_size > 0
+    assert (tiny_study / 'out' / 'study_budget.png').stat().st_size > 0  # hpm against control_1, by budget
+    assert [r['name'] for r in result['budget_trend']] == ['hpm'] and result['cost'][0]['kind'] == 'hpm'
     assert [r['name'] for r in result['ranking']] == sorted(['hpm', 'hpm_b8', 'hpm_static'], key=lambda n: -next(
         r['robust_acc'] for r in result['rows'] if r['name'] == f'{n}/seed0'))  # stable order among ties
     assert '\n\nTop 3 by held-out robust accuracy, mean over seeds' in (tiny_study / 'out' / 'study.md').read_text()
@@ -318,6 +355,10 @@ def test_jobs_run_the_fine_tunes_side_by_side_and_score_seed_by_seed(tiny_study)
            '--out', str(tiny_study / 'out'), '--runs', str(tiny_study / 'runs'), '--no-figure']
     bad = subprocess.run(cmd + ['--jobs', '0'], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert bad.returncode != 0 and '--jobs 0: give 1 or more' in bad.stderr
+    nothing = subprocess.run(cmd + ['--report-only'], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert nothing.returncode == 0, nothing.stderr[-3000:]  # no score yet: an empty table, nothing run
+    assert json.loads((tiny_study / 'out' / 'study.json').read_text())['rows'] == []
+    assert not (tiny_study / 'runs').exists() and not (tiny_study / 'out' / 'scores.jsonl').exists()
     done = subprocess.run(cmd + ['--jobs', '2'], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     scores = read_scores(tiny_study / 'out' / 'scores.jsonl')

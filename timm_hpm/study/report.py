@@ -7,7 +7,8 @@ from typing import Dict, List, Optional, Sequence
 from ..report import markdown_table, mean_difference, paired, paired_difference
 from .candidates import Candidate
 
-__all__ = ['study_rows', 'study_table', 'seed_summary', 'ranking_text', 'plot_study']
+__all__ = ['study_rows', 'study_table', 'seed_summary', 'ranking_text', 'plot_study', 'budget_trend', 'plot_budget',
+           'cost_rows', 'cost_table']
 
 
 def study_rows(candidates: Sequence[Candidate], scores: Dict[str, dict], base: Optional[dict] = None) -> List[dict]:
@@ -131,3 +132,76 @@ def plot_study(summary: Sequence[dict], rows: Sequence[dict], path: Path, title:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def budget_trend(candidates: Sequence[Candidate], summary: Sequence[dict]) -> List[dict]:
+    """The budget candidates (HPM's configuration with nothing but its step budget changed) that have scored
+    controls, fewest steps first: :func:`seed_summary`'s rows with their ``budget``."""
+    plain = {c.name.split('/')[0]: c.budget for c in candidates
+             if c.kind == 'hpm' and c.run is None and set(c.changes) <= {'train.max_steps'}}
+    return sorted(({**r, 'budget': plain[r['name']]} for r in summary if r['name'] in plain and r.get('difference')),
+                  key=lambda r: r['budget'])
+
+
+def plot_budget(trend: Sequence[dict], rows: Sequence[dict], path: Path) -> None:
+    """HPM's held-out robust accuracy minus its budget-matched control against the fine-tuning budget (optimiser
+    steps, log scale): the mean over seeds with its 95% interval (:func:`budget_trend`), each seed's own difference
+    as a dot (``rows``), a line at 0 (the control). A PNG at ``path``."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    budgets = [r['budget'] for r in trend]
+    means = [100 * r['difference']['difference'] for r in trend]
+    low = [m - 100 * r['difference']['ci95'][0] for m, r in zip(means, trend)]
+    high = [100 * r['difference']['ci95'][1] - m for m, r in zip(means, trend)]
+    ax.errorbar(budgets, means, yerr=[low, high], fmt='o-', color='tab:blue', capsize=4,
+                label='mean over seeds, 95% interval')
+    names = {r['name']: r['budget'] for r in trend}
+    dots = [(names[r['name'].split('/')[0]], 100 * r['difference']['difference']) for r in rows
+            if r['name'].split('/')[0] in names and r.get('difference')]
+    if dots:
+        ax.plot(*zip(*dots), '_', color='black', markersize=10, label='each seed')
+    ax.axhline(0, color='black', linewidth=1)
+    ax.set_xscale('log')
+    ax.set_xticks(budgets)
+    ax.set_xticklabels([str(b) for b in budgets])
+    ax.minorticks_off()
+    ax.set_xlabel('fine-tuning budget, optimiser steps (each against the control of the same budget and seed)',
+                  fontsize=8)
+    ax.set_ylabel('robust accuracy minus control, points', fontsize=8)
+    ax.set_title('HPM against its budget-matched control by budget (held-out)', fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc='lower right')
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cost_rows(candidates: Sequence[Candidate], scores: Dict[str, dict]) -> List[dict]:
+    """What the budget candidates and their controls cost (those with nothing but the step budget changed), by
+    budget and kind: the wall seconds of each timed fine-tune and scoring as the machine ran them, and the
+    fine-tunes that shared the cores (``jobs``; unknown for scores made before it was recorded)."""
+    groups: Dict[tuple, List[dict]] = {}
+    for c in candidates:
+        s = scores.get(c.name)
+        if s is not None and c.run is None and c.kind in ('hpm', 'control') and set(c.changes) <= {'train.max_steps'}:
+            groups.setdefault((c.budget, c.kind), []).append(s)
+    out = []
+    for (budget, kind), group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != 'hpm')):
+        train = [s['train_seconds'] for s in group if s.get('train_seconds') is not None]
+        score = [s['score_seconds'] for s in group if s.get('score_seconds') is not None]
+        out.append({'budget': budget, 'kind': kind, 'models': len(group), 'train_seconds': train,
+                    'score_seconds': score, 'jobs': sorted({s['jobs'] for s in group if s.get('jobs')})})
+    return out
+
+
+def cost_table(rows: Sequence[dict]) -> str:
+    """The Markdown table of :func:`cost_rows`: minutes, the mean over the timed models (and how many were)."""
+    def minutes(values):
+        return f'{sum(values) / len(values) / 60:.1f} ({len(values)})' if values else 'unknown'
+    return markdown_table(
+        ['steps', 'model', 'scored', 'fine-tune, minutes (timed)', 'scoring, minutes (timed)', 'fine-tunes at a time'],
+        [[r['budget'], 'HPM' if r['kind'] == 'hpm' else 'control', r['models'], minutes(r['train_seconds']),
+          minutes(r['score_seconds']), ', '.join(map(str, r['jobs'])) or 'unknown'] for r in rows], 'rlrrrl')

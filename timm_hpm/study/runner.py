@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from .candidates import Candidate, expand_study
-from .report import plot_study, ranking_text, seed_summary, study_rows, study_table
+from .report import (budget_trend, cost_rows, cost_table, plot_budget, plot_study, ranking_text, seed_summary,
+                     study_rows, study_table)
 from .runs import check_run, finetune, stop_finetunes
 from .scoring import held_out, score_model, scoring_config
 from .store import ScoreStore
@@ -176,12 +177,13 @@ class Study:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def score_base(self, store: ScoreStore) -> Optional[dict]:
-        """The base's score (the reference of inference-time candidates without a control), made when missing."""
+    def score_base(self, store: ScoreStore, make: bool = True) -> Optional[dict]:
+        """The base's score (the reference of inference-time candidates without a control), made when missing (and
+        ``make``)."""
         if not self.spec.get('base_model'):
             return None
         definition = self.base_definition()
-        if stored_score(store, 'base', definition, 'the base') is None:
+        if stored_score(store, 'base', definition, 'the base') is None and make:
             import timm
             model = timm.create_model(self.spec['base_model'], pretrained=True).eval()
             store.add('base', dict(self.score(model, self.batch_size), definition=definition))
@@ -196,27 +198,38 @@ def write_report(study: Study, scores: dict, base: Optional[dict], study_path, c
     from ..runfiles import write_text_atomic
     rows = study_rows(study.candidates, scores, base)
     summary = seed_summary(study.candidates, scores)
+    trend, cost = budget_trend(study.candidates, summary), cost_rows(study.candidates, scores)
     table = (study_table(rows) + '\n\n' + ranking_text(summary)) if summary else study_table(rows)
+    if cost:
+        table += ('\n\nWhat the budgets cost here (wall minutes on this machine as it was loaded at the time, the mean '
+                  'over the models timed):\n\n' + cost_table(cost))
     write_text_atomic(study.out / 'study.json', json.dumps(
         {'study': str(study_path), 'scoring': study.scoring, 'eps': study.eps, 'norm': study.norm, 'rows': rows,
-         'ranking': summary, 'base': {k: base[k] for k in ('clean_acc', 'robust_acc')} if base else None,
+         'ranking': summary, 'budget_trend': [{k: r[k] for k in ('name', 'budget', 'seeds', 'difference')}
+                                              for r in trend], 'cost': cost,
+         'base': {k: base[k] for k in ('clean_acc', 'robust_acc')} if base else None,
          'timm_hpm_version': timm_hpm.__version__, 'command': command}, indent=2))
     write_text_atomic(study.out / 'study.md', table + '\n')
     if figure:
         plot_study(summary, rows, study.out / 'study.png',
                    f'every HPM candidate against its budget-matched control ({len(summary)} candidates)')
-    elif (study.out / 'study.png').exists():
-        print(f'--no-figure: {study.out / "study.png"} is an earlier run\'s figure, not redrawn from this table',
-              file=sys.stderr)
+        if trend:
+            plot_budget(trend, rows, study.out / 'study_budget.png')
+    else:
+        for name in ('study.png', 'study_budget.png'):
+            if (study.out / name).exists():
+                print(f'--no-figure: {study.out / name} is an earlier run\'s figure, not redrawn from this table',
+                      file=sys.stderr)
     return rows, table
 
 
-def run_study(study: Study, study_path, only: Optional[List[str]], command: str, figure: bool = True) -> tuple:
+def run_study(study: Study, study_path, only: Optional[List[str]], command: str, figure: bool = True,
+              report_only: bool = False) -> tuple:
     """The whole study under ``out``'s lock: an earlier version's per-model score files brought into
-    ``scores.jsonl``, every reuse checked, what is missing fine-tuned and scored, the report written; the rows and
-    the Markdown table."""
+    ``scores.jsonl``, every reuse checked, what is missing fine-tuned and scored (nothing with ``report_only``), the
+    report written; the rows and the Markdown table."""
     from ..runfiles import run_lock
-    keep = select(study.candidates, only, study_path)
+    keep = set() if report_only else select(study.candidates, only, study_path)
     with run_lock(study.out, '--out'):
         store = ScoreStore(study.out)
         converted = store.convert_old_layout()
@@ -224,5 +237,5 @@ def run_study(study: Study, study_path, only: Optional[List[str]], command: str,
             print(f'{converted} scores of the earlier per-model layout brought into {store.path}', file=sys.stderr)
         study.check_runs(store, keep)
         scores = study.score_candidates(store, keep)  # --only limits what is made; the table has every score
-        base = study.score_base(store)
+        base = study.score_base(store, make=not report_only)
         return write_report(study, scores, base, study_path, command, figure)
