@@ -48,7 +48,7 @@ class PoisonConfig:
     eps: float = field(metadata={'flag': '--eps', 'help': "'8/255', 0.031, ...", 'required': True, 'type': None})
     norm: str = field(default='Linf', metadata={'flag': '--norm', 'help': 'threat model', 'choices': list(NORMS)})
     steps: int = field(default=100, metadata={
-        'flag': '--poison-steps', 'help': 'with --protocol poison: PGD steps of each poisoning run within eps'})
+        'flag': '--poison-steps', 'help': 'PGD steps of each poisoning run within eps'})
     seed: int = field(default=0, metadata={'flag': '--seed', 'help': 'attack seeds (each batch derives its own)'})
     unbounded_steps: Optional[int] = field(default=None, metadata={
         'flag': '--poison-unbounded-steps',
