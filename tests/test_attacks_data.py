@@ -171,6 +171,26 @@ def test_apgd_random_start_is_autoattacks_on_the_ball_surface(norm, eps):
         assert 0.4 * eps < float(delta.abs().mean()) < 0.6 * eps
 
 
+
+@pytest.mark.parametrize('norm, eps', [('Linf', 0.1), ('L2', 0.5)])
+def test_apgd_starts_from_x_init_projected_onto_the_ball(norm, eps):
+    """A given start replaces the random one: inside the ball it is kept, outside it is projected (Linf: clipped per
+    coordinate; L2: scaled to the radius); a start of another shape is refused."""
+    x = torch.full((2, 1, 8, 8), 0.5)
+    y = torch.zeros(2, dtype=torch.long)
+    inside = x + eps / 16 * torch.linspace(-1, 1, 64).view(1, 1, 8, 8)
+    outside = x + 4 * eps * torch.ones_like(x) / (8 if norm == 'L2' else 1)
+    start = apgd(_Unbreakable(), x, y, eps, norm, n_iter=0, x_init=torch.cat([inside[:1], outside[1:]]))
+    assert torch.allclose(start[0], inside[0], atol=1e-7)
+    delta = (start[1] - x[1]).flatten()
+    if norm == 'Linf':
+        assert torch.allclose(delta, torch.full_like(delta, eps), atol=1e-6)
+    else:
+        assert abs(float(delta.norm()) - eps) < 1e-5 and float(delta.min()) > 0  # the same direction, at the radius
+    with pytest.raises(ValueError, match='one start per image'):
+        apgd(_Unbreakable(), x, y, eps, norm, n_iter=0, x_init=x[:1])
+
+
 class _Centre(nn.Module):
     def forward(self, x):
         return x - 0.5

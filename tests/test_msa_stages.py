@@ -14,7 +14,11 @@ import torch.nn as nn
 
 import timm_hpm
 from timm_hpm.eval import MSAConfig, ModelView, PassCounter, PoisonConfig, attack_batch, evaluate
-from timm_hpm.eval.msa_stages import DEFAULT_STAGES, AutoAttackStage, Candidate, Stage, SurrogateStage
+from timm_hpm.eval.msa_stage import StageContext
+from timm_hpm.eval.msa_stages import (DEFAULT_STAGES, AutoAttackStage, Candidate, CompletionStage, Stage,
+                                     SurrogateStage)
+from timm_hpm.eval.progress import StageProgress
+from timm_hpm.eval.realised import RealisedBatch
 
 K, B = 4, 8
 FAST = dict(apgd_iters=2, n_target_classes=1, target_n_target_classes=1, autoattack_iters=2, square_queries=5,
@@ -140,7 +144,7 @@ def test_an_extra_stage_resumes_with_what_it_recorded():
 def test_the_default_stages_and_their_order():
     """AutoAttack on the target, then each surrogate in the configured order (the head's modes, then the other
     models); the names are those the unit files hold."""
-    assert DEFAULT_STAGES == [AutoAttackStage, SurrogateStage]
+    assert DEFAULT_STAGES == [AutoAttackStage, SurrogateStage, CompletionStage]
     model, x, y = linear_hpm_problem()
     model.eval()
     counter = PassCounter()
@@ -156,6 +160,11 @@ def test_the_default_stages_and_their_order():
     assert list(result['stage_passes']) == ['autoattack', 'static', 'fc', 'base', 'combined']
     assert sum(p['backward_images'] for p in result['stage_passes'].values()) == counter.backward
     assert all(p['backward_images'] > 0 for s, p in result['stage_passes'].items() if s != 'combined')
+    completing = dataclasses.replace(cfg, completion_rounds=1)  # the completion: after the surrogates, before combined
+    plan = [s for kind in DEFAULT_STAGES for s in kind.for_run(completing, target, surrogates)]
+    assert [(s.name, s.through) for s in plan][-2:] == [('base', 'base'), ('completion', 'target')]
+    result = attack_batch(target, surrogates, x, y, completing, seed=0, num_classes=K)
+    assert list(result['stage_passes'])[-2:] == ['completion', 'combined']
 
 
 def test_an_extra_stage_reaches_the_runners_results(tmp_path, monkeypatch):
@@ -169,6 +178,101 @@ def test_an_extra_stage_reaches_the_runners_results(tmp_path, monkeypatch):
     finally:
         DEFAULT_STAGES.remove(ShiftStage)
     assert list(result['per_surrogate_acc']) == ['fc', 'combined', 'shift']  # a stage the settings do not name: last
+
+
+
+def worst_case_linear(model, x, y, eps):
+    """Closed form for a linear classifier on images in [0, 1]: each sample's smallest margin over the wrong classes
+    under its worst Linf perturbation of radius ``eps`` in the box (per wrong class r, every pixel moved by eps
+    against w_y - w_r, clipped to [0, 1]): > 0 where the sample is robust."""
+    weight, bias = model[1].weight.detach(), model[1].bias.detach()
+    flat = x.flatten(1)
+    margins = []
+    for r in range(K):
+        d = weight[y] - weight[r]
+        worst = flat + (-eps * d.sign()).clamp(min=-flat, max=1 - flat)
+        m = (worst * d).sum(1) + bias[y] - bias[r]
+        margins.append(torch.where(y == r, torch.full_like(m, float('inf')), m))
+    return torch.stack(margins, 1).min(1).values
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_the_completion_alone_finds_the_closed_form_robust_set_of_a_linear_model(seed):
+    """On a linear model (every sample's worst case known exactly), the completion through the target as the only
+    stage breaks exactly the samples that are not robust at eps: none that is (the ball and the box hold), all
+    that are not (the attack is strong enough here)."""
+    model, x, y = linear_problem(seed)
+    radii = torch.tensor([0.0] * B)  # each sample's critical radius, by bisection on the closed form
+    for i in range(B):
+        low, high = 0.0, 1.0
+        for _ in range(40):
+            mid = (low + high) / 2
+            low, high = (mid, high) if worst_case_linear(model, x[i:i + 1], y[i:i + 1], mid) > 0 else (low, mid)
+        radii[i] = low
+    order = radii.sort().values
+    eps = float(order[B // 2 - 1] + order[B // 2]) / 2  # half the samples robust, none within 1e-4 of the boundary
+    assert (radii - eps).abs().min() > 1e-4
+    robust = worst_case_linear(model, x, y, eps) > 0
+    target = ModelView(model, None, PassCounter(), batch_dependent=False)
+    cfg = MSAConfig(eps=eps, autoattack=False, surrogates=(), apgd_iters=30, combine_rounds=0, completion_rounds=1)
+    result = attack_batch(target, {}, x, y, cfg, seed=seed, num_classes=K)
+    assert result['realised'] == robust.tolist() and result['union'] == robust.tolist()
+    assert list(result['stage_passes']) == ['completion', 'combined']
+
+
+def _context(model, x, y, cfg, mode='dynamic'):
+    batch = RealisedBatch(ModelView(model, mode), x, y)
+    return batch, StageContext(batch, batch.target, cfg, 0, K, torch.Generator().manual_seed(0),
+                               StageProgress(enabled=False))
+
+
+def test_the_completion_moves_only_the_still_correct_samples_from_the_images_that_broke_them():
+    """The completion's start (0 iterations: its candidate is its start): the samples the realised batch
+    misclassifies keep their images, a still-correct sample an earlier candidate broke starts from the first image
+    that broke it, the other still-correct ones from their realised images; every image within eps and [0, 1]."""
+    model, x, y = linear_hpm_problem()
+    model.eval()
+    cfg = MSAConfig(eps=0.3, autoattack=False, surrogates=(), apgd_iters=1, completion_rounds=1)
+    batch, ctx = _context(model, x, y, cfg)
+    batch.clean[:] = True
+    realised = (x + 0.3 * torch.randn_like(x).sign()).clamp(0, 1)
+    batch.x_adv, batch.correct = realised, torch.tensor([False, False, True, True, True, True, True, True])
+    first, second = (x - 0.2).clamp(0, 1), (x + 0.1).clamp(0, 1)
+    batch.breaks = [(torch.tensor([0, 2]), first[[0, 2]]), (torch.tensor([2, 3]), second[[2, 3]])]
+    cfg.apgd_iters = 0  # the start alone (a config refuses 0 iterations when made; the stage does not check again)
+    candidates = list(CompletionStage().run(ctx))
+    assert [c.name for c in candidates] == ['completion/apgd-round1'] * 2 and candidates[1].iterates is not None
+    images = candidates[0].images
+    assert torch.equal(images[:2], realised[:2])  # misclassified: frozen (the start is projected onto the ball: equal to
+    # within rounding for the others)
+    assert torch.allclose(images[2], first[2], atol=1e-6) and torch.allclose(images[3], second[3], atol=1e-6)
+    assert torch.allclose(images[4:], realised[4:], atol=1e-6)  # the others: their realised images
+    assert torch.equal(candidates[0].replace, batch.correct)
+
+
+def test_the_completion_keeps_every_candidate_within_the_threat_model_and_never_raises_the_realised_count():
+    model, x, y = linear_hpm_problem(seed=1)
+    model.eval()
+    counter = PassCounter()
+    target = ModelView(model, 'dynamic', counter)
+    surrogates = {'fc': ModelView(model, 'fc', counter, batch_dependent=False)}
+    cfg = MSAConfig(eps=0.1, autoattack=False, surrogates=('fc',), apgd_iters=5, n_target_classes=1,
+                    combine_rounds=0)
+    before = attack_batch(target, surrogates, x, y, cfg, seed=0, num_classes=K)
+    after = attack_batch(target, surrogates, x, y, dataclasses.replace(cfg, completion_rounds=2), seed=0,
+                         num_classes=K)
+    assert {k: v for k, v in after['candidates'].items() if not k.startswith('completion/')} == before['candidates']
+    assert sum(after['realised']) <= sum(before['realised'])
+    assert set(k for k in after['candidates'] if k.startswith('completion/')) >= {
+        'completion/apgd-round1', 'completion/apgd-round1:iterates'}
+    assert (after['x_adv'] - x).abs().max() <= 0.1 + 1e-6 and 0 <= after['x_adv'].min() <= after['x_adv'].max() <= 1
+    realised = torch.tensor(after['realised'])
+    assert torch.equal(realised, accuracy_of(target, after['x_adv'], y) & torch.tensor(after['clean']))
+
+
+def accuracy_of(model, x, y):
+    with torch.no_grad():
+        return model(x).argmax(1) == y
 
 
 # --- the command line generated from the configurations' fields ---------------------------------------------------

@@ -103,17 +103,24 @@ def apgd(
         random_start: bool = True,
         generator: Optional[torch.Generator] = None,
         observe: Optional[Observer] = None,
+        x_init: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """APGD on the whole batch ``x``; returns per-sample best adversarial images: a sample's first misclassified
     iterate if any (then kept), else its highest-loss one. ``loss``: one of :data:`APGD_LOSSES` (the targeted two
     need ``target``). ``observe(x_adv, logits)`` is called with every batch the model is evaluated on (the start,
-    each iterate, each restart from the best points)."""
+    each iterate, each restart from the best points). ``x_init``: the start instead of a random one (projected onto
+    the ball around ``x``)."""
     check_norm(norm)
     _check_budget(eps, n_iter)
     loss_fn = _loss_fn(loss, y, target)
     view = (-1,) + (1,) * (x.ndim - 1)
     x = x.detach()
-    x_adv = random_init(x, eps, norm, generator, boundary=True) if random_start else x.clone()
+    if x_init is not None:
+        if x_init.shape != x.shape:
+            raise ValueError(f'x_init has shape {tuple(x_init.shape)}, x {tuple(x.shape)}: give one start per image')
+        x_adv = project(x_init.detach(), x, eps, norm)
+    else:
+        x_adv = random_init(x, eps, norm, generator, boundary=True) if random_start else x.clone()
     step = torch.full((x.shape[0],), 2.0 * eps, device=x.device, dtype=x.dtype)
     losses, logits, grad = _loss_and_grad(model, x_adv, loss_fn, observe)
     ever_fooled = logits.argmax(1) != y

@@ -1,11 +1,11 @@
-"""Convert run folders of earlier versions to the current layout (version 3), in place::
+"""Convert run folders of earlier versions to the current layout (one store with a header line), in place::
 
     python -m timm_hpm.eval.migrate_runs results/fashion_mnist/eval_hpm_250 [more folders ...]
 
 Each folder is searched for work folders of earlier versions (a ``settings.json``: ``<out>/attack``,
 ``<out>/poison``, sanity runs). Each becomes one file, its store (``units.jsonl``, a poisoning run's
 ``batches.jsonl``): a header line with the settings (in the current schema, :mod:`timm_hpm.eval.settings_schema`,
-the keys an upgrade from version 1 filled recorded so eval.json re-aggregates the same) and the fingerprints of
+the keys an upgrade filled recorded so eval.json re-aggregates the same) and the fingerprints of
 ``fingerprint.json`` (:mod:`timm_hpm.eval.run_header`), then the units: those of a version 2 store as they are, or
 the one-file-per-unit ``units/<batching>_<index>.json`` and ``batch_<index>.json`` files of version 1 in index order
 (adversarial images and stage checkpoints move to ``unit_data/``). Then ``fingerprint.json`` and ``settings.json``
@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Sequence
 from ..runfiles import run_lock, write_atomic
 from .run_header import (FINGERPRINT_FILE, HEADER, SETTINGS_FILE, STORES, is_header, make_header, old_files,
                          read_run_settings)
-from .settings_schema import read_settings
+from .settings_schema import SCHEMA_VERSION, read_settings
 from .unit_checks import UNIT_KEYS, UnitFileError, check_unit
 from .unit_store import LEGACY_UNITS_DIR, POISON_FILE, UNIT_DATA_DIR, UNITS_FILE, read_lines
 
@@ -99,7 +99,8 @@ def _convert(work: Path, store: Path, header: dict, legacy: List[Path], read: Ca
         f.unlink()
     n = len(pairs) or len(lines)
     what = f'{n} {"file" if pairs else "unit"}{"s" * (n != 1)}{" of one per unit" if pairs else ""}'
-    return [f'{work}: {what} and {SETTINGS_FILE} -> {store.name} (version 3: settings and fingerprints in its header)'
+    return [f'{work}: {what} and {SETTINGS_FILE} -> {store.name} (version {SCHEMA_VERSION}: settings and fingerprints '
+            'in its header)'
             if stored_header is None else f'{work}: finished an interrupted migration']
 
 
@@ -132,11 +133,11 @@ def _remove_units_dir(work: Path) -> None:
 
 
 def migrate_work_folder(work: Path) -> List[str]:
-    """Convert one work folder (it holds a ``settings.json``: versions 1 and 2) to version 3; returns what was done
-    (empty: already current)."""
+    """Convert one work folder (it holds a ``settings.json``: versions 1 and 2) to the current version; returns what
+    was done (empty: already current)."""
     work = Path(work)
     if not (work / SETTINGS_FILE).exists():
-        read_run_settings(work)  # version 3 already (a newer schema: refused)
+        read_run_settings(work)  # a store with a header already (a newer schema: refused)
         return []
     with run_lock(work, 'folder'):  # never under a run that is writing it
         if not (work / SETTINGS_FILE).exists():

@@ -20,10 +20,10 @@ from ..attacks import accuracy, apgd, apgd_targeted
 from .autoattack import make_autoattack, run_autoattack
 from .msa_stage import Candidate, Stage, StageContext, StageCost, same_view
 from .realised import IterateScores
-from .stages import AUTOATTACK
+from .stages import AUTOATTACK, COMPLETION
 
-__all__ = ['Candidate', 'StageContext', 'Stage', 'AutoAttackStage', 'SurrogateStage', 'DEFAULT_STAGES', 'StageCost',
-           'same_view']
+__all__ = ['Candidate', 'StageContext', 'Stage', 'AutoAttackStage', 'SurrogateStage', 'CompletionStage',
+           'DEFAULT_STAGES', 'StageCost', 'same_view']
 
 
 class AutoAttackStage(Stage):
@@ -125,5 +125,50 @@ class SurrogateStage(Stage):
             yield from take(f'apgd-t{rank + 1}', x_t, todo)
 
 
-#: The kinds of stage in the order they run: AutoAttack on the target, then each surrogate as configured.
-DEFAULT_STAGES: List[type] = [AutoAttackStage, SurrogateStage]
+class CompletionStage(Stage):
+    """The realised batch completed through the target itself (``cfg.completion_rounds`` rounds, after the last
+    surrogate; none in MSA v4). The per-sample union is below the realised batch when a sample was broken in another
+    stage's batch and not in the realised one (a batch-dependent target need not keep it). Each round attacks, on
+    the realised batch as it stands, every sample it still classifies correctly with whole-batch APGD (DLR loss,
+    ``cfg.apgd_iters``) through the target: the samples it misclassifies stay frozen at their images (their loss
+    kept in the objective, so the moving images also keep them broken), and a moving sample some earlier candidate
+    broke starts from the first image that broke it (the others from APGD's random start). Every whole batch the
+    run evaluates is scored through the target's own logits (no extra pass)."""
+    name = COMPLETION
+
+    @classmethod
+    def for_run(cls, cfg, target, surrogates):
+        return [cls()] if cfg.completion_rounds else []
+
+    def run(self, ctx: StageContext) -> Iterator[Candidate]:
+        batch, cfg = ctx.batch, ctx.cfg
+        ctx.progress.stage('the realised batch completed through the target',
+                           cfg.completion_rounds * (cfg.apgd_iters + 1))
+        loss = 'dlr' if ctx.num_classes >= 3 else 'ce'
+        for r in range(cfg.completion_rounds):
+            moving = batch.correct.clone()
+            if not bool(moving.any()):
+                return
+            frozen = batch.x_adv.clone()
+            start = frozen.clone()
+            for i, images in batch.break_images().items():
+                if moving[i]:
+                    start[i] = images[0]
+            mask = moving.view((-1,) + (1,) * (frozen.ndim - 1))
+            iterates = IterateScores(batch, lambda x_adv, logits: logits.argmax(1) == batch.y)
+
+            def whole(z: torch.Tensor) -> torch.Tensor:
+                return torch.where(mask, z, frozen)
+
+            def observe(z: torch.Tensor, logits: torch.Tensor) -> None:
+                ctx.progress.tick()
+                iterates(whole(z), logits)
+            x_r = apgd(lambda z: ctx.target(whole(z)), batch.x, batch.y, cfg.eps, cfg.norm, cfg.apgd_iters, loss=loss,
+                       x_init=start, generator=ctx.generator, observe=observe)
+            yield Candidate(self.candidate(f'apgd-round{r + 1}'), whole(x_r), moving)
+            yield Candidate(self.candidate(f'apgd-round{r + 1}'), replace=ctx.active(), iterates=iterates)
+
+
+#: The kinds of stage in the order they run: AutoAttack on the target, each surrogate as configured, then (with
+#: ``completion_rounds``) the completion through the target.
+DEFAULT_STAGES: List[type] = [AutoAttackStage, SurrogateStage, CompletionStage]

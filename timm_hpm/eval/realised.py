@@ -86,14 +86,19 @@ class RealisedBatch:
             self.x_adv, self.correct = x_cand, correct
         self.stages.append(name)
 
-    def combine(self, rounds: int) -> None:
-        """Up to ``rounds`` whole-batch candidates made of every stage's breaks: for each sample the realised batch
-        still classifies correctly but some candidate broke, round ``r`` puts in the image of the ``r``-th candidate
-        that broke it. Each is scored whole and taken when it lowers the accuracy. Forward passes only."""
+    def break_images(self) -> Dict[int, List[torch.Tensor]]:
+        """Sample index -> the images of it that broke it, one per candidate that did, in the order they ran."""
         options: Dict[int, List[torch.Tensor]] = {}
         for indices, images in self.breaks:
             for i, image in zip(indices.tolist(), images):
                 options.setdefault(i, []).append(image)
+        return options
+
+    def combine(self, rounds: int) -> None:
+        """Up to ``rounds`` whole-batch candidates made of every stage's breaks: for each sample the realised batch
+        still classifies correctly but some candidate broke, round ``r`` puts in the image of the ``r``-th candidate
+        that broke it. Each is scored whole and taken when it lowers the accuracy. Forward passes only."""
+        options = self.break_images()
         for r in range(rounds):
             pending = [i for i in (self.correct & ~self.union).nonzero().flatten().tolist() if len(options[i]) > r]
             if not pending:

@@ -1,14 +1,16 @@
-"""A run's settings and fingerprints: the header line of its store (schema version 3), or the files of earlier versions.
+"""A run's settings and fingerprints: the header line of its store (schema versions 3 and 4), or the files of earlier
+versions.
 
 A work folder (``<out>/attack``, ``<out>/poison``, a sanity run) holds one file, its store (``units.jsonl`` or
 ``batches.jsonl``, :mod:`timm_hpm.eval.unit_store`), whose first line is the run's header, written once when the run
 starts, before any unit::
 
-    {"header": {"schema_version": 3, "settings": {...}, "fingerprint": {"model": "...", "data": "..."}}}
+    {"header": {"schema_version": 4, "settings": {...}, "fingerprint": {"model": "...", "data": "..."}}}
 
 ``settings``: the run's settings as it recorded them (an evaluation's protocol, batches and MSA options; a poisoning
 run's attack settings, which hold its own ``model_sha256`` and ``data_sha256``); ``filled_by_upgrade`` (only in a
-header migrated from a version 1 run: the options :mod:`timm_hpm.eval.settings_schema` filled in); ``fingerprint``
+header migrated from an earlier version: the options :mod:`timm_hpm.eval.settings_schema` filled in; a version 3
+header is upgraded when read, not rewritten); ``fingerprint``
 (evaluations: the SHA-256 of the model and of the images; absent where the run never recorded one). Every later line
 is a unit; a second header, or a unit before the header, is a :class:`UnitFileError` naming the file and line.
 

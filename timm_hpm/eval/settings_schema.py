@@ -4,7 +4,8 @@
 Runs record ``"schema_version": SCHEMA_VERSION`` with their settings, so a reader knows what they mean instead of
 guessing it from which keys are there. Settings without it are version 1 (written before versions were recorded)
 and are upgraded on reading by :func:`_upgrade_v1`, the one place that knows what those runs did; version 2 is the
-same settings in a ``settings.json`` file; version 3 keeps them in the header line of the run's store. A newer
+same settings in a ``settings.json`` file; version 3 keeps them in the header line of the run's store; version 4
+adds MSA's ``completion_rounds`` (:func:`_upgrade_v3`: earlier runs had no completion stage). A newer
 version than this code knows is refused. ``python -m timm_hpm.eval.migrate_runs`` writes the upgrade to disk, with
 the keys it filled in (``filled_by_upgrade``) so the run's settings as it recorded them are still known
 (:func:`as_recorded`: what eval.json embeds, identical before and after the upgrade).
@@ -19,8 +20,9 @@ __all__ = ['SCHEMA_VERSION', 'upgrade_settings', 'read_settings', 'comparable', 
            'settings_as_run']
 
 #: 1: no version recorded (MSA v1 to v3 runs); 2: the version is recorded and every MSA option is explicit;
-#: 3: the same settings in the header line of the run's store instead of settings.json (and fingerprint.json).
-SCHEMA_VERSION = 3
+#: 3: the same settings in the header line of the run's store instead of settings.json (and fingerprint.json);
+#: 4: MSA's completion_rounds (the completion stage) recorded.
+SCHEMA_VERSION = 4
 _META = ('schema_version', 'filled_by_upgrade')
 
 
@@ -41,6 +43,15 @@ def _upgrade_v1(settings: dict) -> Tuple[dict, List[str]]:
     return dict(settings, msa=upgraded), [f'msa.{k}' for k in upgraded if k not in msa]
 
 
+def _upgrade_v3(settings: dict) -> Tuple[dict, List[str]]:
+    """Version 3 (or an upgraded earlier one) -> 4: a run made before MSA had its completion stage ran none
+    (``completion_rounds`` 0)."""
+    msa = settings.get('msa')
+    if not isinstance(msa, dict) or 'completion_rounds' in msa:
+        return dict(settings), []
+    return dict(settings, msa=dict(msa, completion_rounds=0)), ['msa.completion_rounds']
+
+
 def upgrade_settings(stored: dict) -> dict:
     """``stored`` (a settings file's content) in the current schema; a newer schema is a ValueError."""
     version = stored.get('schema_version', 1)
@@ -49,10 +60,11 @@ def upgrade_settings(stored: dict) -> dict:
     if version > SCHEMA_VERSION:
         raise ValueError(f'these settings were written by a newer timm-hpm (settings schema_version {version}; this '
                          f'one reads up to {SCHEMA_VERSION}); upgrade timm-hpm to read this run folder.')
-    if version == 1:
-        settings, filled = _upgrade_v1(stored)
-        return dict(settings, schema_version=SCHEMA_VERSION, **({'filled_by_upgrade': filled} if filled else {}))
-    return dict(stored, schema_version=SCHEMA_VERSION)  # 2 -> 3: where they are stored, not what they hold
+    settings, filled = _upgrade_v1(stored) if version == 1 else (dict(stored), [])  # 2 -> 3: where they are stored
+    if version < 4:
+        settings, added = _upgrade_v3(settings)
+        filled = list(stored.get('filled_by_upgrade', [])) + filled + added  # a migrated run's earlier fillings kept
+    return dict(settings, schema_version=SCHEMA_VERSION, **({'filled_by_upgrade': filled} if filled else {}))
 
 
 def read_settings(path: Path) -> dict:

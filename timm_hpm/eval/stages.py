@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from typing import Iterable, List, Optional
 
-__all__ = ['AUTOATTACK', 'COMBINED', 'ITERATES', 'candidate_name', 'candidate_stage', 'is_per_sample_union',
-           'stage_order', 'stage_label']
+__all__ = ['AUTOATTACK', 'COMPLETION', 'COMBINED', 'ITERATES', 'candidate_name', 'candidate_stage',
+           'is_per_sample_union', 'stage_order', 'stage_label']
 
 #: The stage (and candidate) of AutoAttack's cascade run on the target itself.
 AUTOATTACK = 'autoattack'
-#: The stage after the last surrogate: whole-batch combinations of every stage's breaks.
+#: The stage after the last surrogate (with ``completion_rounds``): the realised batch completed through the target.
+COMPLETION = 'completion'
+#: The stage after the last surrogate (and the completion): whole-batch combinations of every stage's breaks.
 COMBINED = 'combined'
 
 #: The suffix of a candidate that is the per-sample union over every batch one attack run evaluated.
@@ -41,10 +43,11 @@ def is_per_sample_union(name: str) -> bool:
 
 def stage_order(settings: dict, stages: Iterable[str]) -> List[str]:
     """MSA's stages (those in ``stages``) in the order they run: AutoAttack on the target, the surrogates as
-    configured (``settings``: a run's settings), then the combinations; any other stage after them, sorted."""
+    configured (``settings``: a run's settings), the completion, then the combinations; any other stage after them,
+    sorted."""
     stages = list(stages)
     msa = settings.get('msa', {})
-    ran = [AUTOATTACK] + list(msa.get('surrogates', [])) + list(msa.get('surrogate_models', [])) + [COMBINED]
+    ran = [AUTOATTACK, *msa.get('surrogates', []), *msa.get('surrogate_models', []), COMPLETION, COMBINED]
     return [s for s in ran if s in stages] + sorted(s for s in stages if s not in ran)
 
 
@@ -53,4 +56,6 @@ def stage_label(stage: str, surrogate_prefix: str = 'APGD-CE/T via') -> str:
     ``<surrogate_prefix> <surrogate>``."""
     if stage == AUTOATTACK:
         return 'AutoAttack on the target'
+    if stage == COMPLETION:
+        return 'the realised batch completed through the target'
     return "combinations of every stage's breaks" if stage == COMBINED else f'{surrogate_prefix} {stage}'
