@@ -170,7 +170,7 @@ class Study:
                     pending[run_dir] = pool.submit(finetune, train_config, run_dir, c.overrides, self.device, c.name,
                                                    self.threads)
             yield pending
-        except BaseException:  # stopped (an error, Ctrl-C, SIGTERM): the fine-tunes running beside end too
+        except BaseException:  # stopped (an error, Ctrl-C): the fine-tunes running beside end too
             pool.shutdown(wait=False, cancel_futures=True)
             stop_finetunes()
             raise
