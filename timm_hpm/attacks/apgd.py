@@ -88,6 +88,42 @@ def _loss_and_grad(model: Model, x_adv: torch.Tensor, loss_fn, observe: Optional
     return losses.detach(), logits.detach(), grad.detach()
 
 
+def _start(x: torch.Tensor, eps: float, norm: str, x_init: Optional[torch.Tensor], random_start: bool,
+           generator: Optional[torch.Generator]) -> torch.Tensor:
+    """APGD's first iterate: ``x_init`` projected onto the ball around ``x`` when given, else (``random_start``) a
+    random point on the ball's surface (full eps, as AutoAttack starts), else ``x`` itself."""
+    if x_init is not None:
+        if x_init.shape != x.shape:
+            raise ValueError(f'x_init has shape {tuple(x_init.shape)}, x {tuple(x.shape)}: give one start per image')
+        return project(x_init.detach(), x, eps, norm)
+    return random_init(x, eps, norm, generator, boundary=True) if random_start else x.clone()
+
+
+def _next_iterate(x: torch.Tensor, x_adv: torch.Tensor, x_prev: torch.Tensor, grad: torch.Tensor, step: torch.Tensor,
+                  eps: float, norm: str, momentum: Optional[float]) -> torch.Tensor:
+    """APGD's next iterate: an ascent step of each sample's own size, projected onto the ball around ``x``; with
+    ``momentum`` (every step but the first) combined with the previous step and projected again."""
+    view = (-1,) + (1,) * (x.ndim - 1)
+    z = project(x_adv + step.view(view) * ascent_direction(grad, norm), x, eps, norm)
+    if momentum is not None:
+        z = project(x_adv + momentum * (z - x_adv) + (1 - momentum) * (x_adv - x_prev), x, eps, norm)
+    return z
+
+
+def _restart_from_best(model: Model, loss_fn, observe: Optional[Observer], reduce: torch.Tensor, step: torch.Tensor,
+                       x_best: torch.Tensor, x_adv: torch.Tensor, x_prev: torch.Tensor, grad: torch.Tensor):
+    """A checkpoint's restart: the ``reduce`` samples' step halved, their iterate (and previous iterate) moved to
+    their best point, and their gradient taken there (one more pass of the whole batch, only if any restarts).
+    Returns the new ``step, x_adv, x_prev, grad``."""
+    view = (-1,) + (1,) * (x_adv.ndim - 1)
+    step = torch.where(reduce, step / 2, step)
+    x_adv = torch.where(reduce.view(view), x_best, x_adv)
+    x_prev = torch.where(reduce.view(view), x_best, x_prev)
+    if reduce.any():
+        grad = torch.where(reduce.view(view), _loss_and_grad(model, x_adv, loss_fn, observe)[2], grad)
+    return step, x_adv, x_prev, grad
+
+
 @torch.no_grad()
 def apgd(
         model: Model,
@@ -115,12 +151,7 @@ def apgd(
     loss_fn = _loss_fn(loss, y, target)
     view = (-1,) + (1,) * (x.ndim - 1)
     x = x.detach()
-    if x_init is not None:
-        if x_init.shape != x.shape:
-            raise ValueError(f'x_init has shape {tuple(x_init.shape)}, x {tuple(x.shape)}: give one start per image')
-        x_adv = project(x_init.detach(), x, eps, norm)
-    else:
-        x_adv = random_init(x, eps, norm, generator, boundary=True) if random_start else x.clone()
+    x_adv = _start(x, eps, norm, x_init, random_start, generator)
     step = torch.full((x.shape[0],), 2.0 * eps, device=x.device, dtype=x.dtype)
     losses, logits, grad = _loss_and_grad(model, x_adv, loss_fn, observe)
     ever_fooled = logits.argmax(1) != y
@@ -132,10 +163,7 @@ def apgd(
     best_at_last_mark, reduced_at_last_mark = best_loss.clone(), torch.ones_like(ever_fooled)
     x_prev = x_adv
     for k in range(n_iter):
-        z = project(x_adv + step.view(view) * ascent_direction(grad, norm), x, eps, norm)
-        if k > 0:
-            z = project(x_adv + momentum * (z - x_adv) + (1 - momentum) * (x_adv - x_prev), x, eps, norm)
-        x_prev, x_adv = x_adv, z
+        x_prev, x_adv = x_adv, _next_iterate(x, x_adv, x_prev, grad, step, eps, norm, momentum if k > 0 else None)
         new_losses, logits, grad = _loss_and_grad(model, x_adv, loss_fn, observe)
         fooled_now = logits.argmax(1) != y
         newly = fooled_now & ~ever_fooled
@@ -150,11 +178,8 @@ def apgd(
             continue
         # A checkpoint: halve the step of the stalled samples and restart them from their best point.
         reduce = (increases < rho * (k + 1 - last_mark)) | (~reduced_at_last_mark & (best_at_last_mark >= best_loss))
-        step = torch.where(reduce, step / 2, step)
-        x_adv = torch.where(reduce.view(view), x_best, x_adv)
-        x_prev = torch.where(reduce.view(view), x_best, x_prev)
-        if reduce.any():
-            grad = torch.where(reduce.view(view), _loss_and_grad(model, x_adv, loss_fn, observe)[2], grad)
+        step, x_adv, x_prev, grad = _restart_from_best(model, loss_fn, observe, reduce, step, x_best, x_adv, x_prev,
+                                                       grad)
         reduced_at_last_mark, best_at_last_mark, last_mark = reduce, best_loss.clone(), k + 1
         increases.zero_()
     return torch.where(ever_fooled.view(view), x_first_fooled, x_best).detach()

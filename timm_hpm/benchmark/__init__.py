@@ -34,17 +34,16 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Tuple, Union
+from typing import Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from ..eval.msa_config import MSAConfig
 from ..runfiles import run_lock, write_text_atomic
 from .checks import (BATCHINGS, DEFAULT_EPS, FULL_BUDGET, MSA_BUDGET_FIELDS, THREAT_MODELS, check_batchings,
-                     check_budget, check_threat, device_of, hpm_dynamic, load_images, default_model_name, unit_range)
-from .protocols import msa_any_model, poisoning_protocol, surrogate_views
-from .report import format_report, model_info_entry, reduced, why
+                     check_budget, check_threat, device_of, load_images, default_model_name, unit_range)
+from .measure import measure
+from .report import format_report
 
 __all__ = ['benchmark', 'BenchmarkResult', 'format_report', 'BATCHINGS', 'THREAT_MODELS', 'FULL_BUDGET', 'DEFAULT_EPS',
            'MSA_BUDGET_FIELDS']
@@ -118,6 +117,22 @@ def benchmark(
         metadata: extra fields recorded in the report (e.g. the command line).
     """
     start = time.time()
+    threat_model, eps, budget, batchings = _check_arguments(model, dataset, threat_model, eps, budget, batchings,
+                                                            n_examples, batch_size, detection_examples)
+    target, name, device, x, y, dataset_name = _load(model, model_name, device, dataset, n_examples, data_dir, seed)
+    with _run_folder(out) as folder:
+        report = measure(target, model, x, y, name, dataset_name, threat_model, eps, batch_size, surrogates, budget,
+                         batchings, detection_examples, seed, progress, folder, device, dict(metadata or {}))
+        report['wall_seconds'] = round(time.time() - start, 1)
+        if out is not None:
+            _write_results(folder, report)
+    return BenchmarkResult(report['clean_acc'], report['robust_acc'], report)
+
+
+def _check_arguments(model: nn.Module, dataset, threat_model: str, eps, budget, batchings: Sequence[str],
+                     n_examples: int, batch_size: int, detection_examples: int):
+    """Every argument checked before a model runs or an image is loaded (a ValueError that says what is wrong);
+    returns ``threat_model, eps, budget, batchings`` as checked (the radius parsed, the budget completed)."""
     threat_model, eps = check_threat(threat_model, eps, dataset)
     budget = check_budget(budget)
     batchings = check_batchings(batchings)
@@ -128,6 +143,15 @@ def benchmark(
     if not isinstance(model, nn.Module):
         raise ValueError(f'model must be a torch.nn.Module (a timm model or any module taking [0, 1] images), got '
                          f'{type(model).__name__}')
+    return threat_model, eps, budget, batchings
+
+
+def _load(model: nn.Module, model_name: Optional[str], device: Optional[Union[str, torch.device]],
+          dataset: Union[str, Tuple[torch.Tensor, torch.Tensor]], n_examples: int,
+          data_dir: Optional[Union[str, Path]], seed: int):
+    """The model as a [0, 1]-image module on ``device`` (default: where its parameters are), checked ready for
+    evaluation, and the images on that device, checked against its logits (a ValueError that says what is wrong);
+    returns ``target, name, device, x, y, dataset_name``."""
     device = torch.device(device) if device is not None else device_of(model)
     target = unit_range(model).to(device)
     from ..eval import check_eval_ready
@@ -140,6 +164,13 @@ def benchmark(
         num_classes = check_logits(target(x[:2]), min(2, len(y)), f'{name}').shape[1]
     from ..eval.batch_dependence import check_clean_images
     check_clean_images(x, y, num_classes)
+    return target, name, device, x, y, dataset_name
+
+
+@contextlib.contextmanager
+def _run_folder(out: Optional[Union[str, Path]]) -> Iterator[Path]:
+    """The run's folder, locked while the benchmark runs in it: ``out`` (refused when it holds a finished benchmark:
+    one is never overwritten), or a temporary folder removed afterwards."""
     with contextlib.ExitStack() as stack:
         if out is None:
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix='timm_hpm_benchmark_')))
@@ -149,98 +180,12 @@ def benchmark(
                 raise FileExistsError(f'{folder} holds a finished benchmark (benchmark.json); it is never overwritten: '
                                       'pass a new out folder.')
         stack.enter_context(run_lock(folder, 'out'))
-        report = _run(target, model, x, y, name, dataset_name, threat_model, eps, batch_size, surrogates, budget,
-                      batchings, detection_examples, seed, progress, folder, device, dict(metadata or {}))
-        report['wall_seconds'] = round(time.time() - start, 1)
-        if out is not None:
-            write_text_atomic(folder / 'model_info.json', json.dumps(report['model_info'], indent=2))
-            write_text_atomic(folder / 'benchmark.md', format_report(report) + '\n')
-            write_text_atomic(folder / 'benchmark.json', json.dumps(report, indent=2))  # last: marks it finished
-    return BenchmarkResult(report['clean_acc'], report['robust_acc'], report)
+        yield folder
 
 
-def _run(target, model, x, y, name, dataset_name, threat_model, eps, batch_size, surrogates, budget, batchings,
-         detection_examples, seed, progress, folder: Path, device, metadata) -> dict:
-    import timm_hpm
-    from ..eval import autoattack_backend, hpm_mode
-    from ..eval.batch_dependence import batch_dependence
-    m = min(detection_examples, len(y))
-    detection = batch_dependence(target, x[:m], y[:m], batch_size=batch_size, seed=seed)
-    _record(folder / 'batch_dependence.json', detection)
-    if detection['verdict'] == 'nondeterministic':
-        raise ValueError(f"{name} gives other logits for the same batch twice (max change "
-                         f"{detection['tests']['repeat']['max_logit_change']:.3g}): a randomised model needs an "
-                         'attack with expectation over its randomness (EOT), which benchmark() does not run; make it '
-                         'deterministic (eval mode, no dropout or noise at inference) or evaluate it elsewhere.')
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    meta = dict(name=name, dataset=dataset_name, hpm_mode=hpm_mode(target), architecture=cfg.get('architecture'),
-                autoattack_backend=autoattack_backend(), timm_hpm_version=timm_hpm.__version__, **metadata)
-    msa_cfg = dict(eps=eps, norm=threat_model, seed=seed, **{k: budget[k] for k in MSA_BUDGET_FIELDS})
-    report = dict(meta, model=name, threat_model=threat_model, eps=eps, n_examples=len(y), batch_size=batch_size,
-                  batch_dependence=detection, budget=budget)
-    if not detection['batch_dependent']:
-        from ..eval import evaluate
-        result = evaluate(target, x, y, MSAConfig(**msa_cfg), folder / 'attack', protocol='autoattack',
-                          batch_size=batch_size, batchings=['default'], progress=progress, metadata=meta)
-        report.update(protocol='autoattack', why=why(detection, False), clean_acc=result['clean_acc'],
-                      robust_acc=result['autoattack_acc'],
-                      worst_case={'acc': result['autoattack_acc'], 'from': 'AutoAttack (standard), fixed batches'},
-                      evaluation=result)
-        report['reduced_budget'] = reduced(result, budget, None, None)
-        report['model_info'] = model_info_entry(result, report, model)
-        return report
-    report.update(protocol='msa+poisoning', why=why(detection, True))
-    report.update(_batch_dependent(target, x, y, eps, threat_model, batch_size, surrogates, budget, batchings, seed,
-                                   progress, folder, device, meta, msa_cfg))
-    report['reduced_budget'] = reduced(report['evaluation'], budget, batchings, report['poisoning'])
-    report['model_info'] = model_info_entry(report['evaluation'], report, model)
-    return report
-
-
-def _batch_dependent(target, x, y, eps, threat_model, batch_size, surrogates, budget, batchings, seed, progress,
-                     folder: Path, device, meta: dict, msa_cfg: dict) -> dict:
-    """MSA in every batching and the poisoning protocol; the worst case of them is the robust accuracy."""
-    views, surrogate_flags = surrogate_views(target, surrogates, x, y, batch_size, seed, device)
-    if hpm_dynamic(target):
-        from ..eval import evaluate
-        cfg_msa = MSAConfig(**msa_cfg, surrogate_models=tuple(views))
-        result = evaluate(target, x, y, cfg_msa, folder / 'attack', protocol='msa', batch_size=batch_size,
-                          batchings=batchings, progress=progress, metadata=meta, surrogate_models=views)
-        attacked_through = ['fc', 'static', 'soft', 'dynamic (the target)'] + list(views)
-    else:
-        views = dict(views)
-        cfg_msa = MSAConfig(**msa_cfg, surrogates=(), surrogate_models=tuple(views) + ('target',))
-        result = msa_any_model(target, views, surrogate_flags, x, y, cfg_msa, folder / 'attack', batch_size,
-                               batchings, progress, meta)
-        attacked_through = list(views) + ['the target itself']
-    poisoning = poisoning_protocol(target, x, y, batch_size, eps, threat_model, budget['poison_steps'], seed,
-                                   folder / 'poison', progress)
-    per_batching = result['batchings']
-    natural = {b: v['realised_acc'] for b, v in per_batching.items() if b != 'default'}
-    candidates = [(v['realised_acc'], f'MSA, realised batches ({b} batching)') for b, v in per_batching.items()]
-    if poisoning.get('worst_untouched_acc') is not None:
-        candidates.append((poisoning['worst_untouched_acc'], f"bounded poisoning ({poisoning['worst_k']} of "
-                                                             f'{batch_size} members poisoned; accuracy of the '
-                                                             'untouched members)'))
-    worst_acc, worst_from = min(candidates, key=lambda c: c[0])
-    return dict(
-        clean_acc=result['clean_acc'], robust_acc=worst_acc,
-        worst_case={'acc': worst_acc, 'from': worst_from},
-        msa_acc=result['msa_acc'], msa_union_acc=result['msa_union_acc'],
-        autoattack_acc=result.get('autoattack_acc'), autoattack_own_acc=result.get('autoattack_own_acc'),
-        worst_natural_order=({'batching': min(natural, key=natural.get), 'acc': min(natural.values())}
-                             if natural else None),
-        attacked_through=attacked_through, surrogates={k: {'batch_dependent': v} for k, v in surrogate_flags.items()},
-        poisoning=poisoning, evaluation=result)
-
-
-def _record(path: Path, detection: dict) -> None:
-    """The batch-dependence test's result, written once; a folder holding another verdict is another model's run."""
-    if path.exists():
-        before = json.loads(path.read_text())
-        if before.get('verdict') != detection['verdict'] or before.get('n_images') != detection['n_images']:
-            raise ValueError(f'{path.parent} holds the benchmark of another model (its batch-dependence test says '
-                             f"{before.get('verdict')!r}, this model's {detection['verdict']!r}); use a new out "
-                             'folder.')
-        return
-    write_text_atomic(path, json.dumps(detection, indent=2))
+def _write_results(folder: Path, report: dict) -> None:
+    """The files of a run into ``out``: model_info.json, benchmark.md, then benchmark.json (the report), which marks
+    the benchmark finished and is therefore written last."""
+    write_text_atomic(folder / 'model_info.json', json.dumps(report['model_info'], indent=2))
+    write_text_atomic(folder / 'benchmark.md', format_report(report) + '\n')
+    write_text_atomic(folder / 'benchmark.json', json.dumps(report, indent=2))  # last: marks it finished

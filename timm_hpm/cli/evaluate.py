@@ -43,8 +43,7 @@ DATASETS = ('fashion_mnist', 'cifar10', 'cifar100', 'imagenet', 'synthetic')  # 
 BATCHINGS = ('default', 'single', 'shuffled', 'class_sorted')  # timm_hpm.eval.BATCHINGS
 HPM_MODES = ('dynamic', 'static', 'soft', 'fc')  # timm_hpm.HPM_MODES
 PROTOCOLS = ('msa', 'autoattack', 'poison')
-#: MSA's batchings when --batchings is not given (unchanged when class_sorted was added, so that earlier runs
-#: resume with the same settings).
+#: MSA's batchings without --batchings (as before class_sorted was added: earlier runs resume with the same settings).
 MSA_BATCHINGS = ('default', 'single', 'shuffled')
 
 
@@ -216,13 +215,11 @@ def run(args, eps, batchings, accelerator, out, argv):
             raise SystemExit('--hpm-mode goes with --protocol autoattack (MSA always attacks the dynamic head).')
         timm_hpm.get_hpm_head(base).mode = args.hpm_mode
     x, y = load_eval_tensors(args.dataset, args.n_examples, args.data_dir, base.pretrained_cfg,
-                             num_classes=base.num_classes, image_size=base.pretrained_cfg['input_size'],
-                             seed=args.seed)
+                             num_classes=base.num_classes, image_size=base.pretrained_cfg['input_size'], seed=args.seed)
     x, y = x.to(accelerator.device), y.to(accelerator.device)
     # hpm_mode: the head's mode evaluated (given or the model's own), null for a model without an HPM head
     metadata = dict(name=args.model, dataset=args.dataset, hpm_mode=hpm_mode(model),
-                    architecture=base.pretrained_cfg.get('architecture'),
-                    command=recorded_command(argv),
+                    architecture=base.pretrained_cfg.get('architecture'), command=recorded_command(argv),
                     autoattack_backend=timm_hpm.eval.autoattack_backend(), timm_hpm_version=timm_hpm.__version__)
     start = time.time()
     if args.protocol == 'poison':

@@ -119,6 +119,28 @@ def _compare(name: str, description: str, reference: torch.Tensor, other: torch.
             'dependent': change > tolerance}
 
 
+def _check_arguments(model: Callable, x: torch.Tensor, y: Optional[torch.Tensor], batch_size: int,
+                     batch_sizes: Sequence[int], rtol: float, atol: float) -> None:
+    """Every check of :func:`batch_dependence`'s arguments before the model runs: a ValueError that says what is
+    wrong (a module not in eval mode, images or labels as :func:`check_clean_images` wants them, the batch sizes,
+    the tolerance)."""
+    if isinstance(model, nn.Module):
+        check_eval_ready(model)
+    check_clean_images(x, y)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f'batch_size must be an integer >= 1 (the reference batch size), got {batch_size!r}')
+    if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
+        raise ValueError(f'batch_sizes must be integers >= 1, got {list(batch_sizes)}')
+    if not (rtol >= 0 and atol >= 0):
+        raise ValueError(f'rtol and atol must be >= 0, got {rtol}, {atol}')
+
+
+def _cut(order: Sequence[int], size: int) -> List[List[int]]:
+    """``order`` cut into consecutive batches of ``size`` (the last one shorter when it does not divide)."""
+    order = list(order)
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
 @torch.no_grad()
 def batch_dependence(model: Callable, x: torch.Tensor, y: Optional[torch.Tensor] = None, batch_size: int = 128,
                      batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, seed: int = 0, rtol: float = 1e-4,
@@ -141,15 +163,7 @@ def batch_dependence(model: Callable, x: torch.Tensor, y: Optional[torch.Tensor]
     ``changed`` predictions, ``fraction_changed``, ``max_logit_change``, ``dependent``), ``tolerance``,
     ``n_images``, ``batch_size`` and ``forward_images`` (its cost).
     """
-    if isinstance(model, nn.Module):
-        check_eval_ready(model)
-    check_clean_images(x, y)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f'batch_size must be an integer >= 1 (the reference batch size), got {batch_size!r}')
-    if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
-        raise ValueError(f'batch_sizes must be integers >= 1, got {list(batch_sizes)}')
-    if not (rtol >= 0 and atol >= 0):
-        raise ValueError(f'rtol and atol must be >= 0, got {rtol}, {atol}')
+    _check_arguments(model, x, y, batch_size, batch_sizes, rtol, atol)
     n = x.shape[0]
     forward = [0]
 
@@ -157,22 +171,18 @@ def batch_dependence(model: Callable, x: torch.Tensor, y: Optional[torch.Tensor]
         forward[0] += sum(len(b) for b in batches)
         return _logits(model, images, batches)
 
-    def cut(order: Sequence[int], size: int) -> List[List[int]]:
-        order = list(order)
-        return [order[i:i + size] for i in range(0, len(order), size)]
-
-    reference = run(x, cut(range(n), batch_size))
+    reference = run(x, _cut(range(n), batch_size))
     if y is not None and int(y.min()) >= 0 and int(y.max()) >= reference.shape[1]:
         raise ValueError(f'labels must lie in [0, {reference.shape[1] - 1}] (the model returns '
                          f'{reference.shape[1]} logits), got up to {int(y.max())}')
     tolerance = atol + rtol * float(reference.abs().max())
     tests: Dict[str, dict] = {}
     tests['repeat'] = _compare('repeat', f'the same batches of {batch_size} again', reference,
-                               run(x, cut(range(n), batch_size)), None, tolerance)
+                               run(x, _cut(range(n), batch_size)), None, tolerance)
     for size in dict.fromkeys(batch_sizes):
         if size != batch_size:
             tests[f'batch_size_{size}'] = _compare(f'batch_size_{size}', f're-batched at {size} (same order)',
-                                                   reference, run(x, cut(range(n), size)), None, tolerance)
+                                                   reference, run(x, _cut(range(n), size)), None, tolerance)
     orders = make_batchings(n, batch_size, ['shuffled'] + (['class_sorted'] if y is not None else []), seed,
                             labels=y)
     tests['permuted'] = _compare('permuted', f'a seeded random order, batches of {batch_size}', reference,
@@ -180,7 +190,7 @@ def batch_dependence(model: Callable, x: torch.Tensor, y: Optional[torch.Tensor]
     if y is not None:
         tests['class_sorted'] = _compare('class_sorted', f'label order (a class-folder dataset), batches of '
                                          f'{batch_size}', reference, run(x, orders['class_sorted']), None, tolerance)
-    tests['other_members'] = _other_members(run, x, reference, cut(range(n), batch_size), seed, tolerance)
+    tests['other_members'] = _other_members(run, x, reference, _cut(range(n), batch_size), seed, tolerance)
     reasons = [name for name, t in tests.items() if t['dependent'] and name != 'repeat']
     deterministic = not tests['repeat']['dependent']
     verdict = 'nondeterministic' if not deterministic else 'batch-dependent' if reasons else 'batch-independent'
