@@ -339,6 +339,13 @@ def test_the_study_recipe_end_to_end_and_resumes(tiny_study):
     store.write_text(''.join(json.dumps(e) + '\n' for e in lines))
     refused = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert refused.returncode != 0 and 'remove its line ("name": "hpm/seed0")' in refused.stderr
+    older = [json.loads(line) for line in before.splitlines()]
+    for e in older:  # scored before MSA had its completion stage (none ran): still the study's attack
+        del e['score']['definition']['attack']['completion_rounds']
+    store.write_text(''.join(json.dumps(e) + '\n' for e in older))
+    kept = subprocess.run(cmd + ['--report-only'], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert kept.returncode == 0, kept.stderr[-3000:]
+    assert [r['name'] for r in json.loads((tiny_study / 'out' / 'study.json').read_text())['rows']] == names
     store.write_text(before)
     changed = yaml.safe_load((tiny_study / 'study.yaml').read_text())
     changed['candidates']['hpm'] = {'model.hpm.alpha': 0.25}  # same name, another model: its score is refused

@@ -132,8 +132,8 @@ class CompletionStage(Stage):
     the realised batch as it stands, every sample it still classifies correctly with whole-batch APGD (DLR loss,
     ``cfg.apgd_iters``) through the target: the samples it misclassifies stay frozen at their images (their loss
     kept in the objective, so the moving images also keep them broken), and a moving sample some earlier candidate
-    broke starts from the first image that broke it (the others from APGD's random start). Every whole batch the
-    run evaluates is scored through the target's own logits (no extra pass)."""
+    broke starts from the first image that broke it (the others from their images in the realised batch). Every
+    whole batch the run evaluates is scored through the target's own logits (no extra pass)."""
     name = COMPLETION
 
     @classmethod

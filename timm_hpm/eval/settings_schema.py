@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 from typing import List, Tuple
 
-__all__ = ['SCHEMA_VERSION', 'upgrade_settings', 'read_settings', 'comparable', 'as_recorded',
-           'settings_as_run']
+__all__ = ['SCHEMA_VERSION', 'ADDED_SINCE_V3', 'upgrade_settings', 'read_settings', 'comparable', 'as_recorded',
+           'settings_as_run', 'msa_options_as_today']
 
 #: 1: no version recorded (MSA v1 to v3 runs); 2: the version is recorded and every MSA option is explicit;
 #: 3: the same settings in the header line of the run's store instead of settings.json (and fingerprint.json);
@@ -43,13 +43,26 @@ def _upgrade_v1(settings: dict) -> Tuple[dict, List[str]]:
     return dict(settings, msa=upgraded), [f'msa.{k}' for k in upgraded if k not in msa]
 
 
+#: MSA options added since settings schema 3 -> the value that reproduces what an attack recorded before ran.
+ADDED_SINCE_V3 = {'completion_rounds': 0}
+
+
+def msa_options_as_today(msa: dict) -> Tuple[dict, List[str]]:
+    """MSA options (``MSAConfig.to_dict()``) recorded before the options of :data:`ADDED_SINCE_V3` existed, with
+    them filled in as what that attack ran (the completion stage: none); and the options filled. Also for records
+    outside run folders that embed an attack (a study's score definitions)."""
+    added = [k for k in ADDED_SINCE_V3 if k not in msa]
+    return dict(msa, **{k: ADDED_SINCE_V3[k] for k in added}), added
+
+
 def _upgrade_v3(settings: dict) -> Tuple[dict, List[str]]:
     """Version 3 (or an upgraded earlier one) -> 4: a run made before MSA had its completion stage ran none
     (``completion_rounds`` 0)."""
     msa = settings.get('msa')
-    if not isinstance(msa, dict) or 'completion_rounds' in msa:
+    if not isinstance(msa, dict):
         return dict(settings), []
-    return dict(settings, msa=dict(msa, completion_rounds=0)), ['msa.completion_rounds']
+    msa, added = msa_options_as_today(msa)
+    return dict(settings, msa=msa), [f'msa.{k}' for k in added]
 
 
 def upgrade_settings(stored: dict) -> dict:

@@ -27,11 +27,21 @@ def stored_score(store: ScoreStore, name: str, definition: dict, who: str = '') 
     candidate, the scoring options or the attack itself changed since: a score from before definitions recorded
     the attack is stale too)."""
     record = store.get(name)
-    if record is not None and record.get('definition') != definition:
+    if record is not None and _as_today(record.get('definition')) != definition:
         raise SystemExit(f'{store.path} scored {who or name} as {record.get("definition")}, the study now defines it '
                          f'as {definition}: rename the candidate, or remove its line ("name": "{name}") from that '
                          'file, to rescore it.')
     return record
+
+
+def _as_today(definition):
+    """A stored score's definition with the MSA options added since it was made filled in as what its attack ran
+    (:func:`~timm_hpm.eval.settings_schema.msa_options_as_today`): an option added at the value that reproduces the
+    earlier attack leaves the score valid."""
+    from ..eval.settings_schema import msa_options_as_today
+    if not isinstance(definition, dict) or not isinstance(definition.get('attack'), dict):
+        return definition
+    return dict(definition, attack=msa_options_as_today(definition['attack'])[0])
 
 
 def select(candidates: Sequence[Candidate], only: Optional[Sequence[str]], study_path) -> set:
