@@ -69,11 +69,9 @@ def attack_costs(units) -> dict:
 
 
 def report(run: Path, without=(), autoattack=None, batching='default', n=None) -> str:
-    from timm_hpm.eval.results import stage_breaks
-    from timm_hpm.eval.unit_store import read_units
+    from timm_hpm.eval.results import finished_units, stage_breaks
     from timm_hpm.report import markdown_table
-    units = [u for (b, _), u in sorted(read_units(run / 'attack').items())
-             if b == batching and (n is None or max(u['indices']) < n)]
+    units = finished_units(run / 'attack', batching, n)
     if not units or any('stage_passes' not in u for u in units):
         raise SystemExit(f'{run}: no finished unit of batching {batching!r} that records its stages\' cost')
     broke, cost = credits(units), attack_costs(units)

@@ -13,7 +13,7 @@ from .settings_schema import as_recorded
 from .unit_store import read_units
 from .stages import AUTOATTACK, candidate_stage, is_per_sample_union, stage_order
 
-__all__ = ['aggregate', 'format_table', 'stage_breaks', 'robust_flags']
+__all__ = ['aggregate', 'format_table', 'finished_units', 'stage_breaks', 'robust_flags']
 
 
 def robust_flags(run_folder: Path, batching: str = 'default') -> Optional[Dict[int, bool]]:
@@ -187,6 +187,13 @@ def format_table(result: dict) -> str:
     return '\n'.join(lines)
 
 
+def finished_units(run_dir: Path, batching: str = 'default', n: Optional[int] = None) -> List[dict]:
+    """A run's finished units of ``batching`` in index order; with ``n``, only those within the first ``n``
+    examples (whole units), to compare runs of different sizes."""
+    return [u for (b, _), u in sorted(read_units(run_dir).items())
+            if b == batching and (n is None or max(u['indices']) < n)]
+
+
 def stage_breaks(run_dir: Path, batching: str = 'default', n: Optional[int] = None) -> dict:
     """What each MSA stage of a run added, from its unit files (finished units; ``n``: only those within the first
     ``n`` examples, to compare runs of different sizes). Under the cascade a stage attacks only what the stages
@@ -196,8 +203,7 @@ def stage_breaks(run_dir: Path, batching: str = 'default', n: Optional[int] = No
     realised result (``robust``), the clean, realised and union counts, and the cost (forward/backward images,
     attack seconds; ``stage_backward_images``: each stage's backward images, None when a unit did not record them,
     as runs before stage costs were recorded)."""
-    units = [u for (b, _), u in sorted(read_units(run_dir).items())
-             if b == batching and (n is None or max(u['indices']) < n)]
+    units = finished_units(run_dir, batching, n)
     new: Dict[str, int] = {}
     gain: Dict[str, int] = {}
     out = {'n': 0, 'clean': 0, 'realised': 0, 'union': 0, 'forward_images': 0, 'backward_images': 0, 'seconds': 0.0,

@@ -7,8 +7,8 @@ from typing import Dict, List, Optional, Sequence
 from ..report import markdown_table, mean_difference, paired, paired_difference
 from .candidates import Candidate
 
-__all__ = ['study_rows', 'study_table', 'seed_summary', 'ranking_text', 'plot_study', 'budget_trend', 'plot_budget',
-           'cost_rows', 'cost_table']
+__all__ = ['study_rows', 'study_table', 'seed_summary', 'ranking_text', 'plot_study', 'budget_only', 'budget_trend',
+           'plot_budget', 'cost_rows', 'cost_table']
 
 
 def study_rows(candidates: Sequence[Candidate], scores: Dict[str, dict], base: Optional[dict] = None) -> List[dict]:
@@ -134,11 +134,16 @@ def plot_study(summary: Sequence[dict], rows: Sequence[dict], path: Path, title:
     plt.close(fig)
 
 
+def budget_only(c: Candidate) -> bool:
+    """Whether ``c`` is fine-tuned with its own run and nothing but its step budget changed: a budget candidate
+    (kind ``hpm``) or the control of one."""
+    return c.kind in ('hpm', 'control') and c.run is None and set(c.changes) <= {'train.max_steps'}
+
+
 def budget_trend(candidates: Sequence[Candidate], summary: Sequence[dict]) -> List[dict]:
-    """The budget candidates (HPM's configuration with nothing but its step budget changed) that have scored
-    controls, fewest steps first: :func:`seed_summary`'s rows with their ``budget``."""
-    plain = {c.name.split('/')[0]: c.budget for c in candidates
-             if c.kind == 'hpm' and c.run is None and set(c.changes) <= {'train.max_steps'}}
+    """The budget candidates (HPM's configuration with nothing but its step budget changed, :func:`budget_only`)
+    that have scored controls, fewest steps first: :func:`seed_summary`'s rows with their ``budget``."""
+    plain = {c.name.split('/')[0]: c.budget for c in candidates if c.kind == 'hpm' and budget_only(c)}
     return sorted(({**r, 'budget': plain[r['name']]} for r in summary if r['name'] in plain and r.get('difference')),
                   key=lambda r: r['budget'])
 
@@ -180,13 +185,13 @@ def plot_budget(trend: Sequence[dict], rows: Sequence[dict], path: Path) -> None
 
 
 def cost_rows(candidates: Sequence[Candidate], scores: Dict[str, dict]) -> List[dict]:
-    """What the budget candidates and their controls cost (those with nothing but the step budget changed), by
-    budget and kind: the wall seconds of each timed fine-tune and scoring as the machine ran them, and the
-    fine-tunes that shared the cores (``jobs``; unknown for scores made before it was recorded)."""
+    """What the budget candidates and their controls cost (:func:`budget_only`), by budget and kind: the wall
+    seconds of each timed fine-tune and scoring as the machine ran them, and the fine-tunes that shared the cores
+    (``jobs``; unknown for scores made before it was recorded)."""
     groups: Dict[tuple, List[dict]] = {}
     for c in candidates:
         s = scores.get(c.name)
-        if s is not None and c.run is None and c.kind in ('hpm', 'control') and set(c.changes) <= {'train.max_steps'}:
+        if s is not None and budget_only(c):
             groups.setdefault((c.budget, c.kind), []).append(s)
     out = []
     for (budget, kind), group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != 'hpm')):
