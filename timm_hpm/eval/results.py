@@ -49,6 +49,7 @@ def _aggregate_batching(units: List[dict], settings: dict, sample_robust: torch.
     surrogate_realised: Dict[str, int] = {}
     candidate_totals: Dict[str, int] = {}
     autoattack_own = 0 if units and all(u.get('autoattack_own') is not None for u in units) else None
+    stages = {candidate_stage(name) for u in units for name in u['candidates'] if not is_per_sample_union(name)}
     for u in units:
         clean += sum(u['clean'])
         if autoattack_own is not None:
@@ -63,8 +64,9 @@ def _aggregate_batching(units: List[dict], settings: dict, sample_robust: torch.
             candidate_totals[name] = candidate_totals.get(name, 0) + sum(correct)
             if not is_per_sample_union(name):  # a stage's figure is its best concrete batch
                 by_surrogate.setdefault(candidate_stage(name), []).append(sum(correct))
-        for s, counts in by_surrogate.items():
-            surrogate_realised[s] = surrogate_realised.get(s, 0) + min(counts)
+        for s in stages:  # a stage with no candidate in this batch (nothing left to attack or to combine): the
+            # batch as it ended, as msa() counts it
+            surrogate_realised[s] = surrogate_realised.get(s, 0) + min(by_surrogate.get(s, [sum(u['realised'])]))
         totals['forward_images'] += u['passes']['forward_images']
         totals['backward_images'] += u['passes']['backward_images']
         totals['seconds'] += u['seconds']
