@@ -7,7 +7,9 @@ An attack is a candidate's name without its ``:best-iterate`` / ``:iterates`` su
 credited with the images its candidates broke that no earlier candidate had (the per-sample union as it stood) and,
 through a batch-dependent view, with every image some whole batch it evaluated broke (its ``:iterates``: such a view
 attacks the whole batch whatever ran before). The combinations only reuse images the attacks made and are credited
-to none. With ``--without`` (shell-style patterns): the union images that only left-out attacks broke, and the
+to none. The images in the union that the realised batch keeps correct are listed with whether a whole candidate
+batch broke them (not only an attack's iterates) and whether an earlier realised batch did. With ``--without``
+(shell-style patterns): the union images that only left-out attacks broke, and the
 backward images the left-out attacks cost (each stage's recorded cost split evenly over its attacks) against the
 run's and, with ``--autoattack``, a standard AutoAttack run's on the same images.
 
@@ -55,6 +57,30 @@ def credits(units) -> dict:
     return out
 
 
+def gap(units) -> dict:
+    """The images in the union that the realised batch keeps correct, and of them those some whole candidate batch
+    broke (not only an attack's per-sample union of iterates) and those an earlier realised batch broke (the running
+    batch, replayed from the candidates in the order they ran: one is taken when it lowers the correct count)."""
+    from timm_hpm.eval.stages import is_per_sample_union
+    out = {'gap': [], 'whole_batch': [], 'earlier_realised': []}
+    for u in units:
+        running, history = sum(u['clean']), []
+        for name in u['stages']:
+            correct = u['candidates'][name]
+            if not is_per_sample_union(name) and sum(correct) < running:
+                running = sum(correct)
+                history.append(correct)
+        whole = [c for n, c in u['candidates'].items() if not is_per_sample_union(n)]
+        for k, i in enumerate(u['indices']):
+            if u['realised'][k] and not u['union'][k]:
+                out['gap'].append(i)
+                if any(not c[k] for c in whole):
+                    out['whole_batch'].append(i)
+                if any(not c[k] for c in history):
+                    out['earlier_realised'].append(i)
+    return out
+
+
 def attack_costs(units) -> dict:
     """Attack -> backward images: each stage's recorded cost split evenly over the attacks it ran."""
     from timm_hpm.eval.stages import candidate_stage
@@ -85,6 +111,11 @@ def report(run: Path, without=(), autoattack=None, batching='default', n=None) -
     ratio = (lambda b: f' = x{b / ref:.2f} AutoAttack') if ref else (lambda b: '')
     text += (f"\n\n{len(broke)} images in the union of {sum(len(u['indices']) for u in units)}; backward images "
              f'{total:,}{ratio(total)}.')
+    lost = gap(units)
+    text += (f"\n{len(lost['gap'])} union images the realised batches keep correct "
+             f"({', '.join(map(str, lost['gap'])) or 'none'}): {len(lost['whole_batch'])} broken by a whole candidate "
+             f"batch, {len(lost['earlier_realised'])} by an earlier realised batch "
+             f"({', '.join(map(str, lost['earlier_realised'])) or 'none'}).")
     if without:
         left_out = [a for a in attacks if any(fnmatch.fnmatchcase(a, p) for p in without)]
         lost = sorted(i for i, a in broke.items() if a <= set(left_out))

@@ -202,7 +202,8 @@ def test_the_recipes_choices_and_msa_defaults_are_the_packages_and_the_readmes()
     cfg = MSAConfig(eps=0.1)
     readme = (ROOT / 'README.md').read_text()
     documented = dict(kv.split('=') for kv in re.search(r'<!-- msa-defaults: (.*?) -->', readme).group(1).split())
-    for key in ('apgd_iters', 'n_target_classes', 'target_n_target_classes', 'combine_rounds', 'completion_rounds'):
+    for key in ('apgd_iters', 'n_target_classes', 'target_n_target_classes', 'combine_rounds', 'completion_rounds',
+                'search_sweeps'):
         assert getattr(args, key) == getattr(cfg, key) == int(documented[key]), key
     assert list(args.surrogates) == list(cfg.surrogates) == documented['surrogates'].split(',')
     assert (not args.no_score_iterates) == cfg.score_iterates == (documented['score_iterates'] == 'True')

@@ -40,7 +40,24 @@ def test_credits_costs_and_what_leaving_out_loses(tmp_path):
     text = recipe.report(run, without=['dynamic/*'])
     assert '| `dynamic/apgd-ce` | 2 | 1 | 60 |' in text and '| `fc/apgd-ce` | 1 | 0 | 40 |' in text
     assert '3 images in the union of 4; backward images 200.' in text
+    assert '0 union images the realised batches keep correct (none): 0 broken by a whole candidate batch, 0 by an ' \
+        'earlier realised batch (none).' in text
     assert text.endswith('Without dynamic/apgd-ce: 1 union images no other attack broke (2); backward images about '
                          '140.')
     assert 'Without fc/apgd-ce: 0 union images' in recipe.report(run, without=['fc/*'])
     assert 'nothing (no attack matches)' in recipe.report(run, without=['soft/*'])
+
+
+def test_the_gap_between_the_realised_batch_and_the_union(tmp_path):
+    """Images 10-14, all clean-correct. AutoAttack's batch breaks 10 and 11 (taken); fc's breaks 12-14 and keeps 10
+    and 11 (taken: two correct instead of three); the dynamic view's iterates break 10; its APGD-T batch breaks 10
+    and 12 (not taken). The realised batch keeps 10 and 11 correct, both broken by an earlier realised batch. Then
+    with AutoAttack breaking 14 alone: 10 is broken by a whole batch (APGD-T's), 11 only by the iterates."""
+    recipe = load_recipe('msa_attacks')
+    candidates = {'autoattack': [F, F, T, T, T], 'fc/apgd-ce': [T, T, F, F, F],
+                  'dynamic/apgd-ce:iterates': [F, T, T, T, T], 'dynamic/apgd-t1': [F, T, F, T, T]}
+    unit = {'indices': [10, 11, 12, 13, 14], 'clean': [T] * 5, 'candidates': candidates, 'stages': list(candidates),
+            'realised': [T, T, F, F, F], 'union': [F, F, F, F, F]}
+    assert recipe.gap([unit]) == {'gap': [10, 11], 'whole_batch': [10, 11], 'earlier_realised': [10, 11]}
+    unit['candidates'] = dict(candidates, autoattack=[T, T, T, T, F], **{'dynamic/apgd-ce:iterates': [F, F, T, T, T]})
+    assert recipe.gap([unit]) == {'gap': [10, 11], 'whole_batch': [10], 'earlier_realised': []}

@@ -15,6 +15,7 @@ from timm_hpm.eval.migrate_runs import migrate_folder
 from timm_hpm.eval.run_header import read_run_fingerprint, read_run_settings
 from timm_hpm.eval.unit_checks import UnitFileError
 from timm_hpm.eval.unit_store import UNITS_FILE, read_units
+from timm_hpm.eval.settings_schema import SCHEMA_VERSION
 
 
 def _strip(result):
@@ -41,7 +42,7 @@ def test_the_header_is_the_first_line_and_holds_the_settings_and_fingerprints(fi
     lines = [json.loads(line) for line in (run / UNITS_FILE).read_text().splitlines()]
     assert list(lines[0]) == ['header'] and all('header' not in line for line in lines[1:]) and len(lines) == 3
     head = lines[0]['header']
-    assert head['schema_version'] == 4 and head['settings'] == result['settings']
+    assert head["schema_version"] == SCHEMA_VERSION == 5 and head["settings"] == result["settings"]
     assert set(head['fingerprint']) == {'model', 'data'}
     assert read_run_fingerprint(run) == head['fingerprint']
     assert {k: v for k, v in read_run_settings(run).items() if k != 'schema_version'} == result['settings']
@@ -109,7 +110,7 @@ def test_a_version_2_folder_is_read_checked_and_migrated(finished, tmp_path, mon
     migrate_folder(tmp_path / 'out')
     assert _files(run) == [UNITS_FILE]
     recorded = {k: v for k, v in settings.items() if k != 'schema_version'}
-    assert header(run) == {'schema_version': 4, 'settings': recorded, 'fingerprint': fingerprint}
+    assert header(run) == {"schema_version": SCHEMA_VERSION, "settings": recorded, "fingerprint": fingerprint}
     migrated = aggregate(run)
     assert json.dumps(migrated, indent=2) == json.dumps(old, indent=2) and format_table(migrated) == format_table(old)
     after = _snapshot(run)

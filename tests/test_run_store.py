@@ -96,7 +96,7 @@ def test_an_append_cuts_off_only_a_partial_last_line(tmp_path, content, kept):
 def test_a_run_writes_one_units_file_and_a_schema_version(finished):
     run = finished[3]
     assert sorted(p.name for p in run.iterdir() if p.name != 'run.lock') == [UNITS_FILE]
-    assert header(run)['schema_version'] == SCHEMA_VERSION == 4
+    assert header(run)["schema_version"] == SCHEMA_VERSION == 5
     assert sorted(read_units(run)) == [('default', 0), ('default', 1)]
     assert 'schema_version' not in finished[4]['settings']  # eval.json records the evaluation's settings
 
@@ -185,25 +185,29 @@ def test_migration_gives_the_same_aggregate_and_is_idempotent(finished, tmp_path
 
 
 
-def test_a_version_3_run_reads_as_one_without_the_completion_stage(finished, tmp_path):
-    """A header of schema 3 (before MSA's completion stage): read as completion_rounds 0 and marked as filled, so
-    the run is checked, resumed or extended with today's defaults, and eval.json embeds its settings as recorded."""
+@pytest.mark.parametrize('version, missing', [(3, ('completion_rounds', 'search_sweeps')), (4, ('search_sweeps',))])
+def test_an_earlier_version_reads_as_one_without_the_later_stages(finished, tmp_path, version, missing):
+    """A header of schema 3 (before MSA's completion stage and local search) or 4 (before the local search): read
+    as completion_rounds 0 / search_sweeps 0 and marked as filled, so the run is checked, resumed or extended with
+    today's defaults, and eval.json embeds its settings as recorded."""
     model, x, y, _, result = finished
     run = _copy(finished, tmp_path)
     lines = (run / UNITS_FILE).read_text().splitlines()
     head = json.loads(lines[0])
-    head['header']['schema_version'] = 3
-    del head['header']['settings']['msa']['completion_rounds']
+    head['header']['schema_version'] = version
+    for key in missing:
+        del head['header']['settings']['msa'][key]
     (run / UNITS_FILE).write_text('\n'.join([json.dumps(head)] + lines[1:]) + '\n')
     recorded = {k: v for k, v in result['settings'].items()}
-    recorded['msa'] = {k: v for k, v in recorded['msa'].items() if k != 'completion_rounds'}
+    recorded['msa'] = {k: v for k, v in recorded['msa'].items() if k not in missing}
     assert aggregate(run)['settings'] == recorded  # as the run recorded them
     before = _snapshot(run)
     again = evaluate(model, x, y, CFG, run, batch_size=16, progress=False, finished=True)  # checked, nothing written
     assert _strip(again) == _strip(dict(result, settings=recorded)) and _snapshot(run) == before
-    with pytest.raises(ValueError, match='completion_rounds'):  # a run with the stage is another evaluation
-        evaluate(model, x, y, dataclasses.replace(CFG, completion_rounds=1), run, batch_size=16, progress=False,
-                 finished=True)
+    for key in missing:  # a run with the stage is another evaluation
+        with pytest.raises(ValueError, match=key):
+            evaluate(model, x, y, dataclasses.replace(CFG, **{key: 1}), run, batch_size=16, progress=False,
+                     finished=True)
 
 
 def test_migrating_earlier_settings_keeps_eval_json_as_recorded(finished, tmp_path):

@@ -340,8 +340,9 @@ def test_the_study_recipe_end_to_end_and_resumes(tiny_study):
     refused = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert refused.returncode != 0 and 'remove its line ("name": "hpm/seed0")' in refused.stderr
     older = [json.loads(line) for line in before.splitlines()]
-    for e in older:  # scored before MSA had its completion stage (none ran): still the study's attack
-        del e['score']['definition']['attack']['completion_rounds']
+    for e in older:  # scored before MSA had its completion stage and local search (neither ran): still its attack
+        for key in ('completion_rounds', 'search_sweeps'):
+            del e['score']['definition']['attack'][key]
     store.write_text(''.join(json.dumps(e) + '\n' for e in older))
     kept = subprocess.run(cmd + ['--report-only'], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert kept.returncode == 0, kept.stderr[-3000:]

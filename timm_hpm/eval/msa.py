@@ -10,7 +10,8 @@ the loss summed over it, and for a batch-dependent surrogate every whole batch e
 per-sample best images come from different iterates, which the target never saw together; each iterate is a
 concrete batch: the one that broke the most is a candidate, and every break counts in the union); optionally each
 surrogate's AutoAttack cascade (alone, without the whole-batch APGD: the paper's protocol, AutoAttack on each
-surrogate transferred with a per-sample worst case); finally whole-batch combinations of every stage's breaks.
+surrogate transferred with a per-sample worst case); finally whole-batch combinations of every stage's breaks
+(and, with ``search_sweeps``, a local search over them).
 Cascade: a sample broken in the realised batch is not attacked again (batch-independent surrogates attack the
 still-robust samples only), but every candidate batch is scored whole. The per-sample union over all
 candidates is a bound that need not be realisable in one batch, reported beside the realised figure.
@@ -58,7 +59,8 @@ def attack_batch(
 
     ``stages``: the kinds of stage (:class:`~timm_hpm.eval.msa_stages.Stage` subclasses) in the order they run;
     default :data:`~timm_hpm.eval.msa_stages.DEFAULT_STAGES`. Each runs unless it is done already or has nothing
-    left to attack, then the combinations of every stage's breaks.
+    left to attack, then the combinations of every stage's breaks and (``cfg.search_sweeps``) the local search over
+    them (:meth:`~timm_hpm.eval.realised.RealisedBatch.search`).
 
     ``checkpoint`` (e.g. :class:`~timm_hpm.eval.run_folder.StageCheckpoint`; ``load()`` -> ``(tensors, meta)`` or
     None, ``save(tensors, meta)``): the batch's progress is saved after each stage before the combinations, and a
@@ -86,6 +88,7 @@ def attack_batch(
         record.finish(stage.name)
     progress.stage('combinations of every stage\'s breaks')
     ctx.batch.combine(cfg.combine_rounds)
+    ctx.batch.search(cfg.search_sweeps)
     progress.close()
     record.cost.close(COMBINED)
     return record.result()

@@ -60,6 +60,11 @@ class MSAConfig:
         '--target-n-target-classes', "APGD-T targets through the target itself (its 'dynamic' view): AutoAttack's 9"))
     combine_rounds: int = field(default=3, metadata=_opt(
         '--combine-rounds', "whole-batch combinations of every stage's breaks after the last stage (0: none)"))
+    # 0 in MSA v4 (the default); a second try at the gap between the realised batch and the union (issue #30)
+    search_sweeps: int = field(default=0, metadata=_opt(
+        '--search-sweeps', "sweeps of a local search after the combinations: each image that broke a sample the "
+        "realised batch still classifies correctly put in alone, kept when the batch's accuracy drops (forward "
+        "passes only; 0: none)"))
     # 0 in MSA v4 (the default); the stage that aims at the gap between the realised batch and the union (issue #30)
     completion_rounds: int = field(default=0, metadata=_opt(
         '--completion-rounds', "rounds of whole-batch APGD through the target on the realised batch after the last "
@@ -134,6 +139,7 @@ _COUNTS = (('apgd_iters', 1, "iterations of MSA's whole-batch APGD"),
            ('n_target_classes', 1, 'APGD-T target classes per surrogate'),
            ('target_n_target_classes', 1, 'APGD-T target classes through the target'),
            ('combine_rounds', 0, 'whole-batch combination rounds; 0: none'),
+           ('search_sweeps', 0, 'sweeps of the local search over every stage\'s breaks; 0: none'),
            ('completion_rounds', 0, 'rounds of the completion through the target; 0: none'),
            ('autoattack_iters', 1, "AutoAttack's iterations; None: its own"),
            ('square_queries', 1, "Square's queries; None: AutoAttack's own"))

@@ -108,6 +108,42 @@ class RealisedBatch:
                 x_cand[i] = options[i][r]
             self._score(candidate_name(COMBINED, f'round{r + 1}'), x_cand)
 
+    def search(self, sweeps: int) -> None:
+        """Up to ``sweeps`` sweeps of a local search over every stage's breaks, after :meth:`combine`. In a sweep,
+        each sample the running batch classifies correctly but some candidate broke gets, one at a time, each
+        distinct image that broke it, the rest of the batch as it stands; the change is kept when the batch's
+        accuracy drops. One image moves the batch prototypes every sample is classified by, so a break the
+        realised batch lost when a later candidate was taken (or that a combination round put in beside others
+        and lost) can come back alone. A sweep that keeps nothing ends the search; the batch it ends at is a
+        candidate (``combined/search``), scored whole. Forward passes only: at most one per distinct image per
+        sample and sweep."""
+        options = {i: _distinct(images) for i, images in self.break_images().items()}
+        x, correct = self.x_adv, self.correct
+        for _ in range(sweeps):
+            kept = False
+            for i in sorted(options):
+                for image in options[i] if correct[i] else ():
+                    x_cand = x.clone()
+                    x_cand[i] = image
+                    cand = accuracy(self.target, x_cand, self.y) & self.clean
+                    if int(cand.sum()) < int(correct.sum()):
+                        x, correct, kept = x_cand, cand, True
+                        break
+            if not kept:
+                break
+        if x is not self.x_adv:
+            self._score(candidate_name(COMBINED, 'search'), x)
+
+
+def _distinct(images: List[torch.Tensor]) -> List[torch.Tensor]:
+    """``images`` without repeats (a candidate spliced into the realised batch breaks a sample with the image of
+    the candidate it came from), in order."""
+    out: List[torch.Tensor] = []
+    for image in images:
+        if not any(torch.equal(image, seen) for seen in out):
+            out.append(image)
+    return out
+
 
 class IterateScores:
     """An ``observe`` hook for :func:`timm_hpm.attacks.apgd`: every whole batch the attack evaluates, scored on the

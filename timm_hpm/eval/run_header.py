@@ -5,7 +5,7 @@ A work folder (``<out>/attack``, ``<out>/poison``, a sanity run) holds one file,
 ``batches.jsonl``, :mod:`timm_hpm.eval.unit_store`), whose first line is the run's header, written once when the run
 starts, before any unit::
 
-    {"header": {"schema_version": 4, "settings": {...}, "fingerprint": {"model": "...", "data": "..."}}}
+    {"header": {"schema_version": 5, "settings": {...}, "fingerprint": {"model": "...", "data": "..."}}}
 
 ``settings``: the run's settings as it recorded them (an evaluation's protocol, batches and MSA options; a poisoning
 run's attack settings, which hold its own ``model_sha256`` and ``data_sha256``); ``filled_by_upgrade`` (only in a

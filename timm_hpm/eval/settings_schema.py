@@ -5,7 +5,8 @@ Runs record ``"schema_version": SCHEMA_VERSION`` with their settings, so a reade
 guessing it from which keys are there. Settings without it are version 1 (written before versions were recorded)
 and are upgraded on reading by :func:`_upgrade_v1`, the one place that knows what those runs did; version 2 is the
 same settings in a ``settings.json`` file; version 3 keeps them in the header line of the run's store; version 4
-adds MSA's ``completion_rounds`` (:func:`_upgrade_v3`: earlier runs had no completion stage). A newer
+adds MSA's ``completion_rounds`` and version 5 its ``search_sweeps`` (:func:`_upgrade_v3`: earlier runs had no
+completion stage and no local search). A newer
 version than this code knows is refused. ``python -m timm_hpm.eval.migrate_runs`` writes the upgrade to disk, with
 the keys it filled in (``filled_by_upgrade``) so the run's settings as it recorded them are still known
 (:func:`as_recorded`: what eval.json embeds, identical before and after the upgrade).
@@ -21,8 +22,8 @@ __all__ = ['SCHEMA_VERSION', 'ADDED_SINCE_V3', 'upgrade_settings', 'read_setting
 
 #: 1: no version recorded (MSA v1 to v3 runs); 2: the version is recorded and every MSA option is explicit;
 #: 3: the same settings in the header line of the run's store instead of settings.json (and fingerprint.json);
-#: 4: MSA's completion_rounds (the completion stage) recorded.
-SCHEMA_VERSION = 4
+#: 4: MSA's completion_rounds (the completion stage) recorded; 5: MSA's search_sweeps (the local search) recorded.
+SCHEMA_VERSION = 5
 _META = ('schema_version', 'filled_by_upgrade')
 
 
@@ -44,20 +45,20 @@ def _upgrade_v1(settings: dict) -> Tuple[dict, List[str]]:
 
 
 #: MSA options added since settings schema 3 -> the value that reproduces what an attack recorded before ran.
-ADDED_SINCE_V3 = {'completion_rounds': 0}
+ADDED_SINCE_V3 = {'completion_rounds': 0, 'search_sweeps': 0}
 
 
 def msa_options_as_today(msa: dict) -> Tuple[dict, List[str]]:
     """MSA options (``MSAConfig.to_dict()``) recorded before the options of :data:`ADDED_SINCE_V3` existed, with
-    them filled in as what that attack ran (the completion stage: none); and the options filled. Also for records
+    them filled in as what that attack ran (no completion stage, no local search); and the options filled. Also for records
     outside run folders that embed an attack (a study's score definitions)."""
     added = [k for k in ADDED_SINCE_V3 if k not in msa]
     return dict(msa, **{k: ADDED_SINCE_V3[k] for k in added}), added
 
 
 def _upgrade_v3(settings: dict) -> Tuple[dict, List[str]]:
-    """Version 3 (or an upgraded earlier one) -> 4: a run made before MSA had its completion stage ran none
-    (``completion_rounds`` 0)."""
+    """Version 3 or 4 (or an upgraded earlier one) -> 5: a run made before MSA had its completion stage or its
+    local search ran neither (``completion_rounds`` 0, ``search_sweeps`` 0)."""
     msa = settings.get('msa')
     if not isinstance(msa, dict):
         return dict(settings), []
@@ -74,7 +75,7 @@ def upgrade_settings(stored: dict) -> dict:
         raise ValueError(f'these settings were written by a newer timm-hpm (settings schema_version {version}; this '
                          f'one reads up to {SCHEMA_VERSION}); upgrade timm-hpm to read this run folder.')
     settings, filled = _upgrade_v1(stored) if version == 1 else (dict(stored), [])  # 2 -> 3: where they are stored
-    if version < 4:
+    if version < 5:
         settings, added = _upgrade_v3(settings)
         filled = list(stored.get('filled_by_upgrade', [])) + filled + added  # a migrated run's earlier fillings kept
     return dict(settings, schema_version=SCHEMA_VERSION, **({'filled_by_upgrade': filled} if filled else {}))
