@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's main job: set-up (.ci/setup: venv, package, Fashion-MNIST from Debian), then the offline pipeline
-# (shipped base -> HPM fine-tune -> AutoAttack vs MSA on 1,000 test images -> sensitivity figure).
+# (shipped base -> HPM fine-tune -> AutoAttack vs MSA on 500 test images -> sensitivity figure).
 # Extra arguments go to recipes/quickstart.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -28,6 +28,15 @@ def test_quickstart_tiny_budget(tmp_path):
         assert 0.0 <= r['robust'] <= r['clean'] <= 1.0
     hpm_rows = [r for r in record['rows'] if r['head'] == 'dynamic']
     assert hpm_rows[-1]['robust'] == min(r['robust'] for r in hpm_rows)  # the worst case is the minimum
+    # MSA with its default stages (no earlier version's settings pinned); only the iterations reduced
+    from timm_hpm.eval import MSAConfig
+    msa = json.loads((out / 'eval_hpm' / 'eval.json').read_text())['settings']['msa']
+    defaults = MSAConfig(eps=0.1)
+    for key in ('target_n_target_classes', 'n_target_classes', 'combine_rounds', 'score_iterates', 'surrogates'):
+        assert msa[key] == (list(getattr(defaults, key)) if key == 'surrogates' else getattr(defaults, key)), key
+    assert msa['apgd_iters'] == 3
+    assert sorted(p.name for p in (out / 'logs').iterdir()) == [
+        'eval_base.log', 'eval_hpm.log', 'finetune.log', 'sensitivity.log']  # each step's own output
     table = (out / 'quickstart.md').read_text()
     assert table.count('\n| ') >= len(record['rows']) + 4 and '| fc |' in table and '| static |' in table
     assert table.strip() in result.stdout
