@@ -117,6 +117,8 @@ class RealisedBatch:
         and lost) can come back alone. A sweep that keeps nothing ends the search; the batch it ends at is a
         candidate (``combined/search``), scored whole. Forward passes only: at most one per distinct image per
         sample and sweep."""
+        if sweeps < 1:
+            return
         options = {i: _distinct(images) for i, images in self.break_images().items()}
         x, correct = self.x_adv, self.correct
         for _ in range(sweeps):
