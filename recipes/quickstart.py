@@ -19,7 +19,7 @@ and the progress line below shows every running step's latest progress. These mo
 little from a second thread on them, so two one-thread processes do about twice the work of one two-thread one.
 
 Everything is evaluated on the first ``--n-test`` test images, Linf eps 0.1, with attack iterations reduced so the
-job takes about ten minutes on 2 CPU cores, set-up included (the printed table states them; pass
+job takes about 15 minutes on 2 CPU cores, set-up included (the printed table states them; pass
 ``--autoattack-iters 100 --square-queries 5000 --apgd-iters 100`` for full strength). Writes ``quickstart.json``
 and ``quickstart.md`` (the table) in ``--out`` and prints the table.
 """
@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument('--n-test', type=int, default=500, help='test images evaluated (the first n)')
     p.add_argument('--batch-size', type=int, default=250, help='the fixed evaluation batch size B_eval')
     p.add_argument('--eps', default='0.1')
-    # Attack iterations: reduced so the whole job takes about ten minutes on 2 CPU cores; the README's study table
+    # Attack iterations: reduced so the whole job takes about 15 minutes on 2 CPU cores; the README's study table
     # runs AutoAttack and MSA at full strength (100 iterations, 5000 Square queries).
     p.add_argument('--apgd-iters', type=int, default=20, help="MSA's surrogate APGD iterations (full: 100)")
     p.add_argument('--autoattack-iters', type=int, default=20, help="AutoAttack's APGD/FAB iterations (full: 100)")
