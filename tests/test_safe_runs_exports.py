@@ -294,7 +294,7 @@ def test_quickstart_records_its_command_shell_quoted(tmp_path, monkeypatch):
 
     def no_step(*args):
         raise AssertionError('a step ran')
-    monkeypatch.setattr(quickstart, 'run', no_step)
+    monkeypatch.setattr(quickstart.Step, 'start', no_step)
     argv = ['--out', str(out), '--n-test', '1000']
     record = quickstart.main(argv)
     assert shlex.split(record['command']) == ['python', 'recipes/quickstart.py', *argv]

@@ -50,8 +50,8 @@ ADDED_SINCE_V3 = {'completion_rounds': 0, 'search_sweeps': 0}
 
 def msa_options_as_today(msa: dict) -> Tuple[dict, List[str]]:
     """MSA options (``MSAConfig.to_dict()``) recorded before the options of :data:`ADDED_SINCE_V3` existed, with
-    them filled in as what that attack ran (no completion stage, no local search); and the options filled. Also for records
-    outside run folders that embed an attack (a study's score definitions)."""
+    them filled in as what that attack ran (no completion stage, no local search); and the options filled. Also for
+    records outside run folders that embed an attack (a study's score definitions)."""
     added = [k for k in ADDED_SINCE_V3 if k not in msa]
     return dict(msa, **{k: ADDED_SINCE_V3[k] for k in added}), added
 
