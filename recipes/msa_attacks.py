@@ -61,15 +61,11 @@ def gap(units) -> dict:
     """The images in the union that the realised batch keeps correct, and of them those some whole candidate batch
     broke (not only an attack's per-sample union of iterates) and those an earlier realised batch broke (the running
     batch, replayed from the candidates in the order they ran: one is taken when it lowers the correct count)."""
+    from timm_hpm.eval.results import realised_replay
     from timm_hpm.eval.stages import is_per_sample_union
     out = {'gap': [], 'whole_batch': [], 'earlier_realised': []}
     for u in units:
-        running, history = sum(u['clean']), []
-        for name in u['stages']:
-            correct = u['candidates'][name]
-            if not is_per_sample_union(name) and sum(correct) < running:
-                running = sum(correct)
-                history.append(correct)
+        history = [correct for _, correct, _, taken in realised_replay(u) if taken]
         whole = [c for n, c in u['candidates'].items() if not is_per_sample_union(n)]
         for k, i in enumerate(u['indices']):
             if u['realised'][k] and not u['union'][k]:

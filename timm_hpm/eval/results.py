@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -13,7 +13,7 @@ from .settings_schema import as_recorded
 from .unit_store import read_units
 from .stages import AUTOATTACK, candidate_stage, is_per_sample_union, stage_order
 
-__all__ = ['aggregate', 'format_table', 'finished_units', 'stage_breaks', 'robust_flags']
+__all__ = ['aggregate', 'format_table', 'finished_units', 'realised_replay', 'stage_breaks', 'robust_flags']
 
 
 def robust_flags(run_folder: Path, batching: str = 'default') -> Optional[Dict[int, bool]]:
@@ -196,6 +196,19 @@ def finished_units(run_dir: Path, batching: str = 'default', n: Optional[int] = 
             if b == batching and (n is None or max(u['indices']) < n)]
 
 
+def realised_replay(unit: dict) -> Iterator[Tuple[str, List[bool], List[bool], bool]]:
+    """A unit's candidates in the order they ran, each as ``(name, correct, realised_before, taken)``: the realised
+    batch's correctness when the candidate came and whether it took the candidate (a whole batch, not a per-sample
+    union of iterates, that lowered the correct count), replayed from the unit file."""
+    realised = list(unit['clean'])
+    for name in unit['stages']:
+        correct = unit['candidates'][name]
+        taken = not is_per_sample_union(name) and sum(correct) < sum(realised)
+        yield name, correct, realised, taken
+        if taken:
+            realised = list(correct)
+
+
 def stage_breaks(run_dir: Path, batching: str = 'default', n: Optional[int] = None) -> dict:
     """What each MSA stage of a run added, from its unit files (finished units; ``n``: only those within the first
     ``n`` examples, to compare runs of different sizes). Under the cascade a stage attacks only what the stages
@@ -212,14 +225,10 @@ def stage_breaks(run_dir: Path, batching: str = 'default', n: Optional[int] = No
            'robust': {}}
     for u in units:
         out['robust'].update({i: bool(r) for i, r in zip(u['indices'], u['realised'])})
-        realised = list(u['clean'])
-        for name in u['stages']:
-            correct, stage = u['candidates'][name], candidate_stage(name)
+        for name, correct, realised, taken in realised_replay(u):
+            stage = candidate_stage(name)
             new[stage] = new.get(stage, 0) + sum(1 for r, c in zip(realised, correct) if r and not c)
-            gain.setdefault(stage, 0)
-            if not is_per_sample_union(name) and sum(correct) < sum(realised):  # the realised batch took it
-                gain[stage] += sum(realised) - sum(correct)
-                realised = list(correct)
+            gain[stage] = gain.get(stage, 0) + (sum(realised) - sum(correct) if taken else 0)
         out['n'] += len(u['indices'])
         for key in ('clean', 'realised', 'union'):
             out[key] += sum(u[key])
